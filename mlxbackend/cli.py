@@ -1,0 +1,124 @@
+"""`mlxbackend` command line: serve, chat, convert, bench."""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def cmd_serve(args):
+    from mlxbackend.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.addr, args.model, args.option))
+
+
+def cmd_chat(args):
+    """Stream one chat answer from a running server; reasoning is shown dimmed."""
+    import grpc
+    from rich.console import Console
+
+    from mlxbackend.client import auth_metadata, chat_request, connect
+
+    console = Console(highlight=False)
+    stub = connect(args.addr)
+    request = chat_request(" ".join(args.text), max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.system:
+        request.Messages.insert(0, request.Messages[0].__class__(role="system", content=args.system))
+    try:
+        final = None
+        for reply in stub.PredictStream(request, metadata=auth_metadata(), timeout=args.timeout):
+            for delta in reply.chat_deltas:
+                if delta.reasoning_content:
+                    console.print(delta.reasoning_content, style="dim", end="")
+                if delta.content:
+                    console.print(delta.content, end="")
+                for call in delta.tool_calls:
+                    console.print(f"{call.name}{call.arguments}", style="cyan", end="")
+            final = reply
+        console.print()
+        if final is not None and args.verbose:
+            tps = final.tokens / (final.timing_token_generation / 1000) if final.timing_token_generation else 0
+            console.print(
+                f"[dim]{final.tokens} tokens, prompt {final.prompt_tokens} tokens, "
+                f"TTFT {final.timing_prompt_processing:.0f} ms, {tps:.1f} tok/s[/dim]"
+            )
+    except grpc.RpcError as exc:
+        console.print(f"[red]{exc.code().name}: {exc.details()}[/red]")
+        sys.exit(1)
+
+
+def cmd_convert(args):
+    if args.source == "gguf":
+        from converters.gguf_to_mlx import convert_gguf
+
+        out = convert_gguf(args.input, args.output, dtype=args.dtype, dequantize=args.dequantize)
+    else:
+        from converters.hf_to_mlx import convert_hf
+
+        out = convert_hf(
+            args.input, args.output, quantize=args.quantize, q_bits=args.q_bits,
+            q_group_size=args.q_group_size, q_mode=args.q_mode, dtype=args.dtype,
+            dequantize=args.dequantize, trust_remote_code=args.trust_remote_code,
+        )
+    print(out)
+
+
+def cmd_bench(args):
+    from mlxbackend.bench import main as bench_main
+
+    bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlxbackend.client import DEFAULT_ADDR
+
+    parser = argparse.ArgumentParser(prog="mlxbackend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC backend (LocalAI launches this via run.sh --addr)")
+    p.add_argument("--addr", default="127.0.0.1:50051", help="HOST:PORT to bind (exactly)")
+    p.add_argument("--model", default="", help="preload a model folder at start; 'default' = bundled SmolLM2")
+    p.add_argument("--option", action="append", default=[], help="LoadModel option key:value (repeatable)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="ask a running server one question and stream the answer")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--addr", default=DEFAULT_ADDR)
+    p.add_argument("--system", default="")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("-v", "--verbose", action="store_true", help="print token counts and speed")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="import a checkpoint into an MLX folder")
+    p.add_argument("source", choices=["gguf", "hf"], help="gguf: a llama.cpp file; hf: a HF folder or id")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
+    p.add_argument("--dequantize", action="store_true")
+    p.add_argument("--quantize", action="store_true", help="hf: quantize while converting")
+    p.add_argument("--q-bits", type=int, default=4)
+    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--q-mode", default="affine")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="raw mlx-lm vs the gRPC server, side by side")
+    p.add_argument("--model", default="default", help="model folder ('default' = bundled SmolLM2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--llamacpp", action="store_true", help="also time llama-cpp-python on the GGUF")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

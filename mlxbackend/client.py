@@ -1,0 +1,34 @@
+"""A small gRPC client for the CLI (chat, bench) and tests."""
+
+import os
+
+import grpc
+
+from mlxbackend.proto import backend_pb2 as pb
+from mlxbackend.proto import backend_pb2_grpc as pb_grpc
+
+DEFAULT_ADDR = os.environ.get("MLXB_ADDR", "127.0.0.1:50051")
+
+
+def connect(addr: str = DEFAULT_ADDR) -> pb_grpc.BackendStub:
+    channel = grpc.insecure_channel(
+        addr,
+        options=[
+            ("grpc.max_send_message_length", 50 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 50 * 1024 * 1024),
+        ],
+    )
+    return pb_grpc.BackendStub(channel)
+
+
+def auth_metadata():
+    token = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+def chat_request(text: str, max_tokens: int = 256, temperature: float = 0.0, **extra) -> pb.PredictOptions:
+    """A chat request the way LocalAI sends it with use_tokenizer_template: true."""
+    return pb.PredictOptions(
+        Messages=[pb.Message(role="user", content=text)], UseTokenizerTemplate=True,
+        Tokens=max_tokens, Temperature=temperature, TopP=0.95, **extra,
+    )

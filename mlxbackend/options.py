@@ -1,0 +1,24 @@
+"""LocalAI `Options` ("key:value" strings) parsed to typed values."""
+
+
+def parse_value(text: str):
+    """Type a value the way LocalAI does: bool, int, float, else string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text.strip())
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_options(entries) -> dict:
+    """Split each entry at its first colon; entries without one are skipped."""
+    options = {}
+    for entry in entries:
+        key, sep, value = entry.partition(":")
+        if sep and key.strip():
+            options[key.strip()] = parse_value(value)
+    return options

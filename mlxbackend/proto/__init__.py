@@ -1,0 +1,1 @@
+"""Stubs generated from proto/backend.proto by grpcio-tools (`make proto`)."""

@@ -1,0 +1,213 @@
+"""backend.Backend RPCs: validate, call a capability, map errors to status codes.
+
+Capability code takes plain values; this is the only module that reads request messages."""
+
+import json
+import os
+
+import grpc
+
+from mlxbackend import BACKEND_NAME
+from mlxbackend.errors import BackendError, Unsupported
+from mlxbackend.proto import backend_pb2 as pb
+from mlxbackend.worker import Worker
+
+# RPCs whose capability has not landed yet, and what would provide it.
+PENDING = {
+    "Embedding": "embeddings",
+    "Rerank": "reranking",
+    "GenerateImage": "image generation (DiffusionKit)",
+    "GenerateVideo": "video generation",
+    "AudioTranscription": "transcription (mlx-whisper)",
+    "AudioTranscriptionStream": "transcription (mlx-whisper)",
+    "TTS": "text-to-speech",
+    "TTSStream": "text-to-speech",
+    "SoundGeneration": "sound generation",
+    "VAD": "voice activity detection",
+    "Detect": "object detection",
+    "StoresSet": "vector store",
+    "StoresDelete": "vector store",
+    "StoresGet": "vector store",
+    "StoresFind": "vector store",
+    "AudioEncode": "audio codec (served by LocalAI's opus backend)",
+    "AudioDecode": "audio codec (served by LocalAI's opus backend)",
+    "StartFineTune": "fine-tuning jobs",
+    "FineTuneProgress": "fine-tuning jobs",
+    "StopFineTune": "fine-tuning jobs",
+    "ListCheckpoints": "fine-tuning jobs",
+    "ExportModel": "fine-tuning export",
+    "StartQuantization": "quantization jobs",
+    "QuantizationProgress": "quantization jobs",
+    "StopQuantization": "quantization jobs",
+}
+
+
+def status_of(exc: BaseException) -> tuple:
+    """(grpc.StatusCode, message) for an exception from capability code."""
+    if isinstance(exc, BackendError):
+        return getattr(grpc.StatusCode, exc.code), str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+class Servicer:
+    """One method per RPC. Unlisted RPCs answer UNIMPLEMENTED naming the capability."""
+
+    def __init__(self, default_model: str = ""):
+        from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
+
+        self.worker = Worker()
+        self.text = TextEngine(self.worker)
+        self.default_model = default_model
+        self.loading = False
+
+    def unimplemented(self, method: str):
+        raise Unsupported(f"{method} is not implemented by this backend yet (missing capability: {PENDING[method]})")
+
+    async def Health(self, request, context):
+        return pb.Reply(message=b"OK")
+
+    async def LoadModel(self, request, context):
+        from mlxbackend.text.models import LoadSpec
+        from mlxbackend.options import parse_options
+
+        if is_job_process(request):
+            return pb.Result(success=True, message="MLX backend ready (job process, no model loaded)")
+        adapters = []
+        if request.LoraAdapter:
+            adapters.append((request.LoraAdapter, request.LoraScale or 1.0))
+        for i, path in enumerate(request.LoraAdapters):
+            scale = request.LoraScales[i] if i < len(request.LoraScales) else 1.0
+            adapters.append((path, scale))
+        spec = LoadSpec(
+            model=request.Model, model_file=request.ModelFile, model_path=request.ModelPath,
+            context_size=request.ContextSize, lora_adapters=adapters, draft_model=request.DraftModel,
+            trust_remote_code=request.TrustRemoteCode, options=parse_options(request.Options),
+        )
+        self.loading = True
+        try:
+            tm = await self.text.load(spec)
+        finally:
+            self.loading = False
+        return pb.Result(success=True, message=f"MLX model loaded successfully: {tm.path}")
+
+    async def Free(self, request, context):
+        await self.text.free()
+        return pb.Result(success=True, message="model freed")
+
+    async def Predict(self, request, context):
+        done = await self.text.complete(*text_request(request))
+        f = done.finish
+        reply = pb.Reply(
+            message=done.text.encode(), tokens=f.generated, prompt_tokens=f.prompt_tokens,
+            timing_prompt_processing=f.prompt_ms, timing_token_generation=f.generation_ms,
+            chat_deltas=[chat_delta(done.delta)],
+        )
+        if request.Logprobs > 0:
+            reply.logprobs = logprobs_json(done.logprobs)
+        return reply
+
+    async def PredictStream(self, request, context):
+        from mlxbackend.text.generate import Finish
+
+        logprobs = []
+        async for event in self.text.stream(*text_request(request)):
+            chunk = event.chunk if isinstance(event, Finish) else event
+            logprobs.extend(chunk.logprobs)
+            reply = pb.Reply(message=chunk.text.encode())
+            if chunk.delta:
+                reply.chat_deltas.append(chat_delta(chunk.delta))
+            if isinstance(event, Finish):
+                reply.tokens = event.generated
+                reply.prompt_tokens = event.prompt_tokens
+                reply.timing_prompt_processing = event.prompt_ms
+                reply.timing_token_generation = event.generation_ms
+                if request.Logprobs > 0:
+                    reply.logprobs = logprobs_json(logprobs)
+            yield reply
+
+    async def TokenizeString(self, request, context):
+        spec, _ = text_request(request)
+        tokens = await self.text.tokenize(spec)
+        return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
+
+    async def Status(self, request, context):
+        if self.text.current is None:
+            state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
+        else:
+            state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
+        breakdown = self.text.memory() if self.text.current is not None else {}
+        return pb.StatusResponse(
+            state=state, memory=pb.MemoryUsageData(total=sum(breakdown.values()), breakdown=breakdown)
+        )
+
+    async def GetMetrics(self, request, context):
+        m = self.text.last
+        return pb.MetricsResponse(
+            tokens_per_second=m.tokens_per_second, tokens_generated=m.tokens_generated,
+            prompt_tokens_processed=m.prompt_tokens,
+        )
+
+    async def ModelMetadata(self, request, context):
+        meta = self.text.metadata()
+        markers = pb.ToolFormatMarkers()
+        if meta["think"]:
+            markers.reasoning_start, markers.reasoning_end = meta["think"]
+        if meta["tool"]:
+            markers.section_start, markers.section_end = meta["tool"]
+            if meta["tool_parser"] == "json_tools":
+                markers.format_type, markers.name_field, markers.args_field = "json_native", "name", "arguments"
+        return pb.ModelMetadataResponse(
+            supports_thinking=meta["supports_thinking"], rendered_template=meta["rendered_template"],
+            tool_format=markers,
+        )
+
+
+def is_job_process(request) -> bool:
+    """Fine-tune/quantize job processes load the backend's own name with nothing else set."""
+    return bool(request.Model) and not (request.ModelFile or request.ModelPath) and (
+        request.Model == BACKEND_NAME or ("/" not in request.Model and not os.path.exists(request.Model))
+    )
+
+
+def text_request(request):
+    """PredictOptions → (PromptSpec, GenerationRequest)."""
+    from mlxbackend.text.chat import ChatMessage, PromptSpec
+    from mlxbackend.text.generate import GenerationRequest
+    from mlxbackend.text.sampling import SamplingParams
+
+    spec = PromptSpec(
+        prompt=request.Prompt, use_template=request.UseTokenizerTemplate,
+        messages=[
+            ChatMessage(m.role, m.content, m.name, m.tool_call_id, m.reasoning_content, m.tool_calls)
+            for m in request.Messages
+        ],
+        tools=request.Tools, tool_choice=request.ToolChoice, metadata=dict(request.Metadata),
+    )
+    sampling = SamplingParams(
+        temperature=request.Temperature, top_k=request.TopK, top_p=request.TopP, min_p=request.MinP,
+        repeat_penalty=request.Penalty, repeat_last_n=request.Repeat,
+        frequency_penalty=request.FrequencyPenalty, presence_penalty=request.PresencePenalty,
+        logit_bias=request.LogitBias, seed=request.Seed, ignore_eos=request.IgnoreEOS,
+    )
+    req = GenerationRequest(
+        sampling=sampling, max_tokens=request.Tokens, stop=list(request.StopPrompts),
+        logprobs=request.Logprobs, top_logprobs=max(request.TopLogprobs, 0), num_draft=request.NDraft,
+    )
+    return spec, req
+
+
+def chat_delta(delta) -> "pb.ChatDelta":
+    return pb.ChatDelta(
+        content=delta.content, reasoning_content=delta.reasoning,
+        tool_calls=[
+            pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+            for c in delta.tool_calls
+        ],
+    )
+
+
+def logprobs_json(entries) -> bytes:
+    return json.dumps({"content": entries}, ensure_ascii=False).encode()
+

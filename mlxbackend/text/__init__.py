@@ -1,0 +1,1 @@
+"""Text generation on mlx-lm: model loading, chat templating, sampling, output parsing, engine."""

@@ -1,0 +1,183 @@
+"""Text capability: the loaded model, and requests run on the shared MLX worker."""
+
+import asyncio
+import gc
+from dataclasses import dataclass, field
+
+from mlxbackend.errors import EmptyOutput, NotLoaded
+from mlxbackend.text import chat
+from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
+from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
+from mlxbackend.text.parse import Delta
+from mlxbackend.text.sampling import validate
+from mlxbackend.worker import Worker
+
+
+@dataclass
+class Completion:
+    """A finished non-streaming request."""
+
+    text: str
+    delta: Delta
+    finish: Finish
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Metrics:
+    tokens_per_second: float = 0.0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+
+
+class TextEngine:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.current: TextModel | None = None
+        self.caches: dict[int, list] = {}  # live KV caches by job id, for Status
+        self.last = Metrics()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def load(self, spec: LoadSpec) -> TextModel:
+        tm = await self.worker.run(load_text_model, spec)
+        self.current = tm  # requests in flight keep the model they started with
+        return tm
+
+    async def free(self):
+        def drop():
+            import mlx.core as mx
+
+            self.current = None
+            gc.collect()
+            mx.clear_cache()
+
+        await self.worker.run(drop)
+
+    def model(self) -> TextModel:
+        if self.current is None:
+            raise NotLoaded()
+        return self.current
+
+    # -- requests ----------------------------------------------------------------------------
+    async def prepare(self, spec: chat.PromptSpec, req: GenerationRequest):
+        """Validate and render off the event loop (tokenizers are thread-safe)."""
+        tm = self.model()
+        validate(req.sampling)
+        prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
+        token_budget(tm, prompt, req.max_tokens)
+        return tm, prompt
+
+    def start(self, tm, prompt, req: GenerationRequest):
+        """Start a generation; iterate the returned job for Chunk events and one Finish."""
+
+        def steps(is_cancelled):
+            key = id(prompt)
+            try:
+                yield from run(tm, prompt, req, is_cancelled, lambda c: self.caches.__setitem__(key, c))
+            finally:
+                self.caches.pop(key, None)
+
+        return self.worker.start_job(steps)
+
+    def record(self, finish: Finish):
+        secs = finish.generation_ms / 1000
+        self.last = Metrics(
+            tokens_per_second=(finish.generated - 1) / secs if secs > 0 and finish.generated > 1 else 0.0,
+            tokens_generated=finish.generated,
+            prompt_tokens=finish.prompt_tokens,
+        )
+
+    async def complete(self, spec: chat.PromptSpec, req: GenerationRequest) -> Completion:
+        tm, prompt = await self.prepare(spec, req)
+        job = self.start(tm, prompt, req)
+        text, delta, logprobs = [], Delta(), []
+        try:
+            async for event in job:
+                chunk = event.chunk if isinstance(event, Finish) else event
+                text.append(chunk.text)
+                delta.extend(chunk.delta)
+                logprobs.extend(chunk.logprobs)
+                if isinstance(event, Finish):
+                    finish = event
+        finally:
+            job.cancel()
+        self.record(finish)
+        full = "".join(text)
+        # one delta with the final content, reasoning and every fully parsed tool call
+        merged = Delta(delta.content, delta.reasoning, list(finish.calls))
+        if not full.strip() and not merged.tool_calls and not _hit_cap(req, finish):
+            raise EmptyOutput(
+                f"the model produced no text ({finish.generated} tokens, finish: {finish.reason})"
+            )
+        return Completion(full, merged, finish, logprobs)
+
+    async def stream(self, spec: chat.PromptSpec, req: GenerationRequest):
+        tm, prompt = await self.prepare(spec, req)
+        job = self.start(tm, prompt, req)
+        sent = False
+        try:
+            async for event in job:
+                if isinstance(event, Finish):
+                    self.record(event)
+                    chunk = event.chunk
+                    if not sent and not chunk.text.strip() and not chunk.delta and not _hit_cap(req, event):
+                        raise EmptyOutput(
+                            f"the model produced no text ({event.generated} tokens, finish: {event.reason})"
+                        )
+                else:
+                    sent = sent or bool(event.text.strip() or event.delta)
+                yield event
+        finally:
+            job.cancel()
+
+    async def tokenize(self, spec: chat.PromptSpec) -> list:
+        tm = self.model()
+        prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
+        return prompt.tokens
+
+    # -- introspection -----------------------------------------------------------------------
+    def memory(self) -> dict:
+        """Bytes: weights, KV caches of running requests, other MLX memory."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        weights = 0
+        if self.current is not None:
+            weights = sum(v.nbytes for _, v in tree_flatten(self.current.model.parameters()))
+            if self.current.draft_model is not None:
+                weights += sum(v.nbytes for _, v in tree_flatten(self.current.draft_model.parameters()))
+        kv = 0
+        for cache in list(self.caches.values()):
+            for c in cache:
+                try:
+                    kv += c.nbytes
+                except Exception:
+                    pass
+        active = mx.get_active_memory() + mx.get_cache_memory()
+        other = max(active - weights - kv, 0)
+        return {"weights": weights, "kv_cache": kv, "other": other}
+
+    def metadata(self) -> dict:
+        tm = self.model()
+        tok = tm.tokenizer
+        rendered = ""
+        if getattr(tok, "has_chat_template", False):
+            try:
+                rendered = tok.apply_chat_template(
+                    [{"role": "user", "content": "{{prompt}}"}], add_generation_prompt=True,
+                    tokenize=False, enable_thinking=True,
+                )
+            except Exception:
+                rendered = ""
+        return {
+            "supports_thinking": bool(getattr(tok, "has_thinking", False)),
+            "rendered_template": rendered,
+            "think": (tok.think_start, tok.think_end) if getattr(tok, "has_thinking", False) else None,
+            "tool": (tok.tool_call_start, tok.tool_call_end) if getattr(tok, "has_tool_calling", False) else None,
+            "tool_parser": getattr(tok.tool_parser, "__module__", "").rsplit(".", 1)[-1] if tok.tool_parser else "",
+        }
+
+
+def _hit_cap(req: GenerationRequest, finish: Finish) -> bool:
+    return req.max_tokens > 0 and finish.generated >= req.max_tokens
+

@@ -1,0 +1,166 @@
+"""One generation request as a step-wise generator: tokens → text → stop hold-back → deltas.
+
+The engine advances it one decode step per `next()`, so cancellation is seen within a step."""
+
+import time
+from dataclasses import dataclass, field
+
+from mlxbackend.errors import InvalidInput
+from mlxbackend.text.chat import Prompt
+from mlxbackend.text.logprobs import TokenText, entry
+from mlxbackend.text.models import TextModel
+from mlxbackend.text.parse import Delta, OutputParser
+from mlxbackend.text.sampling import SamplingParams, make_processors, make_sampler
+from mlxbackend.text.stops import StopMatcher
+
+
+@dataclass
+class GenerationRequest:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 0  # 0 = until EOS, a stop string or the context end
+    stop: list = field(default_factory=list)
+    logprobs: int = 0  # > 0: report logprobs
+    top_logprobs: int = 0
+    num_draft: int = 0
+
+
+@dataclass
+class Chunk:
+    """What one step produced: raw text, classified delta and logprob entries."""
+
+    text: str = ""
+    delta: Delta = field(default_factory=Delta)
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Finish:
+    """The closing event, with totals."""
+
+    chunk: Chunk
+    reason: str  # "stop" | "length" | "cancelled"
+    generated: int
+    prompt_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    calls: list  # fully parsed tool calls
+
+
+class Cancelled(Exception):
+    pass
+
+
+def fresh_detokenizer(tokenizer):
+    """A streaming detokenizer that keeps a reply's leading space (mlx-lm trims it), so that
+    prompt + completion concatenates exactly, as llama.cpp returns it."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    detok = tokenizer.detokenizer
+    if hasattr(detok, "trim_space"):
+        detok.trim_space = False
+    elif isinstance(detok, BPEStreamingDetokenizer):
+        detok.text, detok.offset = "\0", 1  # non-empty text disables its first-token trim
+    return detok
+
+
+def token_budget(tm: TextModel, prompt: Prompt, max_tokens: int) -> int:
+    """Tokens this request may generate; rejects prompts that do not fit the context."""
+    if max_tokens < 0:
+        raise InvalidInput(f"Tokens must be >= 0 (0 = no limit), got {max_tokens}")
+    room = tm.context_size - len(prompt.tokens)
+    if room <= 0:
+        raise InvalidInput(
+            f"prompt is {len(prompt.tokens)} tokens, which does not fit the context size "
+            f"{tm.context_size}; shorten it or raise ContextSize"
+        )
+    return min(max_tokens, room) if max_tokens else room
+
+
+def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, cache, is_cancelled):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step, speculative_generate_step
+
+    vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
+    sampler = make_sampler(req.sampling, vocab)
+    processors = make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids)
+
+    def check(_done, _total):
+        if is_cancelled():
+            raise Cancelled
+
+    tokens = mx.array(prompt.tokens)
+    if tm.draft_model is not None and req.num_draft >= 0:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        steps = speculative_generate_step(
+            tokens, tm.model, tm.draft_model, num_draft_tokens=req.num_draft or 3,
+            max_tokens=budget, sampler=sampler, logits_processors=processors,
+            prompt_cache=cache + make_prompt_cache(tm.draft_model),
+        )
+        return ((tok, lp) for tok, lp, _ in steps)
+    return generate_step(
+        tokens, tm.model, max_tokens=budget, sampler=sampler, logits_processors=processors,
+        prompt_cache=cache, prompt_progress_callback=check,
+    )
+
+
+def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_cache=None):
+    """Yield Chunks, then one Finish. Stops on EOS, a stop string, the budget or cancellation."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tokenizer = tm.tokenizer
+    budget = token_budget(tm, prompt, req.max_tokens)
+    cache = make_prompt_cache(tm.model)
+    if on_cache:
+        on_cache(cache)
+    eos = set() if req.sampling.ignore_eos else tokenizer.eos_token_ids
+    detok = fresh_detokenizer(tokenizer)
+    stopper = StopMatcher(req.stop)
+    parser = OutputParser(tokenizer, prompt.tools, prompt.starts_in_reasoning)
+    token_text = TokenText(tokenizer) if req.logprobs > 0 else None
+    start = time.perf_counter()
+    first_at = None
+    generated = 0
+    reason = "length"
+    pending = Chunk()
+    if prompt.assistant_prefix:
+        text = stopper.feed(prompt.assistant_prefix)
+        pending = Chunk(text, parser.feed(text))
+    try:
+        for token, logprobs in _steps(tm, prompt, req, budget, cache, is_cancelled):
+            if first_at is None:
+                first_at = time.perf_counter()
+            if is_cancelled():
+                reason = "cancelled"
+                break
+            if token in eos:
+                reason = "stop"
+                break
+            generated += 1
+            if token_text is not None:
+                pending.logprobs.append(entry(token_text, token, logprobs, req.top_logprobs))
+            detok.add_token(token)
+            text = stopper.feed(detok.last_segment)
+            if text:
+                pending.text += text
+                pending.delta.extend(parser.feed(text))
+            if stopper.stopped:
+                reason = "stop"
+                break
+            if pending.text or pending.delta:
+                yield pending
+                pending = Chunk()
+    except Cancelled:
+        reason = "cancelled"
+    now = time.perf_counter()
+    first_at = first_at or now
+    if not stopper.stopped:
+        detok.finalize()
+        text = stopper.feed(detok.last_segment) + stopper.flush()
+        pending.text += text
+        pending.delta.extend(parser.feed(text))
+    pending.delta.extend(parser.finish())
+    yield Finish(
+        chunk=pending, reason=reason, generated=generated, prompt_tokens=len(prompt.tokens),
+        prompt_ms=(first_at - start) * 1000, generation_ms=(now - first_at) * 1000, calls=parser.calls,
+    )

@@ -1,0 +1,158 @@
+"""Resolve LocalAI's model fields to a folder and load it (with adapters and a draft model)."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxbackend.errors import InvalidInput, NotFound
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class LoadSpec:
+    """What LoadModel asked for, as plain values."""
+
+    model: str = ""
+    model_file: str = ""
+    model_path: str = ""
+    context_size: int = 0
+    lora_adapters: list = field(default_factory=list)  # (path, scale) pairs, raw
+    draft_model: str = ""
+    trust_remote_code: bool = False
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextModel:
+    """A loaded model with everything generation needs."""
+
+    model: object
+    tokenizer: object
+    config: dict
+    path: Path
+    context_size: int
+    draft_model: object = None
+    options: dict = field(default_factory=dict)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -> Path:
+    """LocalAI's order: ModelFile if it exists, Model as an absolute path, ModelPath/Model,
+    then Model as a Hugging Face id (local cache first, then a download unless offline)."""
+    tried = []
+    candidates = []
+    if model_file:
+        candidates.append(Path(model_file))
+    if model and os.path.isabs(model):
+        candidates.append(Path(model))
+    if model and model_path and not os.path.isabs(model):
+        candidates.append(Path(model_path) / model)
+    for path in candidates:
+        if path.exists():
+            return path
+        tried.append(str(path))
+    if model and not os.path.isabs(model) and model.count("/") == 1:
+        found = _from_hub(model, tried)
+        if found is not None:
+            return found
+    raise NotFound(f"model {model or model_file!r} not found; tried: {', '.join(tried) or 'nothing'}")
+
+
+def _from_hub(repo_id: str, tried: list):
+    """Find repo_id in the local HF cache, else download it (Mac users); None if neither works."""
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception:
+        tried.append(f"HF cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'}) for {repo_id}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        tried.append(f"download of {repo_id} (skipped: HF_HUB_OFFLINE is set)")
+        return None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, etag_timeout=10))
+    except Exception as exc:  # network down, unknown repo, gated repo…
+        tried.append(f"download of {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return None
+
+
+def _join(path: str, model_path: str) -> str:
+    if not path or os.path.isabs(path) or not model_path:
+        return path
+    return str(Path(model_path) / path)
+
+
+def _fix_config(path: Path) -> dict:
+    """Config overrides for known traps: transformers 5 nests rope_theta (field notes §4)."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    overrides = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" not in config and "rope_theta" in rope:
+        overrides["rope_theta"] = rope["rope_theta"]
+    return overrides
+
+
+def _apply_adapters(model, adapters):
+    """Apply LoRA/DoRA adapters at their scales and fuse them into the weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+
+    for adapter_path, scale in adapters:
+        if not Path(adapter_path, "adapter_config.json").exists():
+            raise NotFound(f"LoRA adapter not found (no adapter_config.json): {adapter_path}")
+        load_adapters(model, adapter_path)
+        fused = []
+        for name, module in model.named_modules():
+            if hasattr(module, "fuse") and hasattr(module, "scale"):
+                module.scale = module.scale * scale
+                fused.append((name, module.fuse()))
+        if fused:
+            model.update_modules(tree_unflatten(fused))
+    mx.eval(model.parameters())
+
+
+def load_text_model(spec: LoadSpec) -> TextModel:
+    """Load a model folder into memory; raises NotFound / InvalidInput with clear messages."""
+    from mlx_lm.utils import load
+
+    path = resolve_model_path(spec.model, spec.model_file, spec.model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        path = _gguf_to_mlx_cache(path, spec.model_path)
+    if not _is_model_dir(path):
+        raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
+    model, tokenizer, config = load(
+        str(path),
+        model_config=_fix_config(path),
+        return_config=True,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    adapters = [(_join(p, spec.model_path), s) for p, s in spec.lora_adapters if p]
+    if adapters:
+        _apply_adapters(model, adapters)
+    draft = None
+    if spec.draft_model:
+        draft_path = resolve_model_path(spec.draft_model, "", spec.model_path)
+        draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(draft_path))
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise InvalidInput("DraftModel must share the main model's tokenizer")
+    context = spec.context_size or config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    return TextModel(model, tokenizer, config, path, int(context), draft, dict(spec.options))
+
+
+def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:
+    """Import a GGUF once into an MLX folder cached beside the models."""
+    from converters.gguf_to_mlx import convert_gguf
+
+    root = Path(model_path) if model_path else gguf_path.parent
+    out = root / ".mlx-cache" / gguf_path.stem
+    if not _is_model_dir(out):
+        convert_gguf(gguf_path, out, overwrite=out.exists())
+    return out
