@@ -69,8 +69,8 @@ class Servicer:
         return pb.Reply(message=b"OK")
 
     async def LoadModel(self, request, context):
-        from mlxbackend.text.models import LoadSpec
         from mlxbackend.options import parse_options
+        from mlxbackend.text.models import LoadSpec
 
         if is_job_process(request):
             return pb.Result(success=True, message="MLX backend ready (job process, no model loaded)")

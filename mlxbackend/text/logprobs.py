@@ -37,7 +37,7 @@ def entry(token_text: TokenText, token: int, logprobs, top_n: int) -> dict:
         top_n = min(top_n, logprobs.shape[-1])
         idx = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
         vals = logprobs[idx]
-        for i, v in sorted(zip(idx.tolist(), vals.tolist()), key=lambda x: -x[1]):
+        for i, v in sorted(zip(idx.tolist(), vals.tolist(), strict=True), key=lambda x: -x[1]):
             t, b = token_text(i)
             alts.append({"id": i, "token": t, "bytes": b, "logprob": v})
     item["top_logprobs"] = alts

@@ -1,0 +1,148 @@
+"""`mlxbackend bench`: raw mlx-lm in-process vs our gRPC server, side by side on one model.
+
+Decode tokens/s and time-to-first-token, medians of N repeats, alternating the engines so that
+machine noise hits both; optionally llama.cpp (llama-cpp-python) on the bundled GGUF."""
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _chat_tokens(tokenizer):
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True
+    )
+
+
+def raw_mlx(model, tokenizer, n_tokens):
+    """One run of mlx-lm's stream_generate; EOS blocked so every run decodes n_tokens."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+
+    eos = mx.array(sorted(tokenizer.eos_token_ids))
+    block = [lambda _, logits: logits.at[:, eos].add(-mx.inf)]
+    start = time.perf_counter()
+    first = last = None
+    count = 0
+    for _ in stream_generate(model, tokenizer, _chat_tokens(tokenizer), max_tokens=n_tokens, logits_processors=block):
+        last = time.perf_counter()
+        first = first or last
+        count += 1
+    return (first - start) * 1000, (count - 1) / (last - first)
+
+
+def grpc_run(stub, n_tokens):
+    """One PredictStream as LocalAI sends it; times measured at the client."""
+    from mlxbackend.proto import backend_pb2 as pb
+
+    request = pb.PredictOptions(
+        Messages=[pb.Message(role="user", content=PROMPT)], UseTokenizerTemplate=True,
+        Tokens=n_tokens, IgnoreEOS=True, Temperature=0,
+    )
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    for reply in stub.PredictStream(request):
+        last = time.perf_counter()
+        if first is None and reply.message:
+            first = last
+        tokens = reply.tokens or tokens
+    return (first - start) * 1000, (tokens - 1) / (last - first)
+
+
+def llamacpp_run(llm, n_tokens):
+    messages = [{"role": "user", "content": PROMPT}]
+    start = time.perf_counter()
+    first = last = None
+    count = 0
+    for _ in llm.create_chat_completion(messages, max_tokens=n_tokens, temperature=0, stream=True):
+        last = time.perf_counter()
+        first = first or last
+        count += 1
+    return (first - start) * 1000, (count - 2) / (last - first)  # role chunk + final chunk
+
+
+def _serve(model_dir: Path):
+    import socket
+
+    from mlxbackend.client import connect
+    from mlxbackend.proto import backend_pb2 as pb
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_sh = Path(__file__).with_name("run.sh")
+    proc = subprocess.Popen([str(run_sh), "--addr", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    stub = connect(f"127.0.0.1:{port}")
+    for _ in range(200):
+        try:
+            stub.Health(pb.HealthMessage(), timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
+    assert stub.LoadModel(pb.ModelOptions(Model=str(model_dir))).success
+    return proc, stub
+
+
+def main(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlxbackend.default_model import BUNDLED_GGUF, ensure_default_model
+
+    console = Console()
+    if args.model == "default":
+        model_dir = ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
+    else:
+        model_dir = Path(args.model)
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(model_dir))
+    proc, stub = _serve(model_dir)
+    llm = None
+    if args.llamacpp:
+        try:
+            from llama_cpp import Llama
+
+            llm = Llama(str(BUNDLED_GGUF()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+        except ImportError:
+            console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
+    results = {"raw mlx-lm": [], "gRPC server": [], "llama.cpp": []}
+    try:
+        raw_mlx(model, tokenizer, 8), grpc_run(stub, 8)  # warm-up
+        for i in range(args.repeats):
+            console.print(f"repeat {i + 1}/{args.repeats}")
+            results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens))
+            results["gRPC server"].append(grpc_run(stub, args.tokens))
+            if llm is not None:
+                results["llama.cpp"].append(llamacpp_run(llm, args.tokens))
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    table = Table(title=f"{model_dir.name}, {args.tokens} tokens, median of {args.repeats} ({machine()})")
+    for col in ("engine", "TTFT ms", "decode tok/s"):
+        table.add_column(col)
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v)) for k, v in results.items() if v}
+    for name, (ttft, tps) in med.items():
+        table.add_row(name, f"{ttft:.1f}", f"{tps:.1f}")
+    console.print(table)
+    raw, ours = med["raw mlx-lm"], med["gRPC server"]
+    console.print(f"gRPC decode ÷ raw = {ours[1] / raw[1]:.3f}; TTFT overhead = {ours[0] - raw[0]:+.1f} ms")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
+

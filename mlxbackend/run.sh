@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# LocalAI's launch convention: run.sh --addr HOST:PORT  (or --addr=HOST:PORT).
+# exec keeps Python LocalAI's direct child (signals, parent-death watch).
+set -euo pipefail
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY=""
+for venv in "$DIR/venv" "$DIR/../.venv" "$DIR/.venv"; do
+  if [ -x "$venv/bin/python" ]; then PY="$venv/bin/python"; break; fi
+done
+PY="${PY:-python3}"
+# Linux: MLX's bundled reference BLAS is ~15x slower than OpenBLAS on float32 matmul.
+if [ "$(uname -s)" = "Linux" ] && [ -z "${MLXB_NO_OPENBLAS:-}" ]; then
+  for lib in /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0; do
+    if [ -e "$lib" ]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+  done
+fi
+exec "$PY" -m mlxbackend serve "$@"

