@@ -30,25 +30,34 @@ def free_port() -> int:
 class Server:
     """A backend process launched as LocalAI does: run.sh --addr 127.0.0.1:PORT."""
 
-    def __init__(self, env=None, addr_form="space", parent_cmd=None):
+    def __init__(self, env=None, addr_form="space", parent_cmd=None, extra_args=()):
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         args = ["--addr", self.addr] if addr_form == "space" else [f"--addr={self.addr}"]
         self.log = open(f"/tmp/mlxb-test-{self.port}.log", "w+")
         full_env = {**os.environ, "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "200ms", **(env or {})}
-        cmd = [str(ROOT / "scripts" / "run.sh"), *args]
+        cmd = [str(ROOT / "scripts" / "run.sh"), *args, *extra_args]
         self.proc = subprocess.Popen(
             parent_cmd(cmd) if parent_cmd else cmd, env=full_env, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.stub = connect(self.addr)
+        token = (env or {}).get("LOCALAI_GRPC_AUTH_TOKEN")
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
         self.wait_ready()
+
+    def rss(self) -> int:
+        """Resident memory of the server process, bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
 
     def wait_ready(self, timeout=40):
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                if self.stub.Health(pb.HealthMessage(), timeout=2).message == b"OK":
+                if self.stub.Health(pb.HealthMessage(), timeout=2, metadata=self.metadata).message == b"OK":
                     return
             except grpc.RpcError:
                 time.sleep(0.1)

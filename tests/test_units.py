@@ -129,3 +129,9 @@ def test_template_kwargs_merge():
         {"enable_thinking": True},
     )
     assert kw == {"enable_thinking": False, "x": 1, "reasoning_effort": "low"}
+
+
+def test_template_kwargs_from_options_string():
+    kw = chat.template_kwargs({}, {"chat_template_kwargs": '{"enable_thinking": false}'})
+    assert kw == {"enable_thinking": False}
+    assert chat.template_kwargs({"enable_thinking": "true"}, {"enable_thinking": False}) == {"enable_thinking": True}

