@@ -93,7 +93,7 @@ def main(args):
     from rich.console import Console
     from rich.table import Table
 
-    from mlxbackend.default_model import BUNDLED_GGUF, ensure_default_model
+    from mlxbackend.default_model import bundled_gguf, ensure_default_model
 
     console = Console()
     if args.model == "default":
@@ -109,7 +109,7 @@ def main(args):
         try:
             from llama_cpp import Llama
 
-            llm = Llama(str(BUNDLED_GGUF()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+            llm = Llama(str(bundled_gguf()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
         except ImportError:
             console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
     results = {"raw mlx-lm": [], "gRPC server": [], "llama.cpp": []}

@@ -84,9 +84,14 @@ class Worker:
                 return
             if item is not _DONE:
                 self._take(item)
+                del item  # hold no reference to finished work (models must be freeable)
                 continue  # drain the inbox before the next round of steps
-            for job in list(self.active):
-                self._advance(job)
+            self._round()
+
+    def _round(self):
+        """One decode step for every active job."""
+        for job in list(self.active):
+            self._advance(job)
 
     def _take(self, item):
         if isinstance(item, Job):

@@ -99,7 +99,7 @@ def smollm2_dir(tmp_path_factory):
     from mlxbackend.default_model import ensure_default_model
 
     cached = os.environ.get("MLXB_MODELS_DIR")
-    root = Path(cached) if cached else tmp_path_factory.mktemp("models")
+    root = Path(cached).resolve() if cached else tmp_path_factory.mktemp("models")
     return ensure_default_model(root)
 
 
