@@ -100,6 +100,7 @@ def main(args):
         model_dir = ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
     else:
         model_dir = Path(args.model)
+    model_dir = model_dir.resolve()
     from mlx_lm.utils import load
 
     model, tokenizer = load(str(model_dir))

@@ -28,7 +28,9 @@ def bundled_gguf() -> Path:
         path = Path(folder) / BUNDLED_GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{BUNDLED_GGUF_NAME} is missing from the {BUNDLED_PACKAGE} package; {hint}")
+    raise FileNotFoundError(
+        f"{BUNDLED_GGUF_NAME} is missing from the {BUNDLED_PACKAGE} package; {hint}"
+    )
 
 
 def __getattr__(name):
@@ -41,10 +43,12 @@ def __getattr__(name):
 def is_model_folder(folder: Path) -> bool:
     """True if ``folder`` looks like a complete converted model."""
     folder = Path(folder)
-    return all((folder / f).is_file() for f in _REQUIRED_FILES) and any(folder.glob("model*.safetensors"))
+    return all((folder / f).is_file() for f in _REQUIRED_FILES) and any(
+        folder.glob("model*.safetensors")
+    )
 
 
-def _platform_choice(dtype: str | None) -> tuple[str | None, bool]:
+def platform_layout(dtype: str | None) -> tuple[str | None, bool]:
     """(dtype, dequantize) for the conversion."""
     if dtype == "native":
         return None, False
@@ -70,10 +74,16 @@ def ensure_default_model(models_dir: Path, dtype: str | None = None) -> Path:
     folder = Path(models_dir) / DEFAULT_MODEL_NAME
     if is_model_folder(folder):
         return folder
-    conv_dtype, dequantize = _platform_choice(dtype)
+    conv_dtype, dequantize = platform_layout(dtype)
     try:
         # An incomplete folder left by something else is replaced.
-        convert_gguf(bundled_gguf(), folder, dtype=conv_dtype, dequantize=dequantize, overwrite=folder.exists())
+        convert_gguf(
+            bundled_gguf(),
+            folder,
+            dtype=conv_dtype,
+            dequantize=dequantize,
+            overwrite=folder.exists(),
+        )
     except FileExistsError:
         if is_model_folder(folder):  # another process finished first
             return folder

@@ -251,3 +251,24 @@ def test_options_are_defaults_request_wins(trained_dir):
         assert on.reasoning_content == tm.CHAT_REASONING and on.content == tm.CHAT_ANSWER
     finally:
         srv.stop()
+
+
+def test_load_gguf_file_directly(tmp_path):
+    """A YAML pointing at a .gguf: imported once into <models>/.mlx-cache, then served."""
+    import shutil
+
+    from mlxbackend.default_model import bundled_gguf
+
+    shutil.copy(bundled_gguf(), tmp_path / "smol.gguf")
+    srv = Server()
+    try:
+        reply = srv.stub.LoadModel(pb.ModelOptions(Model="smol.gguf", ModelPath=str(tmp_path),
+                                                   ModelFile=str(tmp_path / "smol.gguf")))
+        assert reply.success and (tmp_path / ".mlx-cache" / "smol" / "config.json").exists()
+        answer = srv.stub.Predict(pb.PredictOptions(
+            Messages=[pb.Message(role="user", content="What is the capital of France?")],
+            UseTokenizerTemplate=True, Tokens=20,
+        ))
+        assert "Paris" in answer.message.decode()
+    finally:
+        srv.stop()

@@ -158,9 +158,11 @@ def load_text_model(spec: LoadSpec) -> TextModel:
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:
     """Import a GGUF once into an MLX folder cached beside the models."""
     from converters.gguf_to_mlx import convert_gguf
+    from mlxbackend.default_model import platform_layout
 
     root = Path(model_path) if model_path else gguf_path.parent
     out = root / ".mlx-cache" / gguf_path.stem
     if not _is_model_dir(out):
-        convert_gguf(gguf_path, out, overwrite=out.exists())
+        dtype, dequantize = platform_layout(None)  # float32 on CPU Linux, native on a Mac
+        convert_gguf(gguf_path, out, dtype=dtype, dequantize=dequantize, overwrite=out.exists())
     return out
