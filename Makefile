@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 install-test: $(VENV)/.installed-test
 $(VENV)/.installed-test: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q '.[llamacpp]' 2>&1 | grep -v '^WARNING: Location' || true
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,llamacpp]' 2>&1 | grep -v -e '^WARNING: Location' -e 'dependency resolver' -e 'requires llm' || true
 	$(PY) -c "import llama_cpp" && touch $@
 
 run: install

@@ -29,9 +29,10 @@ def raw_mlx(model, tokenizer, n_tokens):
     start = time.perf_counter()
     first = last = None
     count = 0
-    for _ in stream_generate(model, tokenizer, _chat_tokens(tokenizer), max_tokens=n_tokens, logits_processors=block):
+    for response in stream_generate(model, tokenizer, _chat_tokens(tokenizer), max_tokens=n_tokens, logits_processors=block):
         last = time.perf_counter()
-        first = first or last
+        if first is None and response.text:  # first visible text, as for the server
+            first = last
         count += 1
     return (first - start) * 1000, (count - 1) / (last - first)
 
@@ -57,12 +58,14 @@ def grpc_run(stub, n_tokens):
 
 def llamacpp_run(llm, n_tokens):
     messages = [{"role": "user", "content": PROMPT}]
+    llm.reset()  # no prefix reuse between repeats: a cold prefill like the others
     start = time.perf_counter()
     first = last = None
     count = 0
-    for _ in llm.create_chat_completion(messages, max_tokens=n_tokens, temperature=0, stream=True):
+    for chunk in llm.create_chat_completion(messages, max_tokens=n_tokens, temperature=0, stream=True):
         last = time.perf_counter()
-        first = first or last
+        if first is None and chunk["choices"][0]["delta"].get("content"):
+            first = last
         count += 1
     return (first - start) * 1000, (count - 2) / (last - first)  # role chunk + final chunk
 
@@ -105,14 +108,6 @@ def main(args):
 
     model, tokenizer = load(str(model_dir))
     proc, stub = _serve(model_dir)
-    llm = None
-    if args.llamacpp:
-        try:
-            from llama_cpp import Llama
-
-            llm = Llama(str(bundled_gguf()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-        except ImportError:
-            console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
     results = {"raw mlx-lm": [], "gRPC server": [], "llama.cpp": []}
     try:
         raw_mlx(model, tokenizer, 8), grpc_run(stub, 8)  # warm-up
@@ -120,11 +115,19 @@ def main(args):
             console.print(f"repeat {i + 1}/{args.repeats}")
             results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens))
             results["gRPC server"].append(grpc_run(stub, args.tokens))
-            if llm is not None:
-                results["llama.cpp"].append(llamacpp_run(llm, args.tokens))
     finally:
         proc.terminate()
         proc.wait(15)
+    if args.llamacpp:
+        # after the MLX runs: llama.cpp's idle OpenMP workers keep spinning on the cores for a while
+        try:
+            from llama_cpp import Llama
+
+            llm = Llama(str(bundled_gguf()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+            llamacpp_run(llm, 8)
+            results["llama.cpp"] = [llamacpp_run(llm, args.tokens) for _ in range(args.repeats)]
+        except ImportError:
+            console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
     table = Table(title=f"{model_dir.name}, {args.tokens} tokens, median of {args.repeats} ({machine()})")
     for col in ("engine", "TTFT ms", "decode tok/s"):
         table.add_column(col)

@@ -49,19 +49,12 @@ def cmd_chat(args):
 
 
 def cmd_convert(args):
+    """Hand over to the converter's own command line (same options, rich progress)."""
     if args.source == "gguf":
-        from converters.gguf_to_mlx import convert_gguf
-
-        out = convert_gguf(args.input, args.output, dtype=args.dtype, dequantize=args.dequantize)
+        from converters.gguf_to_mlx import main as convert_main
     else:
-        from converters.hf_to_mlx import convert_hf
-
-        out = convert_hf(
-            args.input, args.output, quantize=args.quantize, q_bits=args.q_bits,
-            q_group_size=args.q_group_size, q_mode=args.q_mode, dtype=args.dtype,
-            dequantize=args.dequantize, trust_remote_code=args.trust_remote_code,
-        )
-    print(out)
+        from converters.hf_to_mlx import main as convert_main
+    sys.exit(convert_main(args.rest))
 
 
 def cmd_bench(args):
@@ -92,17 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print token counts and speed")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("convert", help="import a checkpoint into an MLX folder")
-    p.add_argument("source", choices=["gguf", "hf"], help="gguf: a llama.cpp file; hf: a HF folder or id")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    p.add_argument("--dequantize", action="store_true")
-    p.add_argument("--quantize", action="store_true", help="hf: quantize while converting")
-    p.add_argument("--q-bits", type=int, default=4)
-    p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--q-mode", default="affine")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p = sub.add_parser(
+        "convert", help="import a checkpoint into an MLX folder (gguf: llama.cpp file; hf: HF folder or id)",
+        description="mlxbackend convert gguf IN.gguf OUT [--dtype float32 --dequantize] | "
+        "mlxbackend convert hf SRC OUT [-q --q-bits 4 …]; add -h after the source for its options",
+    )
+    p.add_argument("source", choices=["gguf", "hf"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the converter's arguments")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="raw mlx-lm vs the gRPC server, side by side")

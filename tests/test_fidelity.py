@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from converters.gguf_to_mlx import convert_gguf, read_gguf, write_gguf
-from mlxbackend import default_model
 
 TEXT = """The history of the lighthouse is closely tied to the history of navigation. Long before electric lamps, \
 sailors relied on fires built on hilltops to warn them of rocky coasts and to guide them toward safe harbors. The \
@@ -60,14 +59,6 @@ def llama_cpp():
             pytest.fail("llama_cpp is not importable but MLXB_REQUIRE_LLAMA_CPP=1")
         pytest.skip("llama_cpp (llama-cpp-python) is not installed")
     return llama_cpp
-
-
-@pytest.fixture(scope="module")
-def gguf():
-    try:
-        return default_model.bundled_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
