@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 
@@ -11,6 +12,11 @@ def cmd_serve(args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args.addr, args.model, args.option))
+    # Everything is stopped; skip interpreter teardown, where MLX's thread-local state and
+    # C++ static destructors can race (seen once as SIGABRT on SIGINT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_chat(args):

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
@@ -173,6 +174,7 @@ async def serve(addr: str, model: str = "", options=()):
     print("mlxbackend: shutting down", file=sys.stderr, flush=True)
     servicer.worker.stop()
     await server.stop(grace=3)
+    servicer.worker.thread.join(timeout=5)
 
 
 async def _preload(servicer, model: str, options):
@@ -181,8 +183,8 @@ async def _preload(servicer, model: str, options):
         if model == "default":
             from mlxbackend.default_model import ensure_default_model
 
-            models_dir = os.environ.get("MLXB_MODELS_DIR", "models")
-            model = str(await asyncio.to_thread(ensure_default_model, __import__("pathlib").Path(models_dir)))
+            models_dir = Path(os.environ.get("MLXB_MODELS_DIR", "models"))
+            model = str(await servicer.worker.run(ensure_default_model, models_dir))  # MLX work: on the worker
         request = pb.ModelOptions(Model=os.path.abspath(model), Options=list(options))
         reply = await servicer.LoadModel(request, None)
         print(f"mlxbackend: {reply.message}", file=sys.stderr, flush=True)
