@@ -104,63 +104,92 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
     )
 
 
+class Decoder:
+    """Per-request output state shared by the solo and batched paths: token → detokenized text →
+    stop hold-back → classified deltas (+ logprobs). Timings start at construction."""
+
+    def __init__(self, tm: TextModel, prompt: Prompt, req: GenerationRequest):
+        tokenizer = tm.tokenizer
+        self.prompt_tokens = len(prompt.tokens)
+        self.eos = set() if req.sampling.ignore_eos else tokenizer.eos_token_ids
+        self.detok = fresh_detokenizer(tokenizer)
+        self.stopper = StopMatcher(req.stop)
+        self.parser = OutputParser(tokenizer, prompt.tools, prompt.starts_in_reasoning)
+        self.token_text = TokenText(tokenizer) if req.logprobs > 0 else None
+        self.top_logprobs = req.top_logprobs
+        self.start = time.perf_counter()
+        self.first_at = None
+        self.generated = 0
+        self.reason = None  # set once the request is over
+        self.pending = Chunk()
+        if prompt.assistant_prefix:
+            self._text(prompt.assistant_prefix)
+
+    def _text(self, text: str):
+        text = self.stopper.feed(text)
+        if text:
+            self.pending.text += text
+            self.pending.delta.extend(self.parser.feed(text))
+
+    def add(self, token: int, logprobs) -> Chunk | None:
+        """Consume one sampled token; returns a Chunk when there is something to send."""
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        if token in self.eos:
+            self.reason = "stop"
+            return None
+        self.generated += 1
+        if self.token_text is not None:
+            self.pending.logprobs.append(entry(self.token_text, token, logprobs, self.top_logprobs))
+        self.detok.add_token(token)
+        self._text(self.detok.last_segment)
+        if self.stopper.stopped:
+            self.reason = "stop"
+            return None
+        if self.pending.text or self.pending.delta:
+            chunk, self.pending = self.pending, Chunk()
+            return chunk
+        return None
+
+    def finish(self, reason: str | None = None) -> Finish:
+        """Flush what was held back and close with totals."""
+        reason = self.reason or reason or "length"
+        now = time.perf_counter()
+        first_at = self.first_at or now
+        if not self.stopper.stopped:
+            self.detok.finalize()
+            self._text(self.detok.last_segment)
+            text = self.stopper.flush()
+            self.pending.text += text
+            self.pending.delta.extend(self.parser.feed(text))
+        self.pending.delta.extend(self.parser.finish())
+        return Finish(
+            chunk=self.pending, reason=reason, generated=self.generated, prompt_tokens=self.prompt_tokens,
+            prompt_ms=(first_at - self.start) * 1000, generation_ms=(now - first_at) * 1000,
+            calls=self.parser.calls,
+        )
+
+
 def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_cache=None):
-    """Yield Chunks, then one Finish. Stops on EOS, a stop string, the budget or cancellation."""
+    """Solo path (draft models): yield Chunks, then one Finish."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    tokenizer = tm.tokenizer
     budget = token_budget(tm, prompt, req.max_tokens)
     cache = make_prompt_cache(tm.model)
     if on_cache:
         on_cache(cache)
-    eos = set() if req.sampling.ignore_eos else tokenizer.eos_token_ids
-    detok = fresh_detokenizer(tokenizer)
-    stopper = StopMatcher(req.stop)
-    parser = OutputParser(tokenizer, prompt.tools, prompt.starts_in_reasoning)
-    token_text = TokenText(tokenizer) if req.logprobs > 0 else None
-    start = time.perf_counter()
-    first_at = None
-    generated = 0
-    reason = "length"
-    pending = Chunk()
-    if prompt.assistant_prefix:
-        text = stopper.feed(prompt.assistant_prefix)
-        pending = Chunk(text, parser.feed(text))
+    decoder = Decoder(tm, prompt, req)
+    reason = None
     try:
         for token, logprobs in _steps(tm, prompt, req, budget, cache, is_cancelled):
-            if first_at is None:
-                first_at = time.perf_counter()
             if is_cancelled():
                 reason = "cancelled"
                 break
-            if token in eos:
-                reason = "stop"
+            chunk = decoder.add(token, logprobs)
+            if chunk is not None:
+                yield chunk
+            if decoder.reason:
                 break
-            generated += 1
-            if token_text is not None:
-                pending.logprobs.append(entry(token_text, token, logprobs, req.top_logprobs))
-            detok.add_token(token)
-            text = stopper.feed(detok.last_segment)
-            if text:
-                pending.text += text
-                pending.delta.extend(parser.feed(text))
-            if stopper.stopped:
-                reason = "stop"
-                break
-            if pending.text or pending.delta:
-                yield pending
-                pending = Chunk()
     except Cancelled:
         reason = "cancelled"
-    now = time.perf_counter()
-    first_at = first_at or now
-    if not stopper.stopped:
-        detok.finalize()
-        text = stopper.feed(detok.last_segment) + stopper.flush()
-        pending.text += text
-        pending.delta.extend(parser.feed(text))
-    pending.delta.extend(parser.finish())
-    yield Finish(
-        chunk=pending, reason=reason, generated=generated, prompt_tokens=len(prompt.tokens),
-        prompt_ms=(first_at - start) * 1000, generation_ms=(now - first_at) * 1000, calls=parser.calls,
-    )
+    yield decoder.finish(reason)
