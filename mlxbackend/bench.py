@@ -39,12 +39,7 @@ def raw_mlx(model, tokenizer, n_tokens):
 
 def grpc_run(stub, n_tokens):
     """One PredictStream as LocalAI sends it; times measured at the client."""
-    from mlxbackend.proto import backend_pb2 as pb
-
-    request = pb.PredictOptions(
-        Messages=[pb.Message(role="user", content=PROMPT)], UseTokenizerTemplate=True,
-        Tokens=n_tokens, IgnoreEOS=True, Temperature=0,
-    )
+    request = _request(n_tokens)
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -54,6 +49,40 @@ def grpc_run(stub, n_tokens):
             first = last
         tokens = reply.tokens or tokens
     return (first - start) * 1000, (tokens - 1) / (last - first)
+
+
+def grpc_concurrent(stub, n_tokens, concurrency):
+    """Aggregate decode tokens/s of `concurrency` simultaneous streams (first to last token)."""
+    import threading
+
+    spans = []
+
+    def one():
+        first = last = None
+        tokens = 0
+        for reply in stub.PredictStream(_request(n_tokens)):
+            last = time.perf_counter()
+            if first is None and reply.message:
+                first = last
+            tokens = reply.tokens or tokens
+        spans.append((first, last, tokens))
+
+    threads = [threading.Thread(target=one) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start, end = min(s[0] for s in spans), max(s[1] for s in spans)
+    return sum(s[2] - 1 for s in spans) / (end - start)
+
+
+def _request(n_tokens):
+    from mlxbackend.proto import backend_pb2 as pb
+
+    return pb.PredictOptions(
+        Messages=[pb.Message(role="user", content=PROMPT)], UseTokenizerTemplate=True,
+        Tokens=n_tokens, IgnoreEOS=True, Temperature=0,
+    )
 
 
 def llamacpp_run(llm, n_tokens):
@@ -115,6 +144,10 @@ def main(args):
             console.print(f"repeat {i + 1}/{args.repeats}")
             results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens))
             results["gRPC server"].append(grpc_run(stub, args.tokens))
+        concurrency = {}
+        for n in [int(c) for c in args.concurrency.split(",") if c]:
+            console.print(f"concurrency {n}")
+            concurrency[n] = statistics.median(grpc_concurrent(stub, args.tokens, n) for _ in range(args.repeats))
     finally:
         proc.terminate()
         proc.wait(15)
@@ -135,6 +168,14 @@ def main(args):
     for name, (ttft, tps) in med.items():
         table.add_row(name, f"{ttft:.1f}", f"{tps:.1f}")
     console.print(table)
+    if concurrency:
+        agg = Table(title="aggregate decode tok/s through the gRPC server (continuous batching)")
+        agg.add_column("concurrent streams")
+        agg.add_column("aggregate tok/s")
+        agg.add_column("÷ 1 stream")
+        for n, tps in concurrency.items():
+            agg.add_row(str(n), f"{tps:.1f}", f"{tps / concurrency[min(concurrency)]:.2f}")
+        console.print(agg)
     raw, ours = med["raw mlx-lm"], med["gRPC server"]
     console.print(f"gRPC decode ÷ raw = {ours[1] / raw[1]:.3f}; TTFT overhead = {ours[0] - raw[0]:+.1f} ms")
 

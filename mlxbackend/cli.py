@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--llamacpp", action="store_true", help="also time llama-cpp-python on the GGUF")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="aggregate decode at these stream counts")
     p.set_defaults(func=cmd_bench)
     return parser
 

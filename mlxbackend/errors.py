@@ -30,6 +30,12 @@ class OutOfMemory(BackendError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(BackendError):
+    """Admission refused: the request queue is full."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Unsupported(BackendError):
     code = "UNIMPLEMENTED"
 

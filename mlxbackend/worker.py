@@ -1,5 +1,6 @@
-"""The one thread that runs MLX work. Calls run in order; step-wise jobs are advanced
-round-robin one step at a time, so several requests progress and cancellation is prompt.
+"""The one thread that runs MLX work. Calls run in order between steps; steppers (a solo
+generation, a continuous batch) are advanced round-robin, one step each per round, so every
+request progresses and cancellation is seen within a step.
 
 Results cross into asyncio through `loop.call_soon_threadsafe`; the event loop never runs MLX."""
 
@@ -8,23 +9,22 @@ import queue
 import threading
 from concurrent.futures import Future
 
-_DONE = object()
+DONE = object()
 
 
 class Job:
-    """A generator advanced by the worker; its events are read with `async for`."""
+    """One request's event channel, read with `async for` on the event loop."""
 
-    def __init__(self, make_steps, loop: asyncio.AbstractEventLoop):
-        self.make_steps = make_steps
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.steps = None
 
     def cancel(self):
         self.cancelled.set()
 
-    def _put(self, item):
+    def put(self, item):
+        """Called from the worker: an event, an exception, or DONE."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
@@ -35,22 +35,43 @@ class Job:
 
     async def __anext__(self):
         item = await self.events.get()
-        if item is _DONE:
+        if item is DONE:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
         return item
 
 
+class GeneratorStepper:
+    """Advances one generator per step, forwarding what it yields to its job."""
+
+    def __init__(self, job: Job, steps):
+        self.job = job
+        self.steps = steps
+
+    def step(self) -> bool:
+        try:
+            self.job.put(next(self.steps))
+            return True
+        except StopIteration:
+            self.job.put(DONE)
+        except BaseException as exc:
+            self.job.put(exc)
+        return False
+
+    def abort(self):
+        self.job.put(DONE)
+
+
 class Worker:
     def __init__(self, name: str = "mlx-worker"):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.active: list[Job] = []
+        self.active: list = []  # steppers: step() -> keep going?, abort()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def call(self, fn, *args, **kwargs) -> Future:
-        """Run fn on the worker thread, between job steps."""
+        """Run fn on the worker thread, between steps."""
         future: Future = Future()
         self.inbox.put((future, fn, args, kwargs))
         return future
@@ -58,62 +79,52 @@ class Worker:
     async def run(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
 
+    def add(self, stepper):
+        """Worker thread only: start advancing a stepper."""
+        self.active.append(stepper)
+
     def start_job(self, make_steps) -> Job:
-        """make_steps(is_cancelled) is called on the worker and must return an iterator."""
-        job = Job(make_steps, asyncio.get_running_loop())
-        self.inbox.put(job)
+        """make_steps(is_cancelled) runs on the worker and returns an iterator of events."""
+        job = Job(asyncio.get_running_loop())
+
+        def attach():
+            try:
+                self.add(GeneratorStepper(job, iter(make_steps(job.cancelled.is_set))))
+            except BaseException as exc:
+                job.put(exc)
+
+        self.call(attach)
         return job
 
     def busy(self) -> bool:
         return bool(self.active)
 
     def stop(self):
-        for job in list(self.active):
-            job.cancel()
         self.inbox.put(None)
 
     def _loop(self):
         while True:
             try:
-                item = self.inbox.get(block=not self.active, timeout=None)
+                item = self.inbox.get(block=not self.active)
             except queue.Empty:
-                item = _DONE
+                self._round()
+                continue
             if item is None:
-                for job in self.active:
-                    job._put(_DONE)
+                for stepper in self.active:
+                    stepper.abort()
+                self.active.clear()
                 return
-            if item is not _DONE:
-                self._take(item)
-                del item  # hold no reference to finished work (models must be freeable)
-                continue  # drain the inbox before the next round of steps
-            self._round()
+            self._call(*item)
+            del item  # hold no reference to finished work (models must be freeable)
 
-    def _round(self):
-        """One decode step for every active job."""
-        for job in list(self.active):
-            self._advance(job)
-
-    def _take(self, item):
-        if isinstance(item, Job):
-            try:
-                item.steps = iter(item.make_steps(item.cancelled.is_set))
-                self.active.append(item)
-            except BaseException as exc:
-                item._put(exc)
-            return
-        future, fn, args, kwargs = item
+    @staticmethod
+    def _call(future, fn, args, kwargs):
         if future.set_running_or_notify_cancel():
             try:
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def _advance(self, job: Job):
-        try:
-            job._put(next(job.steps))
-        except StopIteration:
-            self.active.remove(job)
-            job._put(_DONE)
-        except BaseException as exc:
-            self.active.remove(job)
-            job._put(exc)
+    def _round(self):
+        """One step for every active stepper; finished ones are dropped."""
+        self.active = [s for s in list(self.active) if s.step()]

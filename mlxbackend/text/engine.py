@@ -4,13 +4,16 @@ import asyncio
 import gc
 from dataclasses import dataclass, field
 
-from mlxbackend.errors import EmptyOutput, NotLoaded
+from mlxbackend.errors import EmptyOutput, NotLoaded, Overloaded
 from mlxbackend.text import chat
+from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
 from mlxbackend.text.parse import Delta
 from mlxbackend.text.sampling import validate
-from mlxbackend.worker import Worker
+from mlxbackend.worker import Job, Worker
+
+DEFAULT_MAX_QUEUE = 1024
 
 
 @dataclass
@@ -34,8 +37,10 @@ class TextEngine:
     def __init__(self, worker: Worker):
         self.worker = worker
         self.current: TextModel | None = None
-        self.caches: dict[int, list] = {}  # live KV caches by job id, for Status
+        self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
+        self.drivers: dict[int, BatchDriver] = {}  # continuous batches by model
         self.last = Metrics()
+        self.inflight = 0  # admitted requests (event-loop side)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def load(self, spec: LoadSpec) -> TextModel:
@@ -67,9 +72,38 @@ class TextEngine:
         token_budget(tm, prompt, req.max_tokens)
         return tm, prompt
 
-    def start(self, tm, prompt, req: GenerationRequest):
-        """Start a generation; iterate the returned job for Chunk events and one Finish."""
+    def admit(self, tm):
+        """Bounded admission: Options max_queue (default 1024, LocalAI's own cap) requests
+        in flight; beyond that RESOURCE_EXHAUSTED instead of an unbounded queue."""
+        limit = int(tm.options.get("max_queue", DEFAULT_MAX_QUEUE))
+        if self.inflight >= limit:
+            raise Overloaded(f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later")
+        self.inflight += 1
 
+    def start(self, tm, prompt, req: GenerationRequest):
+        """Start a generation; iterate the returned job for Chunk events and one Finish.
+
+        Requests join the model's continuous batch; with a draft model they run alone
+        (speculative decoding), interleaved step by step with the batch."""
+        if tm.draft_model is not None:
+            return self._start_solo(tm, prompt, req)
+        job = Job(asyncio.get_running_loop())
+
+        def attach():
+            try:
+                driver = self.drivers.get(id(tm))
+                if driver is None:
+                    driver = BatchDriver(tm, on_close=lambda d: self.drivers.pop(id(d.tm), None))
+                    self.drivers[id(tm)] = driver
+                    self.worker.add(driver)
+                driver.add(job, prompt, req)
+            except BaseException as exc:
+                job.put(exc)
+
+        self.worker.call(attach)
+        return job
+
+    def _start_solo(self, tm, prompt, req: GenerationRequest):
         def steps(is_cancelled):
             key = id(prompt)
             try:
@@ -89,6 +123,7 @@ class TextEngine:
 
     async def complete(self, spec: chat.PromptSpec, req: GenerationRequest) -> Completion:
         tm, prompt = await self.prepare(spec, req)
+        self.admit(tm)
         job = self.start(tm, prompt, req)
         text, delta, logprobs = [], Delta(), []
         try:
@@ -101,6 +136,7 @@ class TextEngine:
                     finish = event
         finally:
             job.cancel()
+            self.inflight -= 1
         self.record(finish)
         full = "".join(text)
         # one delta with the final content, reasoning and every fully parsed tool call
@@ -113,6 +149,7 @@ class TextEngine:
 
     async def stream(self, spec: chat.PromptSpec, req: GenerationRequest):
         tm, prompt = await self.prepare(spec, req)
+        self.admit(tm)
         job = self.start(tm, prompt, req)
         sent = False
         try:
@@ -129,6 +166,7 @@ class TextEngine:
                 yield event
         finally:
             job.cancel()
+            self.inflight -= 1
 
     async def tokenize(self, spec: chat.PromptSpec) -> list:
         tm = self.model()
@@ -147,6 +185,11 @@ class TextEngine:
             if self.current.draft_model is not None:
                 weights += sum(v.nbytes for _, v in tree_flatten(self.current.draft_model.parameters()))
         kv = 0
+        for driver in list(self.drivers.values()):
+            try:
+                kv += driver.nbytes
+            except Exception:  # read while the worker mutates it: an estimate is fine
+                pass
         for cache in list(self.caches.values()):
             for c in cache:
                 try:

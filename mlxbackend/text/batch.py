@@ -1,0 +1,98 @@
+"""Continuous batching: concurrent requests on one model share mlx-lm's BatchGenerator.
+
+Each request keeps its own sampler (own RNG key), logits processors, stop hold-back, parser and
+detokenizer (a `Decoder`); the forward pass of every decode step is shared. Long prompts are
+prefilled in chunks between decode steps, so they do not stall the others."""
+
+from mlxbackend.text.chat import Prompt
+from mlxbackend.text.generate import Decoder, GenerationRequest, token_budget
+from mlxbackend.text.models import TextModel
+from mlxbackend.text.sampling import make_processors, make_sampler
+from mlxbackend.worker import DONE, Job
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class BatchDriver:
+    """A worker stepper owning one BatchGenerator for one loaded model."""
+
+    def __init__(self, tm: TextModel, on_close=None):
+        from mlx_lm.generate import BatchGenerator
+
+        max_batch = int(tm.options.get("max_batch", DEFAULT_MAX_BATCH))
+        self.tm = tm
+        self.on_close = on_close
+        self.gen = BatchGenerator(
+            tm.model,
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(8, max_batch),
+            prefill_step_size=int(tm.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)),
+        )
+        self.requests: dict[int, tuple[Job, Decoder]] = {}
+
+    def add(self, job: Job, prompt: Prompt, req: GenerationRequest):
+        """Worker thread: queue a request into the batch."""
+        from mlx_lm.generate import StopSequences
+
+        tm = self.tm
+        vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
+        decoder = Decoder(tm, prompt, req)
+        stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
+        (uid,) = self.gen.insert(
+            [prompt.tokens],
+            max_tokens=[token_budget(tm, prompt, req.max_tokens)],
+            samplers=[make_sampler(req.sampling, vocab)],
+            logits_processors=[make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids)],
+            stop_sequences=[stops],
+        )
+        self.requests[uid] = (job, decoder)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gen.prompt_cache_nbytes
+
+    def step(self) -> bool:
+        cancelled = [uid for uid, (job, _) in self.requests.items() if job.cancelled.is_set()]
+        if cancelled:
+            self.gen.remove(cancelled)
+            for uid in cancelled:
+                self._close(uid, "cancelled")
+        if not self.requests:
+            self._shutdown()
+            return False
+        try:
+            _, responses = self.gen.next()
+        except Exception as exc:  # e.g. an allocation failure: fail these requests, keep serving
+            for job, _ in self.requests.values():
+                job.put(exc)
+            self.requests.clear()
+            self._shutdown()
+            return False
+        for r in responses:
+            if r.uid not in self.requests:
+                continue
+            job, decoder = self.requests[r.uid]
+            chunk = decoder.add(r.token, r.logprobs)
+            if chunk is not None:
+                job.put(chunk)
+            if decoder.reason or r.finish_reason:
+                if r.finish_reason is None:  # a stop string: leave the batch now
+                    self.gen.remove([r.uid])
+                self._close(r.uid, r.finish_reason)
+        return True
+
+    def _close(self, uid: int, reason):
+        job, decoder = self.requests.pop(uid)
+        job.put(decoder.finish(reason))
+        job.put(DONE)
+
+    def _shutdown(self):
+        self.gen.close()
+        if self.on_close:
+            self.on_close(self)
+
+    def abort(self):
+        for uid in list(self.requests):
+            self._close(uid, "cancelled")
+        self._shutdown()
