@@ -4,6 +4,7 @@ Each request keeps its own sampler (own RNG key), logits processors, stop hold-b
 detokenizer (a `Decoder`); the forward pass of every decode step is shared. Long prompts are
 prefilled in chunks between decode steps, so they do not stall the others."""
 
+from mlxbackend.text import prefix_cache
 from mlxbackend.text.chat import Prompt
 from mlxbackend.text.generate import Decoder, GenerationRequest, token_budget
 from mlxbackend.text.models import TextModel
@@ -39,9 +40,13 @@ class BatchDriver:
         vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
+        cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens)
+        decoder.cached_tokens = len(cached)
         (uid,) = self.gen.insert(
-            [prompt.tokens],
+            [rest],
             max_tokens=[token_budget(tm, prompt, req.max_tokens)],
+            caches=[cache],
+            all_tokens=[cached],
             samplers=[make_sampler(req.sampling, vocab)],
             logits_processors=[make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids)],
             stop_sequences=[stops],
@@ -55,7 +60,7 @@ class BatchDriver:
     def step(self) -> bool:
         cancelled = [uid for uid, (job, _) in self.requests.items() if job.cancelled.is_set()]
         if cancelled:
-            self.gen.remove(cancelled)
+            self._remove(cancelled)
             for uid in cancelled:
                 self._close(uid, "cancelled")
         if not self.requests:
@@ -78,9 +83,16 @@ class BatchDriver:
                 job.put(chunk)
             if decoder.reason or r.finish_reason:
                 if r.finish_reason is None:  # a stop string: leave the batch now
-                    self.gen.remove([r.uid])
+                    self._remove([r.uid])
+                else:
+                    prefix_cache.store(self.tm, r.all_tokens, r.prompt_cache)
                 self._close(r.uid, r.finish_reason)
         return True
+
+    def _remove(self, uids):
+        """Take sequences out of the batch, keeping their KV for later prefixes."""
+        for cache, tokens in self.gen.remove(uids, return_prompt_caches=True).values():
+            prefix_cache.store(self.tm, tokens, cache)
 
     def _close(self, uid: int, reason):
         job, decoder = self.requests.pop(uid)

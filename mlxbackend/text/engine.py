@@ -5,7 +5,7 @@ import gc
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import EmptyOutput, NotLoaded, Overloaded
-from mlxbackend.text import chat
+from mlxbackend.text import chat, prefix_cache
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
@@ -118,7 +118,7 @@ class TextEngine:
         self.last = Metrics(
             tokens_per_second=(finish.generated - 1) / secs if secs > 0 and finish.generated > 1 else 0.0,
             tokens_generated=finish.generated,
-            prompt_tokens=finish.prompt_tokens,
+            prompt_tokens=finish.prompt_tokens - finish.cached,  # actually prefilled
         )
 
     async def complete(self, spec: chat.PromptSpec, req: GenerationRequest) -> Completion:
@@ -196,9 +196,10 @@ class TextEngine:
                     kv += c.nbytes
                 except Exception:
                     pass
+        cached = prefix_cache.nbytes(self.current)
         active = mx.get_active_memory() + mx.get_cache_memory()
-        other = max(active - weights - kv, 0)
-        return {"weights": weights, "kv_cache": kv, "other": other}
+        other = max(active - weights - kv - cached, 0)
+        return {"weights": weights, "kv_cache": kv, "prompt_cache": cached, "other": other}
 
     def metadata(self) -> dict:
         tm = self.model()

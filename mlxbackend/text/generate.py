@@ -44,6 +44,7 @@ class Finish:
     prompt_ms: float
     generation_ms: float
     calls: list  # fully parsed tool calls
+    cached: int = 0  # prompt tokens served from the prefix cache (not prefilled)
 
 
 class Cancelled(Exception):
@@ -120,6 +121,7 @@ class Decoder:
         self.start = time.perf_counter()
         self.first_at = None
         self.generated = 0
+        self.cached_tokens = 0
         self.reason = None  # set once the request is over
         self.pending = Chunk()
         if prompt.assistant_prefix:
@@ -166,7 +168,7 @@ class Decoder:
         return Finish(
             chunk=self.pending, reason=reason, generated=self.generated, prompt_tokens=self.prompt_tokens,
             prompt_ms=(first_at - self.start) * 1000, generation_ms=(now - first_at) * 1000,
-            calls=self.parser.calls,
+            calls=self.parser.calls, cached=self.cached_tokens,
         )
 
 

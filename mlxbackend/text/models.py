@@ -34,6 +34,7 @@ class TextModel:
     context_size: int
     draft_model: object = None
     options: dict = field(default_factory=dict)
+    prompt_cache: object = None  # token-prefix KV reuse across requests (text/prefix_cache.py)
 
 
 def _is_model_dir(path: Path) -> bool:
