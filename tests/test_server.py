@@ -272,3 +272,12 @@ def test_load_gguf_file_directly(tmp_path):
         assert "Paris" in answer.message.decode()
     finally:
         srv.stop()
+
+
+def test_model_that_cannot_fit_is_refused(trained_dir, server):
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=2_000_000_000))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ContextSize" in err.value.details() and "GiB" in err.value.details()
+    assert server.healthy()
+    assert server.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=4096)).success

@@ -1,10 +1,12 @@
 """Resolve LocalAI's model fields to a folder and load it (with adapters and a draft model)."""
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound
+from mlxbackend.text.memory import check_fits
 
 DEFAULT_CONTEXT = 4096
 
@@ -92,8 +94,6 @@ def _join(path: str, model_path: str) -> str:
 
 def _fix_config(path: Path) -> dict:
     """Config overrides for known traps: transformers 5 nests rope_theta (field notes §4)."""
-    import json
-
     config = json.loads((path / "config.json").read_text())
     overrides = {}
     rope = config.get("rope_parameters")
@@ -131,6 +131,10 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         path = _gguf_to_mlx_cache(path, spec.model_path)
     if not _is_model_dir(path):
         raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
+    raw_config = json.loads((path / "config.json").read_text())
+    context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    if spec.options.get("memory_check", True) is not False:
+        check_fits(path, raw_config, int(context))
     model, tokenizer, config = load(
         str(path),
         model_config=_fix_config(path),
@@ -152,7 +156,6 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(draft_path))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
-    context = spec.context_size or config.get("max_position_embeddings") or DEFAULT_CONTEXT
     return TextModel(model, tokenizer, config, path, int(context), draft, dict(spec.options))
 
 

@@ -1,0 +1,55 @@
+"""Will a model fit? Weights (file sizes) + KV cache for ContextSize vs the memory available."""
+
+import os
+import sys
+from pathlib import Path
+
+from mlxbackend.errors import OutOfMemory
+
+HEADROOM = 0.9  # leave a little for activations, the tokenizer and the process itself
+
+
+def available_bytes() -> int:
+    """Memory this process can still use: MemAvailable on Linux; the GPU working set on a Mac."""
+    if sys.platform == "darwin":
+        import mlx.core as mx
+
+        info = mx.device_info()
+        if "max_recommended_working_set_size" in info:
+            return int(info["max_recommended_working_set_size"]) - mx.get_active_memory()
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_bytes(config: dict, context: int, dtype_bytes: int) -> int:
+    """KV cache of one sequence filling `context` tokens."""
+    text = config.get("text_config", config)
+    layers = text.get("num_hidden_layers") or text.get("n_layer") or 0
+    heads = text.get("num_attention_heads") or 1
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads)
+    return 2 * layers * kv_heads * head_dim * context * dtype_bytes
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def check_fits(path: Path, config: dict, context: int):
+    """Raise OutOfMemory (RESOURCE_EXHAUSTED) when weights + KV for `context` cannot fit."""
+    weights = weights_bytes(path)
+    dtype_bytes = 2 if str(config.get("torch_dtype", "")).endswith(("16",)) else 4
+    kv = kv_bytes(config, context, dtype_bytes)
+    free = available_bytes()
+    if weights + kv > HEADROOM * free:
+        raise OutOfMemory(
+            f"model does not fit: weights {weights / 2**30:.2f} GiB + KV cache for ContextSize "
+            f"{context} {kv / 2**30:.2f} GiB > {HEADROOM:.0%} of available memory "
+            f"{free / 2**30:.2f} GiB; lower ContextSize or use a smaller/quantized model"
+        )
