@@ -85,6 +85,36 @@ def _request(n_tokens):
     )
 
 
+HISTORY = " ".join(
+    f"Note {i}: the lighthouse on the northern cape was repainted in spring, and the keeper logged "
+    f"ships, storms and birds in a leather book." for i in range(40)
+)
+
+
+def multi_turn(stub):
+    """TTFT of turn 1 (~1k tokens of fresh history) and of turn 2 (same history + one turn)."""
+    from mlxbackend.proto import backend_pb2 as pb
+
+    def ttft(messages):
+        request = pb.PredictOptions(
+            Messages=[pb.Message(role=r, content=c) for r, c in messages], UseTokenizerTemplate=True,
+            Tokens=16, Temperature=0,
+        )
+        start = time.perf_counter()
+        first, text = None, b""
+        for reply in stub.PredictStream(request):
+            if first is None and reply.message:
+                first = time.perf_counter()
+            text += reply.message
+        return (first - start) * 1000, text.decode()
+
+    salt = str(time.perf_counter_ns())  # a fresh prefix: turn 1 is a cold prefill
+    turn1 = [("system", salt + " " + HISTORY), ("user", "Summarise the notes in one sentence.")]
+    t1, answer = ttft(turn1)
+    t2, _ = ttft(turn1 + [("assistant", answer), ("user", "Which season was it painted?")])
+    return t1, t2
+
+
 def llamacpp_run(llm, n_tokens):
     messages = [{"role": "user", "content": PROMPT}]
     llm.reset()  # no prefix reuse between repeats: a cold prefill like the others
@@ -144,6 +174,8 @@ def main(args):
             console.print(f"repeat {i + 1}/{args.repeats}")
             results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens))
             results["gRPC server"].append(grpc_run(stub, args.tokens))
+        console.print("multi-turn")
+        turns = [multi_turn(stub) for _ in range(args.repeats)]
         concurrency = {}
         for n in [int(c) for c in args.concurrency.split(",") if c]:
             console.print(f"concurrency {n}")
@@ -176,6 +208,8 @@ def main(args):
         for n, tps in concurrency.items():
             agg.add_row(str(n), f"{tps:.1f}", f"{tps / concurrency[min(concurrency)]:.2f}")
         console.print(agg)
+    t1, t2 = statistics.median(t for t, _ in turns), statistics.median(t for _, t in turns)
+    console.print(f"multi-turn TTFT: turn 1 {t1:.0f} ms (~1k tokens), turn 2 {t2:.0f} ms, ratio {t2 / t1:.3f}")
     raw, ours = med["raw mlx-lm"], med["gRPC server"]
     console.print(f"gRPC decode ÷ raw = {ours[1] / raw[1]:.3f}; TTFT overhead = {ours[0] - raw[0]:+.1f} ms")
 

@@ -194,6 +194,7 @@ def text_request(request):
     req = GenerationRequest(
         sampling=sampling, max_tokens=request.Tokens, stop=list(request.StopPrompts),
         logprobs=request.Logprobs, top_logprobs=max(request.TopLogprobs, 0), num_draft=request.NDraft,
+        grammar=request.Grammar, json_schema=request.Metadata.get("json_schema", ""),
     )
     return spec, req
 

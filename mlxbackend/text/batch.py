@@ -48,7 +48,7 @@ class BatchDriver:
             caches=[cache],
             all_tokens=[cached],
             samplers=[make_sampler(req.sampling, vocab)],
-            logits_processors=[make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids)],
+            logits_processors=[make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint)],
             stop_sequences=[stops],
         )
         self.requests[uid] = (job, decoder)

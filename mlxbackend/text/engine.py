@@ -70,6 +70,13 @@ class TextEngine:
         validate(req.sampling)
         prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
         token_budget(tm, prompt, req.max_tokens)
+        schema = req.json_schema or str(tm.options.get("json_schema", ""))
+        if req.grammar or schema:
+            from mlxbackend.text.grammar import make_constraint
+
+            req.constraint = await asyncio.to_thread(
+                make_constraint, tm.tokenizer, req.grammar, "" if req.grammar else schema
+            )
         return tm, prompt
 
     def admit(self, tm):

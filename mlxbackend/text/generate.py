@@ -22,6 +22,9 @@ class GenerationRequest:
     logprobs: int = 0  # > 0: report logprobs
     top_logprobs: int = 0
     num_draft: int = 0
+    grammar: str = ""  # llama.cpp GBNF (or Lark), enforced while sampling
+    json_schema: str = ""  # a JSON schema, enforced the same way
+    constraint: object = None  # built from grammar/json_schema by the engine (text/grammar.py)
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
 
     vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
     sampler = make_sampler(req.sampling, vocab)
-    processors = make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids)
+    processors = make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint)
 
     def check(_done, _total):
         if is_cancelled():

@@ -81,8 +81,9 @@ def make_sampler(p: SamplingParams, vocab_size: int):
     return sampler
 
 
-def make_processors(p: SamplingParams, vocab_size: int, eos_ids):
-    """Logit bias, repeat/presence/frequency penalties (mlx-lm's), and IgnoreEOS."""
+def make_processors(p: SamplingParams, vocab_size: int, eos_ids, constraint=None):
+    """Logit bias, repeat/presence/frequency penalties (mlx-lm's), IgnoreEOS, and a grammar
+    constraint last, so that nothing re-allows a token the grammar forbids."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_logits_processors
 
@@ -103,4 +104,6 @@ def make_processors(p: SamplingParams, vocab_size: int, eos_ids):
             return logits.at[:, eos].add(-mx.inf)
 
         processors.append(block_eos)
+    if constraint is not None:
+        processors.append(constraint.processor)
     return processors
