@@ -172,6 +172,10 @@ async def serve(addr: str, model: str = "", options=()):
         asyncio.ensure_future(_preload(servicer, model, options))
     await stop.wait()
     print("mlxbackend: shutting down", file=sys.stderr, flush=True)
+    try:
+        await asyncio.wait_for(servicer.text.persist(), timeout=8)
+    except Exception as exc:  # never block the exit LocalAI waits for (15 s to SIGKILL)
+        print(f"mlxbackend: prompt cache not saved: {exc}", file=sys.stderr, flush=True)
     servicer.worker.stop()
     await server.stop(grace=3)
     servicer.worker.thread.join(timeout=5)

@@ -75,3 +75,25 @@ def test_tool_conversation_cached_equals_uncached(trained_server):
     first = trained_server.stub.Predict(req)
     second = trained_server.stub.Predict(req)
     assert first.message == second.message and second.chat_deltas[0].tool_calls[0].name == "get_weather"
+
+
+def test_persistent_cache_survives_restart(trained_dir, tmp_path):
+    options = [f"prompt_cache_dir:{tmp_path / 'kv'}"]
+    request = turn(HISTORY)
+    first = Server()
+    try:
+        first.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=options))
+        original = first.stub.Predict(request)
+    finally:
+        first.stop()  # SIGTERM: the cache is saved on the way out
+    assert list((tmp_path / "kv").glob("*.safetensors"))
+    second = Server()
+    try:
+        second.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=options))
+        again = second.stub.Predict(request)
+        assert again.message == original.message
+        assert second.stub.GetMetrics(pb.MetricsRequest()).prompt_tokens_processed == 1  # restored hit
+        second.stub.Free(pb.HealthMessage())  # Free saves too; nothing half-written is left
+        assert not list((tmp_path / "kv").glob(".*"))
+    finally:
+        second.stop()

@@ -48,10 +48,15 @@ class TextEngine:
         self.current = tm  # requests in flight keep the model they started with
         return tm
 
+    async def persist(self):
+        """Save the prefix cache to Options prompt_cache_dir, if set (Free, shutdown)."""
+        await self.worker.run(prefix_cache.persist, self.current)
+
     async def free(self):
         def drop():
             import mlx.core as mx
 
+            prefix_cache.persist(self.current)
             self.current = None
             gc.collect()
             mx.clear_cache()

@@ -37,6 +37,7 @@ class TextModel:
     draft_model: object = None
     options: dict = field(default_factory=dict)
     prompt_cache: object = None  # token-prefix KV reuse across requests (text/prefix_cache.py)
+    adapters: list = field(default_factory=list)  # (path, scale) applied at load
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -156,7 +157,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(draft_path))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
-    return TextModel(model, tokenizer, config, path, int(context), draft, dict(spec.options))
+    return TextModel(model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters)
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:

@@ -1,7 +1,13 @@
 """Token-prefix KV reuse across requests, on mlx-lm's LRUPromptCache (bounded in bytes, LRU).
 
 A multi-turn chat prefills only what is new; an exact hit re-feeds only its last token (the
-cache is trimmed by one so the model still produces fresh logits)."""
+cache is trimmed by one so the model still produces fresh logits). With Options
+`prompt_cache_dir`, entries are saved there on Free and shutdown and restored at the next load."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 from mlxbackend.text.models import TextModel
 
@@ -20,6 +26,7 @@ def cache_for(tm: TextModel):
             max_size=int(tm.options.get("prompt_cache_entries", DEFAULT_ENTRIES)),
             max_bytes=int(tm.options.get("prompt_cache_bytes", DEFAULT_BYTES)),
         )
+        restore(tm)
     return tm.prompt_cache
 
 
@@ -50,3 +57,67 @@ def store(tm: TextModel, tokens: list, cache):
 
 def nbytes(tm: TextModel | None) -> int:
     return tm.prompt_cache.nbytes if tm is not None and tm.prompt_cache is not None else 0
+
+
+def _fingerprint(tm: TextModel) -> str:
+    """What the cached KV depends on: the weights folder and the adapters applied."""
+    return json.dumps([str(tm.path), [list(a) for a in tm.adapters]])
+
+
+def _folder(tm: TextModel):
+    folder = tm.options.get("prompt_cache_dir")
+    return Path(str(folder)) if folder else None
+
+
+def persist(tm: TextModel | None):
+    """Save the cache's entries to `prompt_cache_dir` (one file each, written atomically)."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    folder = _folder(tm) if tm is not None else None
+    if folder is None or tm.prompt_cache is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    lru, fingerprint, kept = tm.prompt_cache, _fingerprint(tm), set()
+    for entries in lru._lru._lrus.values():
+        for model, tokens in list(entries):
+            name = hashlib.sha1(f"{fingerprint}{tokens}".encode()).hexdigest() + ".safetensors"
+            kept.add(name)
+            if (folder / name).exists():
+                continue
+            tmp = folder / f".{name}.tmp.safetensors"
+            meta = {"fingerprint": fingerprint, "tokens": json.dumps(list(tokens))}
+            save_prompt_cache(str(tmp), lru._trie.get(model, tokens).prompt_cache, meta)
+            os.replace(tmp, folder / name)
+    for old in folder.glob("*.safetensors"):
+        if old.name not in kept and not old.name.startswith("."):
+            try:
+                meta_matches = _read_meta(old).get("fingerprint") == fingerprint
+            except Exception:
+                meta_matches = False
+            if meta_matches:
+                old.unlink()  # evicted since it was saved
+
+
+def _read_meta(path: Path) -> dict:
+    import mlx.core as mx
+
+    return mx.load(str(path), return_metadata=True)[1]
+
+
+def restore(tm: TextModel):
+    """Load this model's saved entries from `prompt_cache_dir`."""
+    from mlx_lm.models.cache import load_prompt_cache
+
+    folder = _folder(tm)
+    if folder is None or not folder.is_dir():
+        return
+    fingerprint = _fingerprint(tm)
+    for path in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+        if path.name.startswith("."):
+            continue
+        try:
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        except Exception:
+            continue  # unreadable: ignore, it will be replaced
+        if meta.get("fingerprint") == fingerprint:
+            tm.prompt_cache.insert_cache(id(tm), json.loads(meta["tokens"]), cache)
