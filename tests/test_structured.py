@@ -80,3 +80,8 @@ def test_bad_grammar_invalid_argument(random_server, fields):
         random_server.stub.Predict(ask(**fields))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert random_server.healthy()
+
+
+def test_grammar_overrides_ignore_eos(random_server):
+    reply = random_server.stub.Predict(ask(Grammar='root ::= ("yes" | "no")', IgnoreEOS=True, Tokens=50))
+    assert reply.message.decode() in ("yes", "no")

@@ -18,11 +18,12 @@ DEFAULT_PREFILL_CHUNK = 512
 class BatchDriver:
     """A worker stepper owning one BatchGenerator for one loaded model."""
 
-    def __init__(self, tm: TextModel, on_close=None):
+    def __init__(self, tm: TextModel, adapter=None, on_close=None):
         from mlx_lm.generate import BatchGenerator
 
         max_batch = int(tm.options.get("max_batch", DEFAULT_MAX_BATCH))
         self.tm = tm
+        self.adapter = adapter  # every request of this batch uses this LoRA adapter (or none)
         self.on_close = on_close
         self.gen = BatchGenerator(
             tm.model,
@@ -40,7 +41,7 @@ class BatchDriver:
         vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
-        cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens)
+        cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
         decoder.cached_tokens = len(cached)
         (uid,) = self.gen.insert(
             [rest],
@@ -66,6 +67,8 @@ class BatchDriver:
         if not self.requests:
             self._shutdown()
             return False
+        if self.tm.switch is not None:
+            self.tm.switch.active = self.adapter
         try:
             _, responses = self.gen.next()
         except Exception as exc:  # e.g. an allocation failure: fail these requests, keep serving
@@ -85,14 +88,14 @@ class BatchDriver:
                 if r.finish_reason is None:  # a stop string: leave the batch now
                     self._remove([r.uid])
                 else:
-                    prefix_cache.store(self.tm, r.all_tokens, r.prompt_cache)
+                    prefix_cache.store(self.tm, r.all_tokens, r.prompt_cache, self.adapter)
                 self._close(r.uid, r.finish_reason)
         return True
 
     def _remove(self, uids):
         """Take sequences out of the batch, keeping their KV for later prefixes."""
         for cache, tokens in self.gen.remove(uids, return_prompt_caches=True).values():
-            prefix_cache.store(self.tm, tokens, cache)
+            prefix_cache.store(self.tm, tokens, cache, self.adapter)
 
     def _close(self, uid: int, reason):
         job, decoder = self.requests.pop(uid)

@@ -38,7 +38,7 @@ class TextEngine:
         self.worker = worker
         self.current: TextModel | None = None
         self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
-        self.drivers: dict[int, BatchDriver] = {}  # continuous batches by model
+        self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
         self.inflight = 0  # admitted requests (event-loop side)
 
@@ -75,6 +75,10 @@ class TextEngine:
         validate(req.sampling)
         prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
         token_budget(tm, prompt, req.max_tokens)
+        if tm.switch is not None or spec.metadata.get("lora"):
+            from mlxbackend.text.adapters import requested
+
+            req.adapter = requested(spec.metadata, tm.switch, tm.adapter_names)
         schema = req.json_schema or str(tm.options.get("json_schema", ""))
         if req.grammar or schema:
             from mlxbackend.text.grammar import make_constraint
@@ -82,6 +86,7 @@ class TextEngine:
             req.constraint = await asyncio.to_thread(
                 make_constraint, tm.tokenizer, req.grammar, "" if req.grammar else schema
             )
+            req.sampling.ignore_eos = False  # a complete grammar allows only EOS: it must end
         return tm, prompt
 
     def admit(self, tm):
@@ -103,10 +108,11 @@ class TextEngine:
 
         def attach():
             try:
-                driver = self.drivers.get(id(tm))
+                key = (id(tm), req.adapter)  # one continuous batch per model and LoRA adapter
+                driver = self.drivers.get(key)
                 if driver is None:
-                    driver = BatchDriver(tm, on_close=lambda d: self.drivers.pop(id(d.tm), None))
-                    self.drivers[id(tm)] = driver
+                    driver = BatchDriver(tm, req.adapter, on_close=lambda d: self.drivers.pop(key, None))
+                    self.drivers[key] = driver
                     self.worker.add(driver)
                 driver.add(job, prompt, req)
             except BaseException as exc:

@@ -25,6 +25,7 @@ class GenerationRequest:
     grammar: str = ""  # llama.cpp GBNF (or Lark), enforced while sampling
     json_schema: str = ""  # a JSON schema, enforced the same way
     constraint: object = None  # built from grammar/json_schema by the engine (text/grammar.py)
+    adapter: str | None = None  # hot-swapped LoRA adapter (Metadata "lora"), None = base model
 
 
 @dataclass
@@ -101,11 +102,23 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
             max_tokens=budget, sampler=sampler, logits_processors=processors,
             prompt_cache=cache + make_prompt_cache(tm.draft_model),
         )
-        return ((tok, lp) for tok, lp, _ in steps)
-    return generate_step(
+        return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
+    return _with_adapter(tm, req.adapter, generate_step(
         tokens, tm.model, max_tokens=budget, sampler=sampler, logits_processors=processors,
         prompt_cache=cache, prompt_progress_callback=check,
-    )
+    ))
+
+
+def _with_adapter(tm: TextModel, adapter, steps):
+    """Activate this request's LoRA adapter before each step (others may run in between)."""
+    while True:
+        if tm.switch is not None:
+            tm.switch.active = adapter
+        try:
+            item = next(steps)
+        except StopIteration:
+            return
+        yield item
 
 
 class Decoder:

@@ -37,7 +37,9 @@ class TextModel:
     draft_model: object = None
     options: dict = field(default_factory=dict)
     prompt_cache: object = None  # token-prefix KV reuse across requests (text/prefix_cache.py)
-    adapters: list = field(default_factory=list)  # (path, scale) applied at load
+    adapters: list = field(default_factory=list)  # (path, scale) fused at load
+    switch: object = None  # hot-swappable LoRA adapters (text/adapters.py), or None
+    adapter_names: tuple = ()
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -151,13 +153,24 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     adapters = [(_join(p, spec.model_path), s) for p, s in spec.lora_adapters if p]
     if adapters:
         _apply_adapters(model, adapters)
+    hot = {}
+    if any(k.startswith("lora.") for k in spec.options):
+        from mlxbackend.text.adapters import declared, install
+
+        hot = declared(spec.options, spec.model_path)
+        switch = install(model, hot)
+    else:
+        switch = None
     draft = None
     if spec.draft_model:
         draft_path = resolve_model_path(spec.draft_model, "", spec.model_path)
         draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(draft_path))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
-    return TextModel(model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters)
+    return TextModel(
+        model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters,
+        switch=switch, adapter_names=tuple(hot),
+    )
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:

@@ -30,14 +30,14 @@ def cache_for(tm: TextModel):
     return tm.prompt_cache
 
 
-def fetch(tm: TextModel, tokens: list):
+def fetch(tm: TextModel, tokens: list, adapter=None):
     """(kv cache or None, tokens already in it, tokens still to prefill — never empty)."""
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     lru = cache_for(tm)
     if lru is None:
         return None, [], tokens
-    cache, rest = lru.fetch_nearest_cache(id(tm), tokens)
+    cache, rest = lru.fetch_nearest_cache(adapter or "", tokens)
     if cache is None:
         return None, [], tokens
     if not rest:  # exact hit: re-feed the last token
@@ -48,20 +48,21 @@ def fetch(tm: TextModel, tokens: list):
     return cache, tokens[: len(tokens) - len(rest)], rest
 
 
-def store(tm: TextModel, tokens: list, cache):
-    """Keep a finished request's KV (its prompt and reply) for later prefixes."""
+def store(tm: TextModel, tokens: list, cache, adapter=None):
+    """Keep a finished request's KV (its prompt and reply) for later prefixes; entries are
+    keyed by the LoRA adapter that produced them ("" = the base model)."""
     lru = cache_for(tm)
     if lru is not None and cache and tokens:
-        lru.insert_cache(id(tm), list(tokens), cache)
+        lru.insert_cache(adapter or "", list(tokens), cache)
 
 
 def nbytes(tm: TextModel | None) -> int:
     return tm.prompt_cache.nbytes if tm is not None and tm.prompt_cache is not None else 0
 
 
-def _fingerprint(tm: TextModel) -> str:
-    """What the cached KV depends on: the weights folder and the adapters applied."""
-    return json.dumps([str(tm.path), [list(a) for a in tm.adapters]])
+def _fingerprint(tm: TextModel, adapter: str) -> str:
+    """What the cached KV depends on: the weights, the fused adapters, the hot-swapped one."""
+    return json.dumps([str(tm.path), [list(a) for a in tm.adapters], adapter])
 
 
 def _folder(tm: TextModel):
@@ -77,21 +78,23 @@ def persist(tm: TextModel | None):
     if folder is None or tm.prompt_cache is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    lru, fingerprint, kept = tm.prompt_cache, _fingerprint(tm), set()
+    lru, kept = tm.prompt_cache, set()
     for entries in lru._lru._lrus.values():
         for model, tokens in list(entries):
+            fingerprint = _fingerprint(tm, model)
             name = hashlib.sha1(f"{fingerprint}{tokens}".encode()).hexdigest() + ".safetensors"
             kept.add(name)
             if (folder / name).exists():
                 continue
             tmp = folder / f".{name}.tmp.safetensors"
-            meta = {"fingerprint": fingerprint, "tokens": json.dumps(list(tokens))}
+            meta = {"fingerprint": fingerprint, "adapter": model, "tokens": json.dumps(list(tokens))}
             save_prompt_cache(str(tmp), lru._trie.get(model, tokens).prompt_cache, meta)
             os.replace(tmp, folder / name)
     for old in folder.glob("*.safetensors"):
         if old.name not in kept and not old.name.startswith("."):
             try:
-                meta_matches = _read_meta(old).get("fingerprint") == fingerprint
+                meta = _read_meta(old)
+                meta_matches = meta.get("fingerprint") == _fingerprint(tm, meta.get("adapter", ""))
             except Exception:
                 meta_matches = False
             if meta_matches:
@@ -111,7 +114,6 @@ def restore(tm: TextModel):
     folder = _folder(tm)
     if folder is None or not folder.is_dir():
         return
-    fingerprint = _fingerprint(tm)
     for path in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
         if path.name.startswith("."):
             continue
@@ -119,5 +121,6 @@ def restore(tm: TextModel):
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
         except Exception:
             continue  # unreadable: ignore, it will be replaced
-        if meta.get("fingerprint") == fingerprint:
-            tm.prompt_cache.insert_cache(id(tm), json.loads(meta["tokens"]), cache)
+        adapter = meta.get("adapter", "")
+        if meta.get("fingerprint") == _fingerprint(tm, adapter):
+            tm.prompt_cache.insert_cache(adapter, json.loads(meta["tokens"]), cache)
