@@ -24,7 +24,7 @@ def random_server(tiny_dir):
 def ask(**kw):
     return pb.PredictOptions(
         Messages=[pb.Message(role="user", content="Reply with JSON.")], UseTokenizerTemplate=True,
-        Tokens=300, **kw,
+        **{"Tokens": 300, **kw},
     )
 
 
