@@ -13,13 +13,18 @@ from pathlib import Path
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def _chat_tokens(tokenizer):
+def _prompt(salt) -> str:
+    """A prompt no earlier run has seen, so the prefix cache cannot shorten the prefill."""
+    return f"[{salt}] {PROMPT}"
+
+
+def _chat_tokens(tokenizer, salt):
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True
+        [{"role": "user", "content": _prompt(salt)}], add_generation_prompt=True, tokenize=True
     )
 
 
-def raw_mlx(model, tokenizer, n_tokens):
+def raw_mlx(model, tokenizer, n_tokens, salt=0):
     """One run of mlx-lm's stream_generate; EOS blocked so every run decodes n_tokens."""
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
@@ -29,7 +34,7 @@ def raw_mlx(model, tokenizer, n_tokens):
     start = time.perf_counter()
     first = last = None
     count = 0
-    for response in stream_generate(model, tokenizer, _chat_tokens(tokenizer), max_tokens=n_tokens, logits_processors=block):
+    for response in stream_generate(model, tokenizer, _chat_tokens(tokenizer, salt), max_tokens=n_tokens, logits_processors=block):
         last = time.perf_counter()
         if first is None and response.text:  # first visible text, as for the server
             first = last
@@ -37,9 +42,9 @@ def raw_mlx(model, tokenizer, n_tokens):
     return (first - start) * 1000, (count - 1) / (last - first)
 
 
-def grpc_run(stub, n_tokens):
+def grpc_run(stub, n_tokens, salt=0):
     """One PredictStream as LocalAI sends it; times measured at the client."""
-    request = _request(n_tokens)
+    request = _request(n_tokens, salt)
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -57,17 +62,17 @@ def grpc_concurrent(stub, n_tokens, concurrency):
 
     spans = []
 
-    def one():
+    def one(k):
         first = last = None
         tokens = 0
-        for reply in stub.PredictStream(_request(n_tokens)):
+        for reply in stub.PredictStream(_request(n_tokens, f"c{concurrency}-{k}-{time.perf_counter_ns()}")):
             last = time.perf_counter()
             if first is None and reply.message:
                 first = last
             tokens = reply.tokens or tokens
         spans.append((first, last, tokens))
 
-    threads = [threading.Thread(target=one) for _ in range(concurrency)]
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -76,11 +81,11 @@ def grpc_concurrent(stub, n_tokens, concurrency):
     return sum(s[2] - 1 for s in spans) / (end - start)
 
 
-def _request(n_tokens):
+def _request(n_tokens, salt):
     from mlxbackend.proto import backend_pb2 as pb
 
     return pb.PredictOptions(
-        Messages=[pb.Message(role="user", content=PROMPT)], UseTokenizerTemplate=True,
+        Messages=[pb.Message(role="user", content=_prompt(salt))], UseTokenizerTemplate=True,
         Tokens=n_tokens, IgnoreEOS=True, Temperature=0,
     )
 
@@ -115,8 +120,8 @@ def multi_turn(stub):
     return t1, t2
 
 
-def llamacpp_run(llm, n_tokens):
-    messages = [{"role": "user", "content": PROMPT}]
+def llamacpp_run(llm, n_tokens, salt=0):
+    messages = [{"role": "user", "content": _prompt(salt)}]
     llm.reset()  # no prefix reuse between repeats: a cold prefill like the others
     start = time.perf_counter()
     first = last = None
@@ -169,11 +174,11 @@ def main(args):
     proc, stub = _serve(model_dir)
     results = {"raw mlx-lm": [], "gRPC server": [], "llama.cpp": []}
     try:
-        raw_mlx(model, tokenizer, 8), grpc_run(stub, 8)  # warm-up
+        raw_mlx(model, tokenizer, 8, "warm"), grpc_run(stub, 8, "warm")
         for i in range(args.repeats):
             console.print(f"repeat {i + 1}/{args.repeats}")
-            results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens))
-            results["gRPC server"].append(grpc_run(stub, args.tokens))
+            results["raw mlx-lm"].append(raw_mlx(model, tokenizer, args.tokens, i))
+            results["gRPC server"].append(grpc_run(stub, args.tokens, i))
         console.print("multi-turn")
         turns = [multi_turn(stub) for _ in range(args.repeats)]
         concurrency = {}
@@ -189,8 +194,8 @@ def main(args):
             from llama_cpp import Llama
 
             llm = Llama(str(bundled_gguf()), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-            llamacpp_run(llm, 8)
-            results["llama.cpp"] = [llamacpp_run(llm, args.tokens) for _ in range(args.repeats)]
+            llamacpp_run(llm, 8, "warm")
+            results["llama.cpp"] = [llamacpp_run(llm, args.tokens, i) for i in range(args.repeats)]
         except ImportError:
             console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
     table = Table(title=f"{model_dir.name}, {args.tokens} tokens, median of {args.repeats} ({machine()})")

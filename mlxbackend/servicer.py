@@ -46,7 +46,8 @@ def status_of(exc: BaseException) -> tuple:
     """(grpc.StatusCode, message) for an exception from capability code."""
     if isinstance(exc, BackendError):
         return getattr(grpc.StatusCode, exc.code), str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(k in text for k in ("out of memory", "unable to allocate", "[malloc")):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
