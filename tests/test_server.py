@@ -183,6 +183,18 @@ def test_draft_model_same_greedy_output(trained_dir):
         drafted = srv.stub.Predict(pb.PredictOptions(**{**_fields(chat_req), "NDraft": 4}))
         assert drafted.message == plain_chat.message
         assert drafted.chat_deltas[0].tool_calls[0].name == plain_chat.chat_deltas[0].tool_calls[0].name
+        # concurrent requests: the first alone speculates, the others join the batch; same text
+        got = {}
+
+        def call(i):
+            got[i] = greedy(srv.stub, 150)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(v == plain for v in got.values())
     finally:
         srv.stop()
 

@@ -100,9 +100,10 @@ class TextEngine:
     def start(self, tm, prompt, req: GenerationRequest):
         """Start a generation; iterate the returned job for Chunk events and one Finish.
 
-        Requests join the model's continuous batch; with a draft model they run alone
-        (speculative decoding), interleaved step by step with the batch."""
-        if tm.draft_model is not None:
+        Requests join the model's continuous batch. With a draft model, a request that arrives
+        alone runs speculative decoding by itself; while others are in flight it joins the batch
+        (batching beats speculation once there is company)."""
+        if tm.draft_model is not None and self.inflight <= 1:
             return self._start_solo(tm, prompt, req)
         job = Job(asyncio.get_running_loop())
 
