@@ -33,13 +33,6 @@ def bundled_gguf() -> Path:
     )
 
 
-def __getattr__(name):
-    # ``BUNDLED_GGUF`` is resolved lazily so importing this module never fails.
-    if name == "BUNDLED_GGUF":
-        return bundled_gguf()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def is_model_folder(folder: Path) -> bool:
     """True if ``folder`` looks like a complete converted model."""
     folder = Path(folder)

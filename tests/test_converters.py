@@ -350,5 +350,5 @@ def test_ensure_default_model_atomic(tmp_path, gguf, monkeypatch):
 
 
 def test_bundled_gguf_lookup(gguf):
-    assert default_model.BUNDLED_GGUF == gguf
+    assert default_model.bundled_gguf() == gguf
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.stat().st_size > 50_000_000
