@@ -122,3 +122,26 @@ def _wait_idle(srv, timeout=10):
     while srv.stub.Status(pb.HealthMessage()).state != pb.StatusResponse.READY:
         assert time.time() < deadline, "work kept running after every stream was cancelled"
         time.sleep(0.05)
+
+
+def test_request_that_cannot_fit_is_refused_alone(trained_dir):
+    """KV reservations: a request whose worst-case KV exceeds what is left fails on its own
+    (RESOURCE_EXHAUSTED) while the running one continues and small ones are still served."""
+    srv = Server()
+    try:
+        # tiny model: 768 bytes of KV per token; room for one 2000-token request
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=20000,
+                                           Options=["max_kv_bytes:2000000"]))
+        long = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, IgnoreEOS=True, Tokens=2000)
+        running = srv.stub.PredictStream(long)
+        next(running)
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Predict(long)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MiB" in err.value.details()
+        small = srv.stub.Predict(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=20))
+        assert tm.COMPLETION_TEXT.startswith(small.message.decode())
+        rest = list(running)
+        assert rest[-1].tokens == 2000  # the running request was not disturbed
+        assert srv.stub.Predict(long).tokens == 2000  # its reservation was given back
+    finally:
+        srv.stop()

@@ -4,8 +4,8 @@ import asyncio
 import gc
 from dataclasses import dataclass, field
 
-from mlxbackend.errors import EmptyOutput, NotLoaded, Overloaded
-from mlxbackend.text import chat, prefix_cache
+from mlxbackend.errors import EmptyOutput, NotLoaded, OutOfMemory, Overloaded
+from mlxbackend.text import chat, memory, prefix_cache
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
@@ -41,6 +41,7 @@ class TextEngine:
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
         self.inflight = 0  # admitted requests (event-loop side)
+        self.kv_reserved = 0  # worst-case KV bytes those requests may use
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def load(self, spec: LoadSpec) -> TextModel:
@@ -89,13 +90,30 @@ class TextEngine:
             req.sampling.ignore_eos = False  # a complete grammar allows only EOS: it must end
         return tm, prompt
 
-    def admit(self, tm):
-        """Bounded admission: Options max_queue (default 1024, LocalAI's own cap) requests
-        in flight; beyond that RESOURCE_EXHAUSTED instead of an unbounded queue."""
+    def admit(self, tm, prompt, req) -> int:
+        """Bounded admission. Requests in flight: Options max_queue (default 1024, LocalAI's
+        own cap). Memory: each request reserves its worst-case KV (prompt + token budget)
+        against the model's KV budget, so one that cannot fit is refused on its own
+        (RESOURCE_EXHAUSTED) instead of an allocation failure hitting the whole batch.
+        Returns the bytes reserved; `release` gives them back."""
         limit = int(tm.options.get("max_queue", DEFAULT_MAX_QUEUE))
         if self.inflight >= limit:
             raise Overloaded(f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later")
+        tokens = len(prompt.tokens) + token_budget(tm, prompt, req.max_tokens)
+        need = memory.kv_bytes(tm.config, tokens, memory.dtype_bytes(tm.config))
+        if tm.kv_budget and self.kv_reserved + need > tm.kv_budget:
+            raise OutOfMemory(
+                f"not enough memory for this request: its KV cache may need {need / 2**20:.0f} MiB "
+                f"({tokens} tokens), {self.kv_reserved / 2**20:.0f} of {tm.kv_budget / 2**20:.0f} MiB "
+                f"are reserved by running requests; lower Tokens or retry later"
+            )
         self.inflight += 1
+        self.kv_reserved += need
+        return need
+
+    def release(self, reserved: int):
+        self.inflight -= 1
+        self.kv_reserved -= reserved
 
     def start(self, tm, prompt, req: GenerationRequest):
         """Start a generation; iterate the returned job for Chunk events and one Finish.
@@ -142,7 +160,7 @@ class TextEngine:
 
     async def complete(self, spec: chat.PromptSpec, req: GenerationRequest) -> Completion:
         tm, prompt = await self.prepare(spec, req)
-        self.admit(tm)
+        reserved = self.admit(tm, prompt, req)
         job = self.start(tm, prompt, req)
         text, delta, logprobs = [], Delta(), []
         try:
@@ -155,7 +173,7 @@ class TextEngine:
                     finish = event
         finally:
             job.cancel()
-            self.inflight -= 1
+            self.release(reserved)
         self.record(finish)
         full = "".join(text)
         # one delta with the final content, reasoning and every fully parsed tool call
@@ -168,7 +186,7 @@ class TextEngine:
 
     async def stream(self, spec: chat.PromptSpec, req: GenerationRequest):
         tm, prompt = await self.prepare(spec, req)
-        self.admit(tm)
+        reserved = self.admit(tm, prompt, req)
         job = self.start(tm, prompt, req)
         sent = False
         try:
@@ -185,7 +203,7 @@ class TextEngine:
                 yield event
         finally:
             job.cancel()
-            self.inflight -= 1
+            self.release(reserved)
 
     async def tokenize(self, spec: chat.PromptSpec) -> list:
         tm = self.model()

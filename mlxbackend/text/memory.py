@@ -37,6 +37,18 @@ def kv_bytes(config: dict, context: int, dtype_bytes: int) -> int:
     return 2 * layers * kv_heads * head_dim * context * dtype_bytes
 
 
+def dtype_bytes(config: dict) -> int:
+    return 2 if str(config.get("torch_dtype", "")).endswith("16") else 4
+
+
+def kv_budget(path: Path, config: dict, options: dict) -> int:
+    """Bytes the KV caches of running requests may take: Options max_kv_bytes, else what is
+    left of available memory (with headroom) once the weights are in."""
+    if "max_kv_bytes" in options:
+        return int(options["max_kv_bytes"])
+    return max(int(HEADROOM * available_bytes()) - weights_bytes(path), 0)
+
+
 def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
@@ -44,8 +56,7 @@ def weights_bytes(path: Path) -> int:
 def check_fits(path: Path, config: dict, context: int):
     """Raise OutOfMemory (RESOURCE_EXHAUSTED) when weights + KV for `context` cannot fit."""
     weights = weights_bytes(path)
-    dtype_bytes = 2 if str(config.get("torch_dtype", "")).endswith(("16",)) else 4
-    kv = kv_bytes(config, context, dtype_bytes)
+    kv = kv_bytes(config, context, dtype_bytes(config))
     free = available_bytes()
     if weights + kv > HEADROOM * free:
         raise OutOfMemory(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound
-from mlxbackend.text.memory import check_fits
+from mlxbackend.text.memory import check_fits, kv_budget
 
 DEFAULT_CONTEXT = 4096
 
@@ -40,6 +40,7 @@ class TextModel:
     adapters: list = field(default_factory=list)  # (path, scale) fused at load
     switch: object = None  # hot-swappable LoRA adapters (text/adapters.py), or None
     adapter_names: tuple = ()
+    kv_budget: int = 0  # bytes of KV that running requests may reserve (text/memory.py)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -138,6 +139,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
     if spec.options.get("memory_check", True) is not False:
         check_fits(path, raw_config, int(context))
+    budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
     model, tokenizer, config = load(
         str(path),
         model_config=_fix_config(path),
@@ -169,7 +171,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
     return TextModel(
         model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters,
-        switch=switch, adapter_names=tuple(hot),
+        switch=switch, adapter_names=tuple(hot), kv_budget=budget,
     )
 
 
