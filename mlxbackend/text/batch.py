@@ -6,9 +6,8 @@ prefilled in chunks between decode steps, so they do not stall the others."""
 
 from mlxbackend.text import prefix_cache
 from mlxbackend.text.chat import Prompt
-from mlxbackend.text.generate import Decoder, GenerationRequest, token_budget
+from mlxbackend.text.generate import Decoder, GenerationRequest, sampling_for, token_budget
 from mlxbackend.text.models import TextModel
-from mlxbackend.text.sampling import make_processors, make_sampler
 from mlxbackend.worker import DONE, Job
 
 DEFAULT_MAX_BATCH = 32
@@ -38,7 +37,7 @@ class BatchDriver:
         from mlx_lm.generate import StopSequences
 
         tm = self.tm
-        vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
+        sampler, processors = sampling_for(tm, req)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
         cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
@@ -48,8 +47,8 @@ class BatchDriver:
             max_tokens=[token_budget(tm, prompt, req.max_tokens)],
             caches=[cache],
             all_tokens=[cached],
-            samplers=[make_sampler(req.sampling, vocab)],
-            logits_processors=[make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint)],
+            samplers=[sampler],
+            logits_processors=[processors],
             stop_sequences=[stops],
         )
         self.requests[uid] = (job, decoder)

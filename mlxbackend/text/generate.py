@@ -81,13 +81,20 @@ def token_budget(tm: TextModel, prompt: Prompt, max_tokens: int) -> int:
     return min(max_tokens, room) if max_tokens else room
 
 
+def sampling_for(tm: TextModel, req: GenerationRequest):
+    """This request's sampler (own RNG key) and logits processors (penalties, bias, grammar)."""
+    vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
+    return (
+        make_sampler(req.sampling, vocab),
+        make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint),
+    )
+
+
 def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, cache, is_cancelled):
     import mlx.core as mx
     from mlx_lm.generate import generate_step, speculative_generate_step
 
-    vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
-    sampler = make_sampler(req.sampling, vocab)
-    processors = make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint)
+    sampler, processors = sampling_for(tm, req)
 
     def check(_done, _total):
         if is_cancelled():

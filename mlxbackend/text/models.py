@@ -96,9 +96,12 @@ def _join(path: str, model_path: str) -> str:
     return str(Path(model_path) / path)
 
 
-def _fix_config(path: Path) -> dict:
+def _read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def _fix_config(config: dict) -> dict:
     """Config overrides for known traps: transformers 5 nests rope_theta (field notes §4)."""
-    config = json.loads((path / "config.json").read_text())
     overrides = {}
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" not in config and "rope_theta" in rope:
@@ -135,14 +138,14 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         path = _gguf_to_mlx_cache(path, spec.model_path)
     if not _is_model_dir(path):
         raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
-    raw_config = json.loads((path / "config.json").read_text())
+    raw_config = _read_config(path)
     context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
     if spec.options.get("memory_check", True) is not False:
         check_fits(path, raw_config, int(context))
     budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
     model, tokenizer, config = load(
         str(path),
-        model_config=_fix_config(path),
+        model_config=_fix_config(raw_config),
         return_config=True,
         trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
     )
@@ -155,18 +158,14 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     adapters = [(_join(p, spec.model_path), s) for p, s in spec.lora_adapters if p]
     if adapters:
         _apply_adapters(model, adapters)
-    hot = {}
-    if any(k.startswith("lora.") for k in spec.options):
-        from mlxbackend.text.adapters import declared, install
+    from mlxbackend.text.adapters import declared, install
 
-        hot = declared(spec.options, spec.model_path)
-        switch = install(model, hot)
-    else:
-        switch = None
+    hot = declared(spec.options, spec.model_path)
+    switch = install(model, hot)  # None when no `lora.<name>` option
     draft = None
     if spec.draft_model:
         draft_path = resolve_model_path(spec.draft_model, "", spec.model_path)
-        draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(draft_path))
+        draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(_read_config(draft_path)))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
     return TextModel(
