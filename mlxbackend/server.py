@@ -172,6 +172,7 @@ async def serve(addr: str, model: str = "", options=()):
         asyncio.ensure_future(_preload(servicer, model, options))
     await stop.wait()
     print("mlxbackend: shutting down", file=sys.stderr, flush=True)
+    await servicer.finetunes.stop_all(timeout=6)  # training jobs stop with a checkpoint
     try:
         await asyncio.wait_for(servicer.text.persist(), timeout=8)
     except Exception as exc:  # never block the exit LocalAI waits for (15 s to SIGKILL)

@@ -31,11 +31,6 @@ PENDING = {
     "StoresFind": "vector store",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
     "AudioDecode": "audio codec (served by LocalAI's opus backend)",
-    "StartFineTune": "fine-tuning jobs",
-    "FineTuneProgress": "fine-tuning jobs",
-    "StopFineTune": "fine-tuning jobs",
-    "ListCheckpoints": "fine-tuning jobs",
-    "ExportModel": "fine-tuning export",
     "StartQuantization": "quantization jobs",
     "QuantizationProgress": "quantization jobs",
     "StopQuantization": "quantization jobs",
@@ -57,9 +52,11 @@ class Servicer:
 
     def __init__(self, default_model: str = ""):
         from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
+        from mlxbackend.train.service import FineTunes
 
         self.worker = Worker()
         self.text = TextEngine(self.worker)
+        self.finetunes = FineTunes(self.worker)
         self.default_model = default_model
         self.loading = False
 
@@ -94,6 +91,7 @@ class Servicer:
         return pb.Result(success=True, message=f"MLX model loaded successfully: {tm.path}")
 
     async def Free(self, request, context):
+        await self.finetunes.stop_all()  # LocalAI's stop: Free, then SIGTERM (a checkpoint is kept)
         await self.text.free()
         return pb.Result(success=True, message="model freed")
 
@@ -163,6 +161,39 @@ class Servicer:
             supports_thinking=meta["supports_thinking"], rendered_template=meta["rendered_template"],
             tool_format=markers,
         )
+
+
+    async def StartFineTune(self, request, context):
+        from mlxbackend.train.config import fine_tune_config
+
+        fields = {f.name: getattr(request, f.name) for f in request.DESCRIPTOR.fields}
+        job_id = await self.finetunes.start(fine_tune_config(**fields))
+        return pb.FineTuneJobResult(job_id=job_id, success=True, message=f"fine-tuning job {job_id} started")
+
+    async def FineTuneProgress(self, request, context):
+        async for snapshot in self.finetunes.watch(request.job_id):
+            yield pb.FineTuneProgressUpdate(**snapshot)
+
+    async def StopFineTune(self, request, context):
+        message = self.finetunes.stop(request.job_id, request.save_checkpoint)
+        return pb.Result(success=True, message=message)
+
+    async def ListCheckpoints(self, request, context):
+        import asyncio
+
+        from mlxbackend.train.checkpoints import list_checkpoints
+
+        found = await asyncio.to_thread(list_checkpoints, request.output_dir)
+        return pb.ListCheckpointsResponse(checkpoints=[pb.CheckpointInfo(**c) for c in found])
+
+    async def ExportModel(self, request, context):
+        from mlxbackend.train.export import export_model
+
+        message = await self.worker.run(
+            export_model, request.checkpoint_path, request.output_path, request.export_format,
+            request.quantization_method, request.model, dict(request.extra_options),
+        )
+        return pb.Result(success=True, message=message)
 
 
 def is_job_process(request) -> bool:

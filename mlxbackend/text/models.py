@@ -96,11 +96,11 @@ def _join(path: str, model_path: str) -> str:
     return str(Path(model_path) / path)
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def _fix_config(config: dict) -> dict:
+def fix_config(config: dict) -> dict:
     """Config overrides for known traps: transformers 5 nests rope_theta (field notes §4)."""
     overrides = {}
     rope = config.get("rope_parameters")
@@ -133,19 +133,15 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     """Load a model folder into memory; raises NotFound / InvalidInput with clear messages."""
     from mlx_lm.utils import load
 
-    path = resolve_model_path(spec.model, spec.model_file, spec.model_path)
-    if path.is_file() and path.suffix == ".gguf":
-        path = _gguf_to_mlx_cache(path, spec.model_path)
-    if not _is_model_dir(path):
-        raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
-    raw_config = _read_config(path)
+    path = model_dir(spec.model, spec.model_file, spec.model_path)
+    raw_config = read_config(path)
     context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
     if spec.options.get("memory_check", True) is not False:
         check_fits(path, raw_config, int(context))
     budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
     model, tokenizer, config = load(
         str(path),
-        model_config=_fix_config(raw_config),
+        model_config=fix_config(raw_config),
         return_config=True,
         trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
     )
@@ -165,13 +161,31 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     draft = None
     if spec.draft_model:
         draft_path = resolve_model_path(spec.draft_model, "", spec.model_path)
-        draft, draft_tokenizer = load(str(draft_path), model_config=_fix_config(_read_config(draft_path)))
+        draft, draft_tokenizer = load(str(draft_path), model_config=fix_config(read_config(draft_path)))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
     return TextModel(
         model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters,
         switch=switch, adapter_names=tuple(hot), kv_budget=budget,
     )
+
+
+def model_dir(model: str, model_file: str = "", model_path: str = "") -> Path:
+    """The MLX model folder for LocalAI's model fields (a .gguf file is imported once)."""
+    path = resolve_model_path(model, model_file, model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        path = _gguf_to_mlx_cache(path, model_path)
+    if not _is_model_dir(path):
+        raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
+    return path
+
+
+def load_model_dir(path: Path, trust_remote_code: bool = False):
+    """mlx-lm's load with our config fixes: (model, tokenizer, config)."""
+    from mlx_lm.utils import load
+
+    return load(str(path), model_config=fix_config(read_config(path)), return_config=True,
+                trust_remote_code=trust_remote_code)
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: datasets, the training loop, checkpoints and export."""
