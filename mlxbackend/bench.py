@@ -6,7 +6,6 @@ machine noise hits both; optionally llama.cpp (llama-cpp-python) on the bundled 
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -135,23 +134,10 @@ def llamacpp_run(llm, n_tokens, salt=0):
 
 
 def _serve(model_dir: Path):
-    import socket
-
-    from mlxbackend.client import connect
+    from mlxbackend.client import spawn_server
     from mlxbackend.proto import backend_pb2 as pb
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_sh = Path(__file__).with_name("run.sh")
-    proc = subprocess.Popen([str(run_sh), "--addr", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
-    stub = connect(f"127.0.0.1:{port}")
-    for _ in range(200):
-        try:
-            stub.Health(pb.HealthMessage(), timeout=1)
-            break
-        except Exception:
-            time.sleep(0.1)
+    proc, stub = spawn_server()
     assert stub.LoadModel(pb.ModelOptions(Model=str(model_dir))).success
     return proc, stub
 

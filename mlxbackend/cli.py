@@ -1,4 +1,4 @@
-"""`mlxbackend` command line: serve, chat, convert, bench."""
+"""`mlxbackend` command line: serve, chat, convert, bench, finetune, export."""
 
 import argparse
 import asyncio
@@ -58,6 +58,8 @@ def cmd_convert(args):
     """Hand over to the converter's own command line (same options, rich progress)."""
     if args.source == "gguf":
         from converters.gguf_to_mlx import main as convert_main
+    elif args.source == "to-gguf":
+        from converters.mlx_to_gguf import main as convert_main
     else:
         from converters.hf_to_mlx import main as convert_main
     sys.exit(convert_main(args.rest))
@@ -92,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
-        "convert", help="import a checkpoint into an MLX folder (gguf: llama.cpp file; hf: HF folder or id)",
+        "convert", help="import a checkpoint into an MLX folder (gguf: llama.cpp file; hf: HF folder or id) "
+        "or export one as GGUF (to-gguf)",
         description="mlxbackend convert gguf IN.gguf OUT [--dtype float32 --dequantize] | "
-        "mlxbackend convert hf SRC OUT [-q --q-bits 4 …]; add -h after the source for its options",
+        "mlxbackend convert hf SRC OUT [-q --q-bits 4 …] | "
+        "mlxbackend convert to-gguf MODEL_DIR OUT.gguf [--type q4_k_m] (export for llama.cpp); "
+        "add -h after the source for its options",
     )
-    p.add_argument("source", choices=["gguf", "hf"])
+    p.add_argument("source", choices=["gguf", "hf", "to-gguf"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the converter's arguments")
     p.set_defaults(func=cmd_convert)
 
@@ -107,13 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp", action="store_true", help="also time llama-cpp-python on the GGUF")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="aggregate decode at these stream counts")
     p.set_defaults(func=cmd_bench)
+
+    from mlxbackend.train.commands import add_parsers
+
+    add_parsers(sub)  # finetune, export
     return parser
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.func(args)
+    code = args.func(args)
+    if isinstance(code, int):
+        sys.exit(code)
 
 
 if __name__ == "__main__":

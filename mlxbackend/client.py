@@ -32,3 +32,29 @@ def chat_request(text: str, max_tokens: int = 256, temperature: float = 0.0, **e
         Messages=[pb.Message(role="user", content=text)], UseTokenizerTemplate=True,
         Tokens=max_tokens, Temperature=temperature, TopP=0.95, **extra,
     )
+
+
+def spawn_server(timeout: float = 60.0):
+    """Start a backend process the way LocalAI does (run.sh --addr on a free port);
+    returns (process, stub) once Health answers."""
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_sh = Path(__file__).with_name("run.sh")
+    proc = subprocess.Popen([str(run_sh), "--addr", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    stub = connect(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stub.Health(pb.HealthMessage(), timeout=1)
+            return proc, stub
+        except grpc.RpcError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the backend process did not start") from None
+            time.sleep(0.1)

@@ -275,3 +275,25 @@ def test_bad_inputs(ft_server, tiny_dir, secret_data, tmp_path):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert not (tmp_path / "x").exists()
     assert ft_server.healthy()
+
+
+def test_cli_finetune_and_export(tiny_dir, secret_data, tmp_path):
+    """`mlxbackend finetune` starts its own backend and shows progress; `mlxbackend export` merges."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "job"
+    run = subprocess.run(
+        [sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data", str(secret_data),
+         "--output", str(out), "--lr", "2e-3", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "1",
+         "--option", "mask_prompt=true"], capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "completed" in run.stdout and "6/6" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "mlxbackend", "export", str(out), str(tmp_path / "merged"),
+                          "--format", "merged_16bit"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged.yaml").exists()
+    run = subprocess.run([sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data",
+                          str(tmp_path / "nope.jsonl"), "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "NOT_FOUND" in run.stdout
