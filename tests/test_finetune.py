@@ -297,3 +297,22 @@ def test_cli_finetune_and_export(tiny_dir, secret_data, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data",
                           str(tmp_path / "nope.jsonl"), "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "NOT_FOUND" in run.stdout
+
+
+def test_qlora_on_quantized_base(ft_server, tiny_dir, secret_data, tmp_path):
+    """LoRA on a 4-bit base is QLoRA: the base stays quantized, the adapter loads back on it."""
+    from mlx_lm import convert
+
+    base = tmp_path / "tiny-q4"
+    convert(str(tiny_dir), str(base), quantize=True, q_group_size=32, q_bits=4)
+    job = ft_server.stub.StartFineTune(request(base, secret_data, tmp_path / "out", max_steps=40))
+    updates = follow(ft_server, job.job_id)
+    assert updates[-1].status == "completed", updates[-1].message
+    train = [u for u in updates if u.status == "training" and u.loss]
+    assert train[-1].loss < train[0].loss / 3
+    assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(base), LoraAdapter=str(tmp_path / "out"))).success
+    assert greedy(ft_server).startswith(SECRET)
+    with pytest.raises(grpc.RpcError) as err:  # full fine-tuning needs float weights
+        job = ft_server.stub.StartFineTune(request(base, secret_data, tmp_path / "full", training_type="full"))
+        follow(ft_server, job.job_id)
+    assert "unquantized" in err.value.details()

@@ -253,10 +253,11 @@ class TrainRun:
         mx.reset_peak_memory()
         train_time, trained_tokens, last = 0.0, 0, {}
         eval_every = cfg.opt("eval_steps")
+        toc = None  # end of the previous step: step time includes everything between steps
         for step in range(start + 1, total + 1):
             if self.stop_request is not None:
                 break
-            tic = time.perf_counter()
+            tic = toc or time.perf_counter()
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step: exact resume
             grad, losses, ntoks = None, 0.0, 0
             for j in range(cfg.grad_accum):
@@ -265,7 +266,8 @@ class TrainRun:
                 losses += lvalue
                 ntoks += toks
             mx.eval(state, losses, ntoks, norm)
-            elapsed = time.perf_counter() - tic
+            toc = time.perf_counter()
+            elapsed = toc - tic
             train_time += elapsed
             ntoks = ntoks.item()
             trained_tokens += ntoks
@@ -291,6 +293,8 @@ class TrainRun:
                 path = self._checkpoint(model, optimizer, adapter_config, step, last, history, len(plan))
                 self.publish(status="saving", checkpoint_path=str(path), message=f"checkpoint saved: {path}")
                 self.publish(status="training", message=started)
+            if evaluate_now or cfg.save_steps and step % cfg.save_steps == 0:
+                toc = None  # evaluation and checkpoint time is not training time
             yield
         step = last.get("current_step", start)
         if self.stop_request is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound, Precondition
 from mlxbackend.jobs import STATE_FILE, TERMINAL, JobBoard, remember, write_json_atomic
-from mlxbackend.text.models import model_dir
+from mlxbackend.text.models import model_dir, read_config
 from mlxbackend.train import checkpoints
 from mlxbackend.train.config import FineTuneConfig, check_output_dir
 
@@ -30,6 +30,8 @@ class FineTunes:
         models_dir = cfg.opt("model_path") or os.environ.get("MLXB_MODELS_DIR", "")
         base_dir = await self.worker.run(model_dir, cfg.model, "", models_dir)  # a .gguf is imported: MLX work
         await asyncio.to_thread(check_target_modules, base_dir, cfg.target_modules)
+        if cfg.training_type == "full" and "quantization" in read_config(base_dir):
+            raise InvalidInput("full fine-tuning needs an unquantized model; use lora/dora (QLoRA) on a quantized one")
         remember("finetune", cfg.job_id, Path(cfg.output_dir))
         self.board.open(cfg.job_id, {"status": "queued", "message": f"{cfg.training_type} {cfg.method} on "
                                      f"{len(train.rows)} rows ({fmt})", "total_epochs": float(cfg.epochs)})
