@@ -8,7 +8,7 @@ import os
 import grpc
 
 from mlxbackend import BACKEND_NAME
-from mlxbackend.errors import BackendError, Unsupported
+from mlxbackend.errors import BackendError, InvalidInput, Unsupported
 from mlxbackend.proto import backend_pb2 as pb
 from mlxbackend.worker import Worker
 
@@ -171,10 +171,12 @@ class Servicer:
         return pb.FineTuneJobResult(job_id=job_id, success=True, message=f"fine-tuning job {job_id} started")
 
     async def FineTuneProgress(self, request, context):
+        require(request.job_id, "job_id")
         async for snapshot in self.finetunes.watch(request.job_id):
             yield pb.FineTuneProgressUpdate(**snapshot)
 
     async def StopFineTune(self, request, context):
+        require(request.job_id, "job_id")
         message = self.finetunes.stop(request.job_id, request.save_checkpoint)
         return pb.Result(success=True, message=message)
 
@@ -183,6 +185,7 @@ class Servicer:
 
         from mlxbackend.train.checkpoints import list_checkpoints
 
+        require(request.output_dir, "output_dir")
         found = await asyncio.to_thread(list_checkpoints, request.output_dir)
         return pb.ListCheckpointsResponse(checkpoints=[pb.CheckpointInfo(**c) for c in found])
 
@@ -194,6 +197,11 @@ class Servicer:
             request.quantization_method, request.model, dict(request.extra_options),
         )
         return pb.Result(success=True, message=message)
+
+
+def require(value, name: str):
+    if not value:
+        raise InvalidInput(f"{name} is required")
 
 
 def is_job_process(request) -> bool:

@@ -72,7 +72,7 @@ def make_optimizer(cfg: FineTuneConfig, total_steps: int):
         "cosine": {"name": "cosine_decay", "arguments": [lr, decay_steps, 0.0]},
         "constant": {"name": "linear_schedule", "arguments": [lr, lr, 1]},
     }[cfg.opt("lr_schedule")]
-    rate = build_schedule(dict(schedule, warmup=cfg.warmup_steps)) if (cfg.warmup_steps or schedule) else lr
+    rate = build_schedule(dict(schedule, warmup=cfg.warmup_steps))
     wd = cfg.weight_decay
     if cfg.optimizer == "adamw":
         return optim.AdamW(learning_rate=rate, weight_decay=wd)
