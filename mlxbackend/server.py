@@ -173,6 +173,7 @@ async def serve(addr: str, model: str = "", options=()):
     await stop.wait()
     print("mlxbackend: shutting down", file=sys.stderr, flush=True)
     await servicer.finetunes.stop_all(timeout=6)  # training jobs stop with a checkpoint
+    await servicer.quantizations.stop_all(timeout=4)  # quantization jobs stop, temp files removed
     try:
         await asyncio.wait_for(servicer.text.persist(), timeout=8)
     except Exception as exc:  # never block the exit LocalAI waits for (15 s to SIGKILL)

@@ -31,9 +31,6 @@ PENDING = {
     "StoresFind": "vector store",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
     "AudioDecode": "audio codec (served by LocalAI's opus backend)",
-    "StartQuantization": "quantization jobs",
-    "QuantizationProgress": "quantization jobs",
-    "StopQuantization": "quantization jobs",
 }
 
 
@@ -51,12 +48,14 @@ class Servicer:
     """One method per RPC. Unlisted RPCs answer UNIMPLEMENTED naming the capability."""
 
     def __init__(self, default_model: str = ""):
+        from mlxbackend.quantize.service import Quantizations
         from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
         from mlxbackend.train.service import FineTunes
 
         self.worker = Worker()
         self.text = TextEngine(self.worker)
         self.finetunes = FineTunes(self.worker)
+        self.quantizations = Quantizations(self.worker)
         self.default_model = default_model
         self.loading = False
 
@@ -92,6 +91,7 @@ class Servicer:
 
     async def Free(self, request, context):
         await self.finetunes.stop_all()  # LocalAI's stop: Free, then SIGTERM (a checkpoint is kept)
+        await self.quantizations.stop_all(timeout=5)  # no partial output is kept
         await self.text.free()
         return pb.Result(success=True, message="model freed")
 
@@ -197,6 +197,22 @@ class Servicer:
             request.quantization_method, request.model, dict(request.extra_options),
         )
         return pb.Result(success=True, message=message)
+
+    async def StartQuantization(self, request, context):
+        from mlxbackend.quantize.config import quantization_config
+
+        fields = {f.name: getattr(request, f.name) for f in request.DESCRIPTOR.fields}
+        job_id = await self.quantizations.start(quantization_config(**fields))
+        return pb.QuantizationJobResult(job_id=job_id, success=True, message=f"quantization job {job_id} started")
+
+    async def QuantizationProgress(self, request, context):
+        require(request.job_id, "job_id")
+        async for snapshot in self.quantizations.watch(request.job_id):
+            yield pb.QuantizationProgressUpdate(**snapshot)
+
+    async def StopQuantization(self, request, context):
+        require(request.job_id, "job_id")
+        return pb.Result(success=True, message=self.quantizations.stop(request.job_id))
 
 
 def require(value, name: str):

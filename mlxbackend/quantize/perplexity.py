@@ -1,0 +1,61 @@
+"""Perplexity of a model on a text (the optional `perplexity_text` metric of quantization jobs).
+
+The text is tokenized by the model's own tokenizer and cut to MAX_TOKENS; perplexity is
+exp(mean negative log-likelihood of each token given the ones before it), evaluated in windows
+of WINDOW tokens. MLX models run on the MLX worker; GGUF files through llama-cpp-python."""
+
+import math
+from pathlib import Path
+
+MAX_TOKENS = 2048
+WINDOW = 512
+
+
+def mlx_perplexity(model_dir: Path, text: str) -> float:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxbackend.text.models import load_model_dir
+
+    model, tokenizer, _ = load_model_dir(Path(model_dir))
+    ids = tokenizer.encode(text)[:MAX_TOKENS]
+    if len(ids) < 2:
+        raise ValueError("perplexity_text is too short (fewer than 2 tokens)")
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, WINDOW):
+        chunk = ids[start:start + WINDOW + 1]
+        if len(chunk) < 2:
+            break
+        x = mx.array(chunk)[None]
+        logits = model(x[:, :-1]).astype(mx.float32)
+        nll = nn.losses.cross_entropy(logits, x[:, 1:], reduction="sum")
+        total += nll.item()
+        count += len(chunk) - 1
+    return math.exp(total / count)
+
+
+def gguf_perplexity(gguf_file: Path, text: str) -> float:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=WINDOW + 1, logits_all=True, verbose=False,
+                          n_threads=max(1, min(4, __import__("os").cpu_count() or 1)))
+    try:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:MAX_TOKENS]
+        if len(ids) < 2:
+            raise ValueError("perplexity_text is too short (fewer than 2 tokens)")
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, WINDOW):
+            chunk = ids[start:start + WINDOW + 1]
+            if len(chunk) < 2:
+                break
+            llm.reset()
+            llm.eval(chunk[:-1])
+            logits = np.asarray(llm.scores[: len(chunk) - 1], dtype=np.float64)
+            logits -= logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            total -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+            count += len(chunk) - 1
+        return math.exp(total / count)
+    finally:
+        llm.close()

@@ -1,0 +1,317 @@
+"""One quantization job: resolve the input, convert/quantize, write the output atomically.
+
+Phases and progress (contract §12.6):
+
+    downloading  0–25 %   resolve the input: a download of an uncached Hugging Face id (plain
+                          thread), or the import of a .gguf file into MLX (worker)
+    converting  30–40 %   GGUF: dequantize an MLX-quantized folder (worker), then llama.cpp's
+                          convert_hf_to_gguf.py (subprocess, from a plain thread);
+                          MLX: load (and dequantize / cast) on the worker
+    quantizing  50–95 %   GGUF: llama.cpp's quantizer (subprocess); MLX: mlx-lm's quantize_model,
+                          evaluated one transformer block per worker call, then saved
+    completed   100 %     output_file + extra_metrics {file_size_mb, compression_ratio, …}
+
+Everything MLX runs on the backend's single MLX worker thread, one short call at a time, so
+generation requests keep being served in between; llama.cpp's tools run as subprocesses from a
+plain thread. Everything is written under `<output_dir>/.quantize-<job>.tmp/` and only the
+finished output is renamed to its final name; that folder is always removed at the end.
+
+Stop: a flag checked between phases and in every progress callback (which raises `Stopped`
+inside the converters, whose clean-up then runs), and the job's llama.cpp subprocesses are
+killed at once, so a stop ends the job as `stopped` within a second or two with no output."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+from mlxbackend.quantize.config import QuantConfig, base_name, output_path
+
+
+class Stopped(BaseException):
+    """Raised inside the job's progress callbacks once a stop was asked for (a BaseException,
+    so that no `except Exception` in a converter swallows it)."""
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of model weights: a .gguf file's size, or a folder's safetensors/bin/gguf files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir()
+               if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf", ".npz"))
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:100]
+
+
+class QuantRun:
+    """Runs one job (`await run()` on the event loop); `request_stop()` from anywhere."""
+
+    def __init__(self, cfg: QuantConfig, worker, publish, source: Path | None, repo_id: str = ""):
+        self.cfg = cfg
+        self.worker = worker
+        self.publish = publish  # publish(**fields): snapshot update
+        self.source = source  # resolved local input (folder or .gguf), None = download repo_id
+        self.repo_id = repo_id
+        self.final = output_path(cfg)
+        self.tmp = Path(cfg.output_dir) / f".quantize-{_safe(cfg.job_id)}.tmp"
+        self.stop_event = threading.Event()
+        self.percent = 0.0
+        self.status = "queued"
+        self.state: dict = {}  # MLX objects, touched on the worker thread only
+
+    # -- control --------------------------------------------------------------------------
+
+    def request_stop(self):
+        self.stop_event.set()
+        self._kill_children()
+
+    def check(self):
+        if self.stop_event.is_set():
+            raise Stopped()
+
+    def _kill_children(self):
+        """Kill this job's llama.cpp subprocesses (their command lines name the job's temp folder)."""
+        me, marker = os.getpid(), str(self.tmp).encode()
+        for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == me and marker in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                continue
+
+    def report(self, status: str, percent: float, message: str | None = None, **fields):
+        """Any thread. Progress never goes back; stops are noticed here."""
+        self.check()
+        percent = round(max(self.percent, min(100.0, float(percent))), 1)
+        if status == self.status and percent == self.percent and message is None and not fields:
+            return  # nothing new (converter output lines without progress)
+        self.percent, self.status = percent, status
+        if message is not None:
+            fields["message"] = message
+        self.publish(status=status, progress_percent=percent, **fields)
+
+    # -- the job ----------------------------------------------------------------------------
+
+    async def run(self):
+        """The whole job; the terminal status is published once the temp folder is gone."""
+        stopped = dict(status="stopped", message="quantization stopped by request; no output was written")
+        try:
+            await asyncio.to_thread(self._fresh_tmp)
+            src = await self._resolve()
+            base_bytes = weight_bytes(self.source if self.source is not None else src)
+            staged = await (self._gguf(src) if self.cfg.family == "gguf" else self._mlx(src))
+            metrics = await self._metrics(src, base_bytes, staged)
+            self.report("quantizing", 95, "finishing")
+            await asyncio.to_thread(self._place, staged)
+            # The output is in place: from here on the job completes, whatever arrives.
+            final = dict(status="completed", progress_percent=100.0, message=f"wrote {self.final}",
+                         output_file=str(self.final), extra_metrics=metrics)
+        except Stopped:
+            final = stopped
+        except asyncio.CancelledError:  # the server is going away
+            self.state.clear()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.publish(**stopped)
+            raise
+        except BaseException as exc:  # noqa: BLE001 — every failure ends the job as `failed`
+            from mlxbackend.servicer import status_of
+
+            final = stopped if self.stop_event.is_set() else dict(status="failed", message=status_of(exc)[1])
+        self.state.clear()
+        await asyncio.to_thread(shutil.rmtree, self.tmp, True)
+        self.publish(**final)
+
+    def _fresh_tmp(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+
+    async def _resolve(self) -> Path:
+        """downloading 0–25 %: a local MLX/HF folder for the input."""
+        self.report("downloading", 0, f"resolving {self.cfg.model}")
+        src = self.source
+        if src is None:
+            self.report("downloading", 5, f"downloading {self.repo_id} from Hugging Face")
+            src = await asyncio.to_thread(self._download)
+            self.source = src
+        if src.is_file() and src.suffix.lower() == ".gguf":
+            self.report("downloading", 5, f"importing {src.name} into MLX")
+            src = await self.worker.run(self._import_gguf, src)
+        if not (src / "config.json").is_file():
+            from mlxbackend.errors import InvalidInput
+
+            raise InvalidInput(f"{src} is not an MLX/Hugging Face model folder (no config.json)")
+        self.report("downloading", 25, f"input ready: {src}")
+        return src
+
+    def _download(self) -> Path:
+        from huggingface_hub import snapshot_download
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+        token = self.cfg.opt("hf_token") or None
+        return Path(snapshot_download(self.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, token=token,
+                                      etag_timeout=10))
+
+    def _import_gguf(self, gguf: Path) -> Path:
+        """Worker: the .gguf as a float MLX folder inside the job's temp folder."""
+        from converters.gguf_to_mlx import convert_gguf
+
+        def progress(done, total, _name):
+            self.report("downloading", 5 + 20 * done / max(1, total))
+
+        dtype = "float16" if self.cfg.family == "gguf" else None
+        return convert_gguf(gguf, self.tmp / "imported", dtype=dtype, dequantize=True, progress=progress)
+
+    # -- GGUF ------------------------------------------------------------------------------
+
+    async def _gguf(self, src: Path):
+        from converters.mlx_to_gguf import dequantize_mlx_folder, mlx_quantization, mlx_to_gguf
+
+        cfg = self.cfg
+        self.report("converting", 30, f"converting {src.name} with llama.cpp's convert_hf_to_gguf.py")
+        if mlx_quantization(json.loads((src / "config.json").read_text())) is not None:
+            self.report("converting", 30, "dequantizing the MLX-quantized input")
+            src = await self.worker.run(dequantize_mlx_folder, src, self.tmp / "dequantized")
+            self.check()
+
+        def progress(stage, fraction):
+            if stage == "quantizing":
+                self.report("quantizing", 50 + 45 * fraction, None if fraction else f"llama.cpp quantizer: {cfg.qtype}")
+            else:
+                self.report("converting", 30 + 10 * fraction)
+
+        out = self.tmp / self.final.name
+        await asyncio.to_thread(
+            mlx_to_gguf, src, out, cfg.qtype, progress=progress, work_dir=self.tmp,
+            pre_tokenizer=cfg.opt("pre_tokenizer") or None, nthread=int(cfg.opt("threads", "0")),
+        )
+        return out
+
+    # -- MLX -------------------------------------------------------------------------------
+
+    async def _mlx(self, src: Path):
+        cfg = self.cfg
+        self.report("converting", 30, f"loading {src.name}")
+        n_layers = await self.worker.run(self._load, src)
+        self.check()
+        self.report("converting", 40, "loaded")
+        if cfg.quantize:
+            self.report("quantizing", 50, f"quantizing ({cfg.qtype})")
+            await self.worker.run(self._quantize)
+            for i in range(n_layers):
+                self.check()
+                await self.worker.run(self._eval_layer, i)
+                self.report("quantizing", 50 + 35 * (i + 1) / max(1, n_layers))
+        else:
+            self.report("quantizing", 50, f"casting to {cfg.dtype}")
+        self.check()
+        await self.worker.run(self._eval_all)
+        self.report("quantizing", 85, "saving")
+        staged = self.tmp / self.final.name
+        await self.worker.run(self._save, src, staged)
+        return staged
+
+    def _load(self, src: Path) -> int:
+        """Worker: lazy load; dequantize an MLX-quantized input; cast when asked."""
+        import mlx.core as mx
+        from mlx.utils import tree_map_with_path
+        from mlx_lm.utils import dequantize_model, load
+
+        from mlxbackend.text.models import fix_config, read_config
+
+        model, tokenizer, config = load(str(src), model_config=fix_config(read_config(src)), return_config=True,
+                                        lazy=True)
+        if "quantization" in config or "quantization_config" in config:
+            if "quantization" in config:
+                model = dequantize_model(model)
+            config.pop("quantization", None)
+            config.pop("quantization_config", None)
+        if self.cfg.dtype:
+            dtype = getattr(mx, self.cfg.dtype)
+            cast = getattr(model, "cast_predicate", lambda _: True)
+            model.update(tree_map_with_path(
+                lambda k, v: v.astype(dtype) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+                model.parameters()))
+            config["torch_dtype"] = self.cfg.dtype
+        self.state.update(model=model, tokenizer=tokenizer, config=config)
+        return len(getattr(model, "layers", []) or [])
+
+    def _quantize(self):
+        """Worker: replace the layers by quantized ones (lazy: evaluated layer by layer after)."""
+        from mlx_lm.convert import mixed_quant_predicate_builder
+        from mlx_lm.utils import quantize_model
+
+        cfg, model = self.cfg, self.state["model"]
+        predicate = None
+        if cfg.recipe:
+            predicate = mixed_quant_predicate_builder(cfg.recipe, model, cfg.group_size or 64)
+        model, config = quantize_model(model, self.state["config"], cfg.group_size, cfg.bits, mode=cfg.mode,
+                                       quant_predicate=predicate)
+        self.state.update(model=model, config=config)
+
+    def _eval_layer(self, i: int):
+        import mlx.core as mx
+
+        mx.eval(self.state["model"].layers[i].parameters())
+
+    def _eval_all(self):
+        import mlx.core as mx
+
+        mx.eval(self.state["model"].parameters())
+
+    def _save(self, src: Path, dst: Path):
+        from mlx_lm.utils import save
+
+        s = self.state
+        save(dst, src, s["model"], s["tokenizer"], s["config"], donate_model=True)
+        self.state.clear()
+
+    def _place(self, staged: Path):
+        """Thread: rename the finished output to its final name (an MLX folder also gets its
+        LocalAI config `<output_dir>/<name>.yaml`, backend mlx)."""
+        from mlxbackend.train.export import write_yaml
+
+        self.check()
+        if staged.is_file():
+            os.replace(staged, self.final)
+            return
+        if self.final.is_dir():
+            shutil.rmtree(self.final)
+        elif self.final.exists():
+            self.final.unlink()
+        os.rename(staged, self.final)
+        write_yaml(self.final, self.cfg.opt("name") or self.final.name, model=str(self.final))
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    async def _metrics(self, src: Path, base_bytes: int, staged: Path) -> dict:
+        out_bytes = await asyncio.to_thread(weight_bytes, staged)
+        metrics = {"file_size_mb": round(out_bytes / 2**20, 3),
+                   "compression_ratio": round(base_bytes / out_bytes, 4) if out_bytes else 0.0}
+        text_file = self.cfg.opt("perplexity_text")
+        if text_file:
+            from mlxbackend.quantize import perplexity
+
+            self.report("quantizing", 90, "measuring perplexity")
+            text = Path(text_file).read_text(errors="replace")
+            metrics["perplexity_base"] = round(await self.worker.run(perplexity.mlx_perplexity, src, text), 4)
+            if self.cfg.family == "mlx":
+                ppl = await self.worker.run(perplexity.mlx_perplexity, staged, text)
+            else:
+                ppl = await asyncio.to_thread(perplexity.gguf_perplexity, staged, text)
+            metrics["perplexity"] = round(ppl, 4)
+        return metrics
+
+
+def describe(cfg: QuantConfig) -> str:
+    kind = "one GGUF file" if cfg.family == "gguf" else "an MLX model folder"
+    return f"{cfg.qtype} of {base_name(cfg.model)} into {kind}: {output_path(cfg)}"
