@@ -25,7 +25,8 @@ class BatchPlan:
     def __post_init__(self):
         order = sorted(range(len(self.examples)), key=self._length)
         bs = self.batch_size
-        self.groups = [order[i : i + bs] for i in range(0, len(order) - bs + 1, bs)]
+        # The remainder forms a last, smaller batch: every row is trained on in every epoch.
+        self.groups = [order[i : i + bs] for i in range(0, len(order), bs)]
 
     def _length(self, i: int) -> int:
         ex = self.examples[i]

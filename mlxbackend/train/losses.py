@@ -60,7 +60,7 @@ def reference_logps(model, plan) -> "object":
     import numpy as np
 
     out = np.zeros((len(plan.examples), 2), np.float32)
-    for rows in plan.groups + [r for r in _leftover(plan)]:
+    for rows in plan.groups:
         inputs, lengths = plan._preference_batch(rows)[:2]
         logps, _ = sequence_logps(model, inputs, lengths)
         chosen, rejected = mx.split(logps, 2)
@@ -68,9 +68,3 @@ def reference_logps(model, plan) -> "object":
         out[rows, 0] = np.array(chosen)
         out[rows, 1] = np.array(rejected)
     return out
-
-
-def _leftover(plan):
-    seen = {i for g in plan.groups for i in g}
-    rest = [i for i in range(len(plan.examples)) if i not in seen]
-    return [rest] if rest else []
