@@ -74,7 +74,7 @@ def through_grpc(stub, model_dir: Path, data: Path, out: Path, args) -> float:
 
     job = stub.StartFineTune(pb.FineTuneRequest(
         model=str(model_dir), dataset_source=str(data), output_dir=str(out), adapter_rank=args.rank,
-        adapter_alpha=2.0 * args.rank, learning_rate=1e-4, max_steps=args.steps, batch_size=args.batch_size,
+        adapter_alpha=2 * args.rank, learning_rate=1e-4, max_steps=args.steps, batch_size=args.batch_size,
         gradient_accumulation_steps=1, warmup_steps=0, weight_decay=0.01, seed=0,
     ))
     steps = {}
@@ -101,6 +101,7 @@ def main():
     from mlxbackend.default_model import ensure_default_model
 
     model_dir = Path(args.model) if args.model else ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
+    model_dir = model_dir.resolve()
     results = {"direct": [], "grpc": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = dataset(Path(tmp))
