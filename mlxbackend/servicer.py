@@ -2,6 +2,7 @@
 
 Capability code takes plain values; this is the only module that reads request messages."""
 
+import asyncio
 import json
 import os
 
@@ -181,8 +182,6 @@ class Servicer:
         return pb.Result(success=True, message=message)
 
     async def ListCheckpoints(self, request, context):
-        import asyncio
-
         from mlxbackend.train.checkpoints import list_checkpoints
 
         require(request.output_dir, "output_dir")
@@ -192,9 +191,12 @@ class Servicer:
     async def ExportModel(self, request, context):
         from mlxbackend.train.export import export_model
 
-        message = await self.worker.run(
+        def on_worker(fn, *args):
+            return self.worker.call(fn, *args).result()
+
+        message = await asyncio.to_thread(
             export_model, request.checkpoint_path, request.output_path, request.export_format,
-            request.quantization_method, request.model, dict(request.extra_options),
+            request.quantization_method, request.model, dict(request.extra_options), on_worker=on_worker,
         )
         return pb.Result(success=True, message=message)
 

@@ -343,3 +343,15 @@ def test_gguf_export_answers_like_mlx(ft_server, trained_job, tmp_path):
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, verbose=False)
         text = llm(prompt, max_tokens=10, temperature=0.0)["choices"][0]["text"]
         assert text == mlx_text, (qtype, text, mlx_text)
+
+
+def test_mixed_precision_bf16(ft_server, tiny_dir, secret_data, tmp_path):
+    """mixed_precision bf16: frozen weights in bfloat16, the job trains; fp8 is refused."""
+    job = ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "out", max_steps=20,
+                                               mixed_precision="bf16"))
+    updates = follow(ft_server, job.job_id)
+    train = [u for u in updates if u.status == "training" and u.loss]
+    assert updates[-1].status == "completed" and train[-1].loss < train[0].loss / 3
+    with pytest.raises(grpc.RpcError) as err:
+        ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "fp8", mixed_precision="fp8"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bf16" in err.value.details()

@@ -102,8 +102,11 @@ def write_yaml(output_path: Path, name: str, model: str, lora_adapter: str = "",
 
 
 def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_method: str = "",
-                 model: str = "", options: dict | None = None, progress=None) -> str:
-    """Run one export; returns a message naming what was written. Runs on the MLX worker."""
+                 model: str = "", options: dict | None = None, progress=None, on_worker=None) -> str:
+    """Run one export; returns a message naming what was written. `on_worker(fn, *args)` runs
+    the MLX parts on the server's MLX thread (the llama.cpp converter then runs in the calling
+    thread, leaving the worker free); without it everything runs in the caller."""
+    on_worker = on_worker or (lambda fn, *args: fn(*args))
     options = dict(options or {})
     fmt = (fmt or "lora").lower()
     if fmt in NOT_SUPPORTED:
@@ -120,7 +123,8 @@ def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_
         if qtype not in SUPPORTED_TYPES:
             raise InvalidInput(f"unknown GGUF quantization_method {quantization_method!r}; supported: {', '.join(SUPPORTED_TYPES)}")
     adapter_dir = adapter_source(checkpoint_path)
-    base_dir = base_model_dir(adapter_dir, model, options.get("model_path", os.environ.get("MLXB_MODELS_DIR", "")))
+    models_dir = options.get("model_path", os.environ.get("MLXB_MODELS_DIR", ""))
+    base_dir = on_worker(base_model_dir, adapter_dir, model, models_dir)  # may import a .gguf
     out = Path(output_path).absolute()
     if out.exists() and any(out.iterdir()) and options.get("overwrite", "").lower() not in ("1", "true", "yes"):
         raise InvalidInput(f"output_path {out} exists and is not empty (extra_options overwrite=true replaces it)")
@@ -142,14 +146,15 @@ def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_
             yaml_args = dict(model=str(base_dir), lora_adapter=str(out))
             written = out
         elif fmt in ("merged_16bit", "merged_4bit"):
-            save_merged(tmp, base_dir, adapter_dir, fmt, options)
+            on_worker(save_merged, tmp, base_dir, adapter_dir, fmt, options)
             yaml_args = dict(model=str(out))
             written = out
         else:
             from converters.mlx_to_gguf import mlx_to_gguf
 
             hf_dir = tmp / "merged"
-            save_merged(hf_dir, base_dir, adapter_dir, "merged_16bit", dict(options, dtype=options.get("dtype", "float16")))
+            merged_options = dict(options, dtype=options.get("dtype", "float16"))
+            on_worker(save_merged, hf_dir, base_dir, adapter_dir, "merged_16bit", merged_options)
             gguf_name = f"{name}-{qtype}.gguf"
             mlx_to_gguf(hf_dir, tmp / gguf_name, qtype, progress=progress,
                         pre_tokenizer=options.get("pre_tokenizer") or None)
