@@ -1,4 +1,4 @@
-"""`mlxbackend` command line: serve, chat, convert, bench, finetune, export."""
+"""`mlxbackend` command line: serve, chat, convert, bench, finetune, export, quantize."""
 
 import argparse
 import asyncio
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mlxbackend.train.commands import add_parsers
 
     add_parsers(sub)  # finetune, export
+    from mlxbackend.quantize.commands import add_parser as add_quantize
+
+    add_quantize(sub)
     return parser
 
 

@@ -22,3 +22,14 @@ def parse_options(entries) -> dict:
         if sep and key.strip():
             options[key.strip()] = parse_value(value)
     return options
+
+
+def key_values(pairs) -> dict:
+    """CLI `--option key=value` pairs → {key: value} strings (extra_options)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--option expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -215,3 +215,19 @@ def test_bad_inputs(qserver, trained_dir, tmp_path):
     code, _ = code_of(lambda: s.StopQuantization(pb.QuantizationStopRequest(job_id="")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert qserver.healthy()
+
+
+def test_cli_quantize(tiny_dir, tmp_path):
+    """`mlxbackend quantize` runs a job through its own backend and shows the result."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mlxbackend", "quantize", str(tiny_dir), "--type", "mlx-q4",
+                          "--output", str(tmp_path), "--option", "group_size=32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "completed" in run.stdout and "compression_ratio" in run.stdout
+    assert (tmp_path / f"{tiny_dir.name}-mlx-q4" / "config.json").exists()
+    run = subprocess.run([sys.executable, "-m", "mlxbackend", "quantize", str(tiny_dir), "--type", "q9_z",
+                          "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "INVALID_ARGUMENT" in run.stdout

@@ -1,6 +1,5 @@
 """`mlxbackend finetune` (a job over gRPC, with a rich progress bar) and `mlxbackend export`."""
 
-import sys
 from pathlib import Path
 
 
@@ -40,16 +39,6 @@ def add_parsers(sub):
     p.set_defaults(func=cmd_export)
 
 
-def _options(pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            sys.exit(f"--option expects key=value, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def cmd_finetune(args):
     import grpc
     from rich.console import Console
@@ -62,6 +51,7 @@ def cmd_finetune(args):
     )
 
     from mlxbackend.client import connect, spawn_server
+    from mlxbackend.options import key_values
     from mlxbackend.proto import backend_pb2 as pb
 
     console = Console()
@@ -78,7 +68,7 @@ def cmd_finetune(args):
         num_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, warmup_steps=args.warmup, save_steps=args.save_steps,
         optimizer=args.optimizer, seed=args.seed, gradient_checkpointing=args.grad_checkpoint,
-        resume_from_checkpoint=args.resume, extra_options=_options(args.option),
+        resume_from_checkpoint=args.resume, extra_options=key_values(args.option),
     )
     job_id = None
     try:
@@ -121,6 +111,7 @@ def cmd_export(args):
     from rich.console import Console
 
     from mlxbackend.errors import BackendError
+    from mlxbackend.options import key_values
     from mlxbackend.train.export import export_model
 
     console = Console()
@@ -130,7 +121,7 @@ def cmd_export(args):
 
         try:
             message = export_model(args.checkpoint, args.output, args.format, args.quantization, args.model,
-                                   _options(args.option), progress=progress)
+                                   key_values(args.option), progress=progress)
         except (BackendError, ValueError, FileNotFoundError) as exc:
             console.print(f"[red]{exc}[/red]")
             return 1
