@@ -7,6 +7,7 @@ Results cross into asyncio through `loop.call_soon_threadsafe`; the event loop n
 import asyncio
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 DONE = object()
@@ -67,6 +68,7 @@ class Worker:
     def __init__(self, name: str = "mlx-worker"):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.active: list = []  # steppers: step() -> keep going?, abort()
+        self._serving = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
@@ -95,6 +97,33 @@ class Worker:
 
         self.call(attach)
         return job
+
+    def serve_pending(self, budget: float):
+        """Worker thread, from inside a long call (a quantization method that loops in a library):
+        run waiting calls and stepper rounds for about `budget` seconds, so other requests keep
+        moving. Never nested; a stop request is left for the main loop."""
+        if threading.current_thread() is not self.thread or self._serving:
+            return
+        self._serving = True
+        try:
+            deadline = time.monotonic() + max(0.05, budget)
+            while time.monotonic() < deadline:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    item = False
+                if item is None:  # stop: put it back for the main loop
+                    self.inbox.put(None)
+                    return
+                if item:
+                    self._call(*item)
+                    del item
+                elif self.active:
+                    self._round()
+                else:
+                    return
+        finally:
+            self._serving = False
 
     def busy(self) -> bool:
         return bool(self.active)

@@ -21,6 +21,11 @@ layout, loadable by this backend's LoadModel) plus a LocalAI model config
     mlx-mixed_2_6, mlx-mixed_3_4, mlx-mixed_3_6, mlx-mixed_4_6
                                                      mlx-lm's mixed-bit recipes (like llama.cpp's _M)
     mlx-bf16, mlx-f16, mlx-f32                       no quantization, weights cast to that dtype
+    mlx-awq, mlx-gptq, mlx-dwq, mlx-dynamic          data-aware affine quantization (mlx-lm's AWQ,
+                                                     GPTQ, distilled DWQ, sensitivity-based mixed
+                                                     bits); REQUIRE extra_options calibration_text
+                                                     (see `quantize.calibrated`); 4 bits, group 64
+                                                     unless `bits` / `group_size` say otherwise
 
 `extra_options`
 ---------------
@@ -34,6 +39,23 @@ layout, loadable by this backend's LoadModel) plus a LocalAI model config
     threads          llama.cpp quantizer threads (0 = all cores)
     perplexity_text  a local text file: report the perplexity of the unquantized and quantized
                      model on it (extra_metrics perplexity / perplexity_base)
+
+Data-aware MLX types (mlx-awq, mlx-gptq, mlx-dwq, mlx-dynamic) only; nothing is downloaded:
+
+    calibration_text     REQUIRED: a local text file (missing option: INVALID_ARGUMENT; missing
+                         file: NOT_FOUND), tokenized with the model's tokenizer into blocks
+    calibration_samples  number of blocks N (default 32)
+    calibration_seq_len  tokens per block L (default 256, at least 32); N and L are clamped to
+                         what the text gives, at least 4 blocks of 32 tokens (else the job fails
+                         saying how many tokens are needed; under 127 bytes: INVALID_ARGUMENT)
+    bits                 bits of the quantized layers (default 4; GPTQ: 2, 4 or 8)
+    seed                 which blocks are picked (default 123)
+    embed_bits           AWQ: embedding / lm_head bits (default 4); GPTQ: bits of the non-Linear
+                         layers, i.e. the embeddings (default 6)
+    embed_group_size     their group size (AWQ default 32, GPTQ default group_size)
+    high_bits            dynamic: bits of the sensitive layers (default: the next above bits)
+    target_bpw           dynamic: target bits per weight (default halfway between the two)
+    learning_rate        DWQ: Adam learning rate of the distillation (default 1e-6)
 
 Inputs: an MLX or Hugging Face model folder (quantized or not), a `.gguf` file (imported into MLX
 first), or a Hugging Face id (local cache first, then a download unless HF_HUB_OFFLINE)."""
@@ -52,12 +74,16 @@ FLOAT_MODES = ("mxfp4", "nvfp4", "mxfp8")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "fp16": "float16", "f32": "float32", "fp32": "float32"}
 AFFINE_GROUPS = (32, 64, 128)
-OPTIONS = ("group_size", "pre_tokenizer", "name", "model_path", "hf_token", "threads", "perplexity_text")
+CALIBRATED = ("awq", "gptq", "dwq", "dynamic")  # data-aware: need local calibration text
+OPTIONS = ("group_size", "pre_tokenizer", "name", "model_path", "hf_token", "threads", "perplexity_text",
+           "calibration_text", "calibration_samples", "calibration_seq_len", "bits", "seed", "embed_bits",
+           "embed_group_size", "high_bits", "target_bpw", "learning_rate")
 
 
 def mlx_types() -> list:
     return ([MLX_PREFIX + k for k in AFFINE_BITS] + [MLX_PREFIX + m for m in FLOAT_MODES]
-            + [MLX_PREFIX + r for r in RECIPES] + [MLX_PREFIX + d for d in ("bf16", "f16", "f32")])
+            + [MLX_PREFIX + r for r in RECIPES] + [MLX_PREFIX + d for d in ("bf16", "f16", "f32")]
+            + [MLX_PREFIX + c for c in CALIBRATED])
 
 
 @dataclass
@@ -73,6 +99,7 @@ class QuantConfig:
     group_size: int | None = None
     recipe: str | None = None
     dtype: str | None = None  # float-only output (no quantization)
+    method: str | None = None  # data-aware: awq | gptq | dwq | dynamic (see quantize.calibrated)
     options: dict = field(default_factory=dict)
 
     def opt(self, key: str, default=""):
@@ -103,6 +130,8 @@ def parse_type(name: str, options: dict) -> dict:
             spec.update(mode=kind)
         elif kind in RECIPES:
             spec.update(recipe=kind, mode="affine")
+        elif kind in CALIBRATED:
+            spec.update(method=kind, mode="affine")
         elif kind in DTYPES:
             spec.update(dtype=DTYPES[kind])
             kind = {"fp16": "f16", "fp32": "f32"}.get(kind, kind)
@@ -152,6 +181,10 @@ def quantization_config(model: str = "", quantization_type: str = "", output_dir
             int(options["threads"])
         except ValueError:
             raise InvalidInput(f"extra_options threads must be an integer, got {options['threads']!r}") from None
+    if spec.get("method"):
+        from mlxbackend.quantize.calibrated import settings
+
+        settings(spec["method"], options)  # InvalidInput / NotFound now, not in the job
     text = options.get("perplexity_text")
     if text and not Path(text).is_file():
         raise InvalidInput(f"extra_options perplexity_text {text!r} is not a file")

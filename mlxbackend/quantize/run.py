@@ -8,7 +8,10 @@ Phases and progress (contract §12.6):
                           convert_hf_to_gguf.py (subprocess, from a plain thread);
                           MLX: load (and dequantize / cast) on the worker
     quantizing  50–95 %   GGUF: llama.cpp's quantizer (subprocess); MLX: mlx-lm's quantize_model,
-                          evaluated one transformer block per worker call, then saved
+                          evaluated one transformer block per worker call, then saved;
+                          data-aware MLX types (mlx-awq/gptq/dwq/dynamic): the calibration text
+                          tokenized (45 %), then mlx-lm's method in one worker call reporting
+                          per loop iteration (50–85 %), see `quantize.calibrated`
     completed   100 %     output_file + extra_metrics {file_size_mb, compression_ratio, …}
 
 Everything MLX runs on the backend's single MLX worker thread, one short call at a time, so
@@ -204,7 +207,9 @@ class QuantRun:
         n_layers = await self.worker.run(self._load, src)
         self.check()
         self.report("converting", 40, "loaded")
-        if cfg.quantize:
+        if cfg.method:
+            await self._calibrated(n_layers)
+        elif cfg.quantize:
             self.report("quantizing", 50, f"quantizing ({cfg.qtype})")
             await self.worker.run(self._quantize)
             for i in range(n_layers):
@@ -219,6 +224,47 @@ class QuantRun:
         staged = self.tmp / self.final.name
         await self.worker.run(self._save, src, staged)
         return staged
+
+    async def _calibrated(self, n_layers: int):
+        """Data-aware methods (quantize.calibrated): evaluate the float model layer by layer,
+        tokenize the calibration text, then mlx-lm's method in one worker call whose loop
+        iterations publish progress (50–85 %), see stops and serve the worker's other work."""
+        from mlxbackend.quantize.calibrated import settings
+
+        cfg = self.cfg
+        s = settings(cfg.method, cfg.options)
+        for i in range(n_layers):
+            self.check()
+            await self.worker.run(self._eval_layer, i)
+            self.report("converting", 40 + 5 * (i + 1) / max(1, n_layers))
+        self.check()
+        await self.worker.run(self._eval_all)
+        self.report("quantizing", 45, "tokenizing the calibration text")
+        shape = await self.worker.run(self._calibration, s)
+        self.check()
+        self.report("quantizing", 50, f"{cfg.qtype}: {shape[0]} calibration blocks of {shape[1]} tokens")
+        await self.worker.run(self._run_method, s)
+        self.check()
+
+    def _calibration(self, s: dict) -> tuple:
+        """Worker: the [N, L] calibration token blocks."""
+        from mlxbackend.quantize.calibrated import calibration_blocks
+
+        data = calibration_blocks(self.state["tokenizer"], s)
+        self.state["calibration"] = data
+        return tuple(data.shape)
+
+    def _run_method(self, s: dict):
+        """Worker: the method itself (one call; see quantize.calibrated for its granularity)."""
+        from mlxbackend.quantize import calibrated
+
+        def progress(fraction, message):
+            self.report("quantizing", 50 + 35 * fraction, message)
+
+        st = self.state
+        model, config = calibrated.quantize(st.pop("model"), st["config"], st.pop("calibration"), s,
+                                            self.cfg.group_size or 64, progress, self.worker)
+        st.update(model=model, config=config)
 
     def _load(self, src: Path) -> int:
         """Worker: lazy load; dequantize an MLX-quantized input; cast when asked."""
