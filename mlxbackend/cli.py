@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mlxbackend.quantize.commands import add_parser as add_quantize
 
     add_quantize(sub)
+    from mlxbackend.audio.commands import add_parser as add_transcribe
+
+    add_transcribe(sub)
     return parser
 
 

@@ -19,8 +19,6 @@ PENDING = {
     "Rerank": "reranking",
     "GenerateImage": "image generation (DiffusionKit)",
     "GenerateVideo": "video generation",
-    "AudioTranscription": "transcription (mlx-whisper)",
-    "AudioTranscriptionStream": "transcription (mlx-whisper)",
     "TTS": "text-to-speech",
     "TTSStream": "text-to-speech",
     "SoundGeneration": "sound generation",
@@ -49,11 +47,13 @@ class Servicer:
     """One method per RPC. Unlisted RPCs answer UNIMPLEMENTED naming the capability."""
 
     def __init__(self, default_model: str = ""):
+        from mlxbackend.audio.engine import AudioEngine
         from mlxbackend.quantize.service import Quantizations
         from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
         from mlxbackend.train.service import FineTunes
 
         self.worker = Worker()
+        self.audio = AudioEngine(self.worker)
         self.text = TextEngine(self.worker)
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
@@ -72,6 +72,12 @@ class Servicer:
 
         if is_job_process(request):
             return pb.Result(success=True, message="MLX backend ready (job process, no model loaded)")
+        from mlxbackend.audio import whisper_dir
+
+        whisper = whisper_dir(request.Model, request.ModelFile, request.ModelPath, request.Type)
+        if whisper is not None:
+            wm = await self.audio.load(whisper)
+            return pb.Result(success=True, message=f"MLX whisper model loaded successfully: {wm.path}")
         adapters = []
         if request.LoraAdapter:
             adapters.append((request.LoraAdapter, request.LoraScale or 1.0))
@@ -94,6 +100,7 @@ class Servicer:
         await self.finetunes.stop_all()  # LocalAI's stop: Free, then SIGTERM (a checkpoint is kept)
         await self.quantizations.stop_all(timeout=5)  # no partial output is kept
         await self.text.free()
+        await self.audio.free()
         return pb.Result(success=True, message="model freed")
 
     async def Predict(self, request, context):
@@ -133,7 +140,9 @@ class Servicer:
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     async def Status(self, request, context):
-        if self.text.current is None:
+        if self.text.current is None and self.audio.current is not None:
+            state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
+        elif self.text.current is None:
             state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
         else:
             state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
@@ -163,6 +172,18 @@ class Servicer:
             tool_format=markers,
         )
 
+    async def AudioTranscription(self, request, context):
+        done = await self.audio.transcribe(*transcript_request(request))
+        return transcript_result(done)
+
+    async def AudioTranscriptionStream(self, request, context):
+        from mlxbackend.audio.engine import Segment, Transcript
+
+        async for event in self.audio.events(*transcript_request(request)):
+            if isinstance(event, Segment):
+                yield pb.TranscriptStreamResponse(delta=event.text)
+            elif isinstance(event, Transcript):
+                yield pb.TranscriptStreamResponse(final_result=transcript_result(event))
 
     async def StartFineTune(self, request, context):
         from mlxbackend.train.config import fine_tune_config
@@ -255,6 +276,28 @@ def text_request(request):
         grammar=request.Grammar, json_schema=request.Metadata.get("json_schema", ""),
     )
     return spec, req
+
+
+def transcript_request(request):
+    """TranscriptRequest → AudioEngine arguments (dst, Options, diarize, granularities)."""
+    from mlxbackend.audio.engine import Options
+
+    opts = Options(
+        language=request.language, translate=request.translate, prompt=request.prompt,
+        temperature=request.temperature,
+    )
+    return request.dst, opts, request.diarize, [g.strip().lower() for g in request.timestamp_granularities]
+
+
+def transcript_result(t) -> "pb.TranscriptResult":
+    """Segment times in int64 nanoseconds, duration in float seconds (LocalAI's units)."""
+    return pb.TranscriptResult(
+        text=t.text, language=t.language, duration=t.duration,
+        segments=[
+            pb.TranscriptSegment(id=s.id, start=round(s.start * 1e9), end=round(s.end * 1e9), text=s.text, tokens=s.tokens)
+            for s in t.segments
+        ],
+    )
 
 
 def chat_delta(delta) -> "pb.ChatDelta":

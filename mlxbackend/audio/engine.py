@@ -1,0 +1,104 @@
+"""Transcription capability: the loaded whisper model, and requests run on the shared MLX worker.
+
+Audio is decoded (PyAV) off the event loop in a plain thread; the whisper run itself is one
+call on the MLX worker, so transcriptions queue behind each other and behind text work. Its
+segments reach the caller window by window through the request's Job while it runs; a cancelled
+request stops at the next 30-s window."""
+
+import asyncio
+import gc
+from pathlib import Path
+
+from mlxbackend.audio.decode import load_audio
+from mlxbackend.audio.whisper import Options, Progress, Segment, Transcript, language_code
+from mlxbackend.errors import InvalidInput, NotLoaded, Unsupported
+from mlxbackend.worker import DONE, Job, Worker
+
+
+class AudioEngine:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.current = None  # WhisperModel
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def load(self, path: Path):
+        from mlxbackend.audio.whisper import is_whisper_dir, load_whisper
+
+        if not is_whisper_dir(path):
+            raise InvalidInput(f"{path} is not an MLX whisper folder (config.json with n_mels, n_audio_ctx, …)")
+        wm = await self.worker.run(load_whisper, Path(path))
+        self.current = wm
+        return wm
+
+    async def free(self):
+        if self.current is None:
+            return
+
+        def drop():
+            import importlib
+
+            import mlx.core as mx
+
+            self.current = None
+            holder = importlib.import_module("mlx_whisper.transcribe").ModelHolder
+            holder.model = holder.model_path = None  # mlx-whisper's own reference
+            gc.collect()
+            mx.clear_cache()
+
+        await self.worker.run(drop)
+
+    def model(self):
+        if self.current is None:
+            raise NotLoaded("no whisper model loaded: call LoadModel with a whisper model folder first")
+        return self.current
+
+    # -- requests ----------------------------------------------------------------------------
+    async def prepare(self, dst: str, language: str = "", diarize: bool = False, granularities=()):
+        """Validate and decode (off the event loop): (model, samples, language code, words?)."""
+        wm = self.model()
+        if diarize:
+            raise Unsupported("diarize is not supported by this backend (whisper has no speaker diarization)")
+        bad = [g for g in granularities if g not in ("segment", "word")]
+        if bad:
+            raise InvalidInput(f"unknown timestamp_granularities {bad}; use 'segment' and/or 'word'")
+        code = language_code(language)
+        audio = await asyncio.to_thread(load_audio, dst)
+        return wm, audio, code, "word" in granularities
+
+    def start(self, wm, audio, opts: Options) -> Job:
+        """Run the transcription on the worker; the job yields Segment and Progress events and
+        ends with one Transcript."""
+        from mlxbackend.audio.whisper import transcribe
+
+        job = Job(asyncio.get_running_loop())
+
+        def run():
+            try:
+                job.put(transcribe(wm, audio, opts, job.put, job.cancelled.is_set))
+            except BaseException as exc:
+                job.put(exc)
+            job.put(DONE)
+
+        self.worker.call(run)
+        return job
+
+    async def events(self, dst: str, opts: Options, diarize=False, granularities=()):
+        """Segment / Progress events as decoding proceeds, then the Transcript."""
+        wm, audio, code, words = await self.prepare(dst, opts.language, diarize, granularities)
+        opts.language, opts.words = code, words or opts.words
+        job = self.start(wm, audio, opts)
+        try:
+            async for event in job:
+                yield event
+        finally:
+            job.cancel()  # client gone or finished: stop at the next window
+
+    async def transcribe(self, dst: str, opts: Options, diarize=False, granularities=()) -> Transcript:
+        final = None
+        async for event in self.events(dst, opts, diarize, granularities):
+            if isinstance(event, Transcript):
+                final = event
+        return final
+
+
+__all__ = ["AudioEngine", "Options", "Progress", "Segment", "Transcript"]
