@@ -60,6 +60,8 @@ def cmd_convert(args):
         from converters.gguf_to_mlx import main as convert_main
     elif args.source == "to-gguf":
         from converters.mlx_to_gguf import main as convert_main
+    elif args.source == "whisper":
+        from converters.whisper_to_mlx import main as convert_main
     else:
         from converters.hf_to_mlx import main as convert_main
     sys.exit(convert_main(args.rest))
@@ -99,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="mlxbackend convert gguf IN.gguf OUT [--dtype float32 --dequantize] | "
         "mlxbackend convert hf SRC OUT [-q --q-bits 4 …] | "
         "mlxbackend convert to-gguf MODEL_DIR OUT.gguf [--type q4_k_m] (export for llama.cpp); "
+        "mlxbackend convert whisper SRC OUT [--dtype float16 -q] (HF/OpenAI/MLX whisper → MLX whisper); "
         "add -h after the source for its options",
     )
-    p.add_argument("source", choices=["gguf", "hf", "to-gguf"])
+    p.add_argument("source", choices=["gguf", "hf", "to-gguf", "whisper"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the converter's arguments")
     p.set_defaults(func=cmd_convert)
 
