@@ -355,3 +355,20 @@ def test_mixed_precision_bf16(ft_server, tiny_dir, secret_data, tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "fp8", mixed_precision="fp8"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bf16" in err.value.details()
+
+
+def test_localai_stop_free_then_sigterm_keeps_checkpoint(tiny_dir, secret_data, tmp_path):
+    """LocalAI stops a job by Free, then SIGTERM: the job ends `stopped` with a checkpoint and the
+    process exits cleanly."""
+    srv = Server(env={"MLXB_JOBS_DIR": str(tmp_path / "jobs")})
+    try:
+        out = tmp_path / "out"
+        job = srv.stub.StartFineTune(request(tiny_dir, secret_data, out, max_steps=100000))
+        follow(srv, job.job_id, until=lambda u: u.status == "training" and u.current_step >= 3)
+        assert srv.stub.Free(pb.HealthMessage()).success
+        rest = follow(srv, job.job_id)
+        assert rest[-1].status == "stopped" and Path(rest[-1].checkpoint_path).is_dir()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(15) == 0
+    finally:
+        srv.stop()
