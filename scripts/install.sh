@@ -2,7 +2,7 @@
 # One-line installer for the mlxbackend LocalAI backend.
 #
 #   curl -fsSL <raw url of this file> | bash                  # on a Mac
-#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio]
+#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio] [--with-gguf]
 #
 # Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json), then prints how
 # to register it with LocalAI. Uses uv when present, else python3 -m venv + pip.
@@ -12,6 +12,7 @@ TARGET="${MLXB_TARGET:-${LOCALAI_BACKENDS_PATH:-$HOME/.localai/backends}/mlx}"
 SOURCE="${MLXB_SOURCE:-}"
 WITH_DEFAULT_MODEL=1
 WITH_AUDIO="${MLXB_WITH_AUDIO:-1}"
+WITH_GGUF="${MLXB_WITH_GGUF:-0}"
 PYTHON="${PYTHON:-python3}"
 
 while [ $# -gt 0 ]; do
@@ -22,6 +23,7 @@ while [ $# -gt 0 ]; do
     --source=*) SOURCE="${1#*=}"; shift ;;
     --no-default-model) WITH_DEFAULT_MODEL=0; shift ;;
     --no-audio) WITH_AUDIO=0; shift ;;
+    --with-gguf) WITH_GGUF=1; shift ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -81,6 +83,17 @@ if [ "$WITH_AUDIO" = 1 ]; then
   say "installing transcription support (mlx-whisper, PyAV)"
   "${PIP[@]}" numba scipy tiktoken tqdm more-itertools huggingface_hub 'av>=12' 2>&1 | grep -v '^WARNING: Location' || true
   "${PIP[@]}" --no-deps mlx-whisper==0.4.3 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if [ "$WITH_GGUF" = 1 ]; then
+  # GGUF export / quantization jobs: llama.cpp's converter (needs torch) and quantizer.
+  say "installing GGUF support (torch, llama-cpp-python, llama.cpp's converter)"
+  if [ "$OS" = Linux ]; then  # never PyPI's multi-GB CUDA build
+    "${PIP[@]}" --no-index --no-deps torch==2.13.0 2>/dev/null \
+      || "${PIP[@]}" --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+  fi
+  "${PIP[@]}" torch numpy safetensors transformers sentencepiece pyyaml tqdm llama-cpp-python==0.3.36 2>&1 \
+    | grep -v '^WARNING: Location' || true
+  "$TARGET/venv/bin/python" -m converters.llama_cpp_tools || die "llama.cpp's converter could not be prepared"
 fi
 "$TARGET/venv/bin/python" -c "import mlxbackend.server" || die "the package does not import"
 
