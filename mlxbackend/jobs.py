@@ -13,9 +13,10 @@ import asyncio
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
-from mlxbackend.errors import NotFound
+from mlxbackend.errors import InvalidInput, NotFound
 
 TERMINAL = ("completed", "failed", "stopped")
 STATE_FILE = "job.json"
@@ -30,6 +31,25 @@ def write_json_atomic(path: Path, data: dict):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def check_output_dir(path: str):
+    """Create output_dir now, so an unwritable one fails the Start call itself."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInput(f"output_dir {path} is not writable: {exc.strerror or exc}") from None
+
+
+async def wait_ended(runs: dict, timeout: float):
+    """Wait until `runs` (job_id -> running job) is empty, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while runs and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def remember(kind: str, job_id: str, output_dir: Path):
@@ -94,6 +114,27 @@ class JobBoard:
         self.loop = asyncio.get_running_loop()
         with self.lock:
             self.snapshots[job_id] = dict(snapshot, job_id=job_id)
+
+    def publisher(self, job_id: str, output_dir: str, config: dict, on_end=None):
+        """publish(**fields) for one job: the board, plus `<output_dir>/job.json` on each status
+        change, at the end and every 10 s. on_end() runs before a terminal status goes out."""
+        state = {"status": None, "written": 0.0}
+        path = Path(output_dir) / STATE_FILE
+
+        def publish(**fields):
+            if on_end is not None and fields.get("status") in TERMINAL:
+                on_end()
+            snapshot = self.publish(job_id, **fields)
+            status = snapshot.get("status")
+            now = time.monotonic()
+            if status != state["status"] or now - state["written"] > 10 or status in TERMINAL:
+                state.update(status=status, written=now)
+                try:
+                    write_json_atomic(path, {"snapshot": snapshot, "config": config})
+                except OSError:
+                    pass
+
+        return publish
 
     def publish(self, job_id: str, **fields) -> dict:
         """Any thread: merge fields into the job's snapshot and send it to every subscriber."""

@@ -7,21 +7,12 @@ import asyncio
 import functools
 import json
 import os
-import time
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound, Precondition
-from mlxbackend.jobs import (
-    STATE_FILE,
-    TERMINAL,
-    JobBoard,
-    recovered_snapshot,
-    remember,
-    write_json_atomic,
-)
+from mlxbackend.jobs import JobBoard, check_output_dir, recovered_snapshot, remember, wait_ended
 from mlxbackend.quantize.config import QuantConfig, models_dir
 from mlxbackend.quantize.run import QuantRun, describe
-from mlxbackend.train.config import check_output_dir
 
 
 class Quantizations:
@@ -42,7 +33,7 @@ class Quantizations:
             await asyncio.to_thread(check_architecture, source)
         remember("quantize", cfg.job_id, Path(cfg.output_dir))
         self.board.open(cfg.job_id, {"status": "queued", "progress_percent": 0.0, "message": describe(cfg)})
-        publish = self._publisher(cfg)
+        publish = self.board.publisher(cfg.job_id, cfg.output_dir, cfg.to_dict())
         publish(status="queued")  # job.json from the start
         run = QuantRun(cfg, self.worker, publish, source, repo_id)
         self.runs[cfg.job_id] = run
@@ -50,25 +41,6 @@ class Quantizations:
         self.tasks[cfg.job_id] = task
         task.add_done_callback(lambda _t, j=cfg.job_id: (self.runs.pop(j, None), self.tasks.pop(j, None)))
         return cfg.job_id
-
-    def _publisher(self, cfg: QuantConfig):
-        """publish(**fields) for one job: the board, plus job.json on status changes (and every 10 s)."""
-        state = {"status": None, "written": 0.0}
-        path = Path(cfg.output_dir) / STATE_FILE
-        config = cfg.to_dict()
-
-        def publish(**fields):
-            snapshot = self.board.publish(cfg.job_id, **fields)
-            status = snapshot.get("status")
-            now = time.monotonic()
-            if status != state["status"] or now - state["written"] > 10 or status in TERMINAL:
-                state.update(status=status, written=now)
-                try:
-                    write_json_atomic(path, {"snapshot": snapshot, "config": config})
-                except OSError:
-                    pass
-
-        return publish
 
     def stop(self, job_id: str) -> str:
         run = self.runs.get(job_id)
@@ -82,9 +54,7 @@ class Quantizations:
         """Free / shutdown: stop every job and wait for them to end (their temp files removed)."""
         for run in list(self.runs.values()):
             run.request_stop()
-        deadline = time.monotonic() + timeout
-        while self.runs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_ended(self.runs, timeout)
 
     def watch(self, job_id: str):
         return self.board.watch(job_id)

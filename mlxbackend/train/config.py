@@ -3,7 +3,6 @@
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from mlxbackend.errors import InvalidInput
 from mlxbackend.options import parse_value
@@ -154,15 +153,3 @@ def fine_tune_config(
         precision=PRECISIONS[precision_name], split=dataset_split or "train",
         resume_from=resume_from_checkpoint, options=options, notes=notes,
     )
-
-
-def check_output_dir(path: str):
-    """Create output_dir now, so an unwritable one fails the Start call itself."""
-    folder = Path(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise InvalidInput(f"output_dir {path} is not writable: {exc.strerror or exc}") from None

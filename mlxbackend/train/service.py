@@ -2,14 +2,13 @@
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound, Precondition
-from mlxbackend.jobs import STATE_FILE, TERMINAL, JobBoard, remember, write_json_atomic
+from mlxbackend.jobs import JobBoard, check_output_dir, remember, wait_ended
 from mlxbackend.text.models import model_dir, read_config
 from mlxbackend.train import checkpoints
-from mlxbackend.train.config import FineTuneConfig, check_output_dir
+from mlxbackend.train.config import FineTuneConfig
 
 
 class FineTunes:
@@ -35,31 +34,12 @@ class FineTunes:
         remember("finetune", cfg.job_id, Path(cfg.output_dir))
         self.board.open(cfg.job_id, {"status": "queued", "message": f"{cfg.training_type} {cfg.method} on "
                                      f"{len(train.rows)} rows ({fmt})", "total_epochs": float(cfg.epochs)})
-        run = TrainRun(cfg, self._publisher(cfg), base_dir, train, valid, fmt, resume)
+        publish = self.board.publisher(cfg.job_id, cfg.output_dir, cfg.to_dict(),
+                                      on_end=lambda: self.runs.pop(cfg.job_id, None))
+        run = TrainRun(cfg, publish, base_dir, train, valid, fmt, resume)
         self.runs[cfg.job_id] = run
         self.worker.call(self.worker.add, run)
         return cfg.job_id
-
-    def _publisher(self, cfg: FineTuneConfig):
-        """publish(**fields) for one job: the board, plus job.json on status changes (and every 10 s)."""
-        state = {"status": None, "written": 0.0}
-        path = Path(cfg.output_dir) / STATE_FILE
-        config = cfg.to_dict()
-
-        def publish(**fields):
-            if fields.get("status") in TERMINAL:
-                self.runs.pop(cfg.job_id, None)
-            snapshot = self.board.publish(cfg.job_id, **fields)
-            status = snapshot.get("status")
-            now = time.monotonic()
-            if status != state["status"] or now - state["written"] > 10:
-                state.update(status=status, written=now)
-                try:
-                    write_json_atomic(path, {"snapshot": snapshot, "config": config})
-                except OSError:
-                    pass
-
-        return publish
 
     def stop(self, job_id: str, save_checkpoint: bool) -> str:
         run = self.runs.get(job_id)
@@ -75,9 +55,7 @@ class FineTunes:
         """Free / shutdown: stop every run, keeping a checkpoint, and wait for them to end."""
         for run in list(self.runs.values()):
             run.request_stop(True)
-        deadline = time.monotonic() + timeout
-        while self.runs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_ended(self.runs, timeout)
 
     def watch(self, job_id: str):
         return self.board.watch(job_id)
