@@ -172,8 +172,9 @@ def main(args):
             console.print(f"concurrency {n}")
             concurrency[n] = statistics.median(grpc_concurrent(stub, args.tokens, n) for _ in range(args.repeats))
     finally:
-        proc.terminate()
-        proc.wait(15)
+        from mlxbackend.client import stop_server
+
+        stop_server(proc)
     if args.llamacpp:
         # after the MLX runs: llama.cpp's idle OpenMP workers keep spinning on the cores for a while
         try:

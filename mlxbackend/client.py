@@ -34,9 +34,11 @@ def chat_request(text: str, max_tokens: int = 256, temperature: float = 0.0, **e
     )
 
 
-def spawn_server(timeout: float = 60.0):
-    """Start a backend process the way LocalAI does (run.sh --addr on a free port);
-    returns (process, stub) once Health answers."""
+def spawn_server(timeout: float = 60.0, env: dict | None = None, log=None):
+    """Start a backend process the way LocalAI does (run.sh --addr on a free port), in its own
+    process group (a Ctrl-C in the caller does not reach it); returns (process, stub) once
+    Health answers. `log`: an open file for its output (default: stdout kept, stderr dropped)."""
+    import os
     import socket
     import subprocess
     import time
@@ -46,7 +48,10 @@ def spawn_server(timeout: float = 60.0):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_sh = Path(__file__).with_name("run.sh")
-    proc = subprocess.Popen([str(run_sh), "--addr", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(run_sh), "--addr", f"127.0.0.1:{port}"], env={**os.environ, **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True,
+    )
     stub = connect(f"127.0.0.1:{port}")
     deadline = time.monotonic() + timeout
     while True:
@@ -55,6 +60,21 @@ def spawn_server(timeout: float = 60.0):
             return proc, stub
         except grpc.RpcError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                stop_server(proc)
                 raise RuntimeError("the backend process did not start") from None
             time.sleep(0.1)
+
+
+def stop_server(proc, timeout: float = 15.0):
+    """SIGTERM the backend's process group (LocalAI's stop), SIGKILL after `timeout` s."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -97,7 +97,7 @@ def main():
     parser.add_argument("--json", default="")
     args = parser.parse_args()
 
-    from mlxbackend.client import spawn_server
+    from mlxbackend.client import spawn_server, stop_server
     from mlxbackend.default_model import ensure_default_model
 
     model_dir = Path(args.model) if args.model else ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
@@ -113,8 +113,7 @@ def main():
                 print(f"round {r + 1}: mlx-lm train() {results['direct'][-1]:.0f} tok/s, "
                       f"gRPC job {results['grpc'][-1]:.0f} tok/s", flush=True)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
     d, g = statistics.median(results["direct"]), statistics.median(results["grpc"])
     summary = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
                "direct_tokens_per_second": d, "grpc_tokens_per_second": g, "ratio": g / d,

@@ -103,7 +103,7 @@ def main(argv=None):
 
     from mlxbackend.audio.decode import load_audio
     from mlxbackend.audio.whisper import temperatures
-    from mlxbackend.client import spawn_server
+    from mlxbackend.client import spawn_server, stop_server
     from mlxbackend.proto import backend_pb2 as pb
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxb-bench-transcribe-"))
@@ -160,11 +160,7 @@ def main(argv=None):
                         raw_text = text
                     print(f"  round {i + 1} {name:4s} {wall:7.2f} s  RTF {seconds / wall:6.2f}", flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
         med = {k: statistics.median(v) for k, v in times.items()}
         rtf = {k: seconds / v for k, v in med.items()}

@@ -18,9 +18,6 @@ tests/test_finetune_smollm2.py imports this module and runs the same experiment.
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -233,40 +230,19 @@ def run_experiment(stub, model: Path, workdir: Path, hyper: dict | None = None, 
 
 # -- a backend process, started as LocalAI starts one ------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Backend:
-    """scripts/run.sh --addr 127.0.0.1:PORT, stopped (the whole process group) on exit."""
+    """scripts/run.sh --addr 127.0.0.1:PORT (mlxbackend.client.spawn_server), stopped on exit."""
 
     def __init__(self, env: dict | None = None, log_path: str | None = None):
-        self.addr = f"127.0.0.1:{free_port()}"
+        from mlxbackend.client import spawn_server
+
         self.log = open(log_path or os.path.join(tempfile.gettempdir(), f"mlxb-facts-{os.getpid()}.log"), "w+")
-        self.proc = subprocess.Popen([str(ROOT / "scripts" / "run.sh"), "--addr", self.addr],
-                                     env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.stub = connect(self.addr)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if self.stub.Health(pb.HealthMessage(), timeout=2).message == b"OK":
-                    break
-            except Exception:  # noqa: BLE001 — not up yet
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"backend did not start; log: {self.log.name}") from None
-                time.sleep(0.2)
+        self.proc, self.stub = spawn_server(env=env, log=self.log)
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        from mlxbackend.client import stop_server
+
+        stop_server(self.proc)
         self.log.close()
 
     def __enter__(self):
@@ -343,7 +319,7 @@ def main(argv=None) -> int:
             result = experiment(connect(args.addr), workdir)
         else:
             with Backend() as backend:
-                console.print(f"started a backend on {backend.addr} (log {backend.log.name})")
+                console.print(f"started a backend (log {backend.log.name})")
                 result = experiment(backend.stub, workdir)
     print_report(result, console)
     if args.json:

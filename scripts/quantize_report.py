@@ -22,7 +22,6 @@ The SmolLM2 "unquantized" base is itself the bundled Q4_1 GGUF dequantized to fl
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -105,40 +104,10 @@ def parse_type(spec: str) -> tuple[str, dict, str]:
 
 
 def start_server(jobs_dir: Path):
-    """A backend process launched as LocalAI does; returns (process, stub)."""
-    import subprocess
+    """A backend process launched as LocalAI does (output in server.log); returns (process, stub)."""
+    from mlxbackend.client import spawn_server
 
-    import grpc
-
-    from mlxbackend.client import connect
-    from mlxbackend.proto import backend_pb2 as pb
-    from tests.conftest import free_port
-
-    addr = f"127.0.0.1:{free_port()}"
-    log_file = open(jobs_dir / "server.log", "w")
-    proc = subprocess.Popen([str(ROOT / "scripts" / "run.sh"), "--addr", addr], stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLXB_JOBS_DIR": str(jobs_dir)})
-    stub = connect(addr)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            stub.Health(pb.HealthMessage(), timeout=2)
-            return proc, stub
-        except grpc.RpcError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_server(proc)
-                raise RuntimeError(f"backend did not start; see {jobs_dir / 'server.log'}") from None
-            time.sleep(0.2)
-
-
-def stop_server(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
+    return spawn_server(env={"MLXB_JOBS_DIR": str(jobs_dir)}, log=open(jobs_dir / "server.log", "w"))
 
 
 def quantize(stub, model: Path, qtype: str, out: Path, job_id: str, options: dict):
@@ -267,6 +236,8 @@ def main(argv=None) -> int:
                 log("mlx-q6 (g64) misses the +5% target; trying group_size 32")
                 rows.append(measure(stub, model, "mlx-q6:g32", workdir, text, args.ask))
     finally:
+        from mlxbackend.client import stop_server
+
         stop_server(proc)
         if tmp is not None:
             tmp.cleanup()

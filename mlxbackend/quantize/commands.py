@@ -18,7 +18,7 @@ def cmd_quantize(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    from mlxbackend.client import connect, spawn_server
+    from mlxbackend.client import connect, spawn_server, stop_server
     from mlxbackend.options import key_values
     from mlxbackend.proto import backend_pb2 as pb
 
@@ -56,5 +56,4 @@ def cmd_quantize(args):
         return 1
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)

@@ -50,7 +50,7 @@ def cmd_finetune(args):
         TimeRemainingColumn,
     )
 
-    from mlxbackend.client import connect, spawn_server
+    from mlxbackend.client import connect, spawn_server, stop_server
     from mlxbackend.options import key_values
     from mlxbackend.proto import backend_pb2 as pb
 
@@ -103,8 +103,7 @@ def cmd_finetune(args):
         return 1
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
 
 
 def cmd_export(args):
