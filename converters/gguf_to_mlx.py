@@ -685,26 +685,15 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from converters.progress import step_bar
 
-    columns = (
-        TextColumn("{task.description:<32}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     try:
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task("loading", total=None)
-
-            def report(done, total, name):
-                bar.update(task, completed=done, total=total, description=name)
-
+        with step_bar("loading", 32) as report:
             out = convert_gguf(
                 args.gguf, args.out, dtype=args.dtype, dequantize=args.dequantize,
                 overwrite=args.overwrite, progress=report,
             )  # fmt: skip
-            bar.update(task, description="done")
+            report(None, None, "done")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

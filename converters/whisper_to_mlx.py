@@ -480,21 +480,10 @@ def main(argv=None) -> int:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from converters.progress import step_bar
 
-    columns = (
-        TextColumn("{task.description:<36}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     try:
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task("starting", total=None)
-
-            def report(done, total, name):
-                bar.update(task, completed=done, total=total, description=name)
-
+        with step_bar("starting", 36) as report:
             out = convert_whisper(
                 args.src, args.out, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
                 q_group_size=args.q_group_size, overwrite=args.overwrite,
