@@ -294,6 +294,9 @@ def test_cli_finetune_and_export(tiny_dir, secret_data, tmp_path):
                           "--format", "merged_16bit"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged.yaml").exists()
+    run = subprocess.run([sys.executable, "-m", "mlxbackend", "export", str(tmp_path / "no-job"), str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "no trained adapter" in run.stdout and not (tmp_path / "x").exists()
     run = subprocess.run([sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data",
                           str(tmp_path / "nope.jsonl"), "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "NOT_FOUND" in run.stdout
