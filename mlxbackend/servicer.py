@@ -15,8 +15,6 @@ from mlxbackend.worker import Worker
 
 # RPCs whose capability has not landed yet, and what would provide it.
 PENDING = {
-    "Embedding": "embeddings",
-    "Rerank": "reranking",
     "GenerateImage": "image generation (DiffusionKit)",
     "GenerateVideo": "video generation",
     "TTS": "text-to-speech",
@@ -24,10 +22,6 @@ PENDING = {
     "SoundGeneration": "sound generation",
     "VAD": "voice activity detection",
     "Detect": "object detection",
-    "StoresSet": "vector store",
-    "StoresDelete": "vector store",
-    "StoresGet": "vector store",
-    "StoresFind": "vector store",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
     "AudioDecode": "audio codec (served by LocalAI's opus backend)",
 }
@@ -48,6 +42,7 @@ class Servicer:
 
     def __init__(self, default_model: str = ""):
         from mlxbackend.audio.engine import AudioEngine
+        from mlxbackend.embed.engine import EmbedEngine
         from mlxbackend.quantize.service import Quantizations
         from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
         from mlxbackend.train.service import FineTunes
@@ -55,6 +50,8 @@ class Servicer:
         self.worker = Worker()
         self.audio = AudioEngine(self.worker)
         self.text = TextEngine(self.worker)
+        self.embed = EmbedEngine(self.worker, self.text)
+        self.store = None  # store.VectorStore, opened at the first Stores call or by LoadModel
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
         self.default_model = default_model
@@ -70,14 +67,26 @@ class Servicer:
         from mlxbackend.options import parse_options
         from mlxbackend.text.models import LoadSpec
 
+        options = parse_options(request.Options)
+        if options.get("store_path") or request.Type.strip().lower() == "store":
+            await self.open_store(options.get("store_path", ""), request.ModelPath)
+            if request.Type.strip().lower() == "store":
+                where = self.store.path or "memory only (set Options store_path to persist)"
+                return pb.Result(success=True, message=f"MLX vector store ready: {len(self.store)} keys, {where}")
         if is_job_process(request):
             return pb.Result(success=True, message="MLX backend ready (job process, no model loaded)")
         from mlxbackend.audio import whisper_dir
+        from mlxbackend.embed import encoder_dir
 
         whisper = whisper_dir(request.Model, request.ModelFile, request.ModelPath, request.Type)
         if whisper is not None:
             wm = await self.audio.load(whisper)
             return pb.Result(success=True, message=f"MLX whisper model loaded successfully: {wm.path}")
+        encoder = await asyncio.to_thread(encoder_dir, request.Model, request.ModelFile, request.ModelPath)
+        if encoder is not None:
+            await self.text.free()
+            enc = await self.embed.load_encoder(encoder, options)
+            return pb.Result(success=True, message=f"MLX embedding model loaded successfully: {enc.path}")
         adapters = []
         if request.LoraAdapter:
             adapters.append((request.LoraAdapter, request.LoraScale or 1.0))
@@ -87,10 +96,12 @@ class Servicer:
         spec = LoadSpec(
             model=request.Model, model_file=request.ModelFile, model_path=request.ModelPath,
             context_size=request.ContextSize, lora_adapters=adapters, draft_model=request.DraftModel,
-            trust_remote_code=request.TrustRemoteCode, options=parse_options(request.Options),
+            trust_remote_code=request.TrustRemoteCode, options=options,
         )
+        self.embed.configure(options)
         self.loading = True
         try:
+            await self.embed.free()
             tm = await self.text.load(spec)
         finally:
             self.loading = False
@@ -101,6 +112,7 @@ class Servicer:
         await self.quantizations.stop_all(timeout=5)  # no partial output is kept
         await self.text.free()
         await self.audio.free()
+        await self.embed.free()
         return pb.Result(success=True, message="model freed")
 
     async def Predict(self, request, context):
@@ -140,13 +152,11 @@ class Servicer:
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     async def Status(self, request, context):
-        if self.text.current is None and self.audio.current is not None:
+        if any(m is not None for m in (self.text.current, self.audio.current, self.embed.encoder)):
             state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
-        elif self.text.current is None:
-            state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
         else:
-            state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
-        breakdown = self.text.memory() if self.text.current is not None else {}
+            state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
+        breakdown = self.text.memory() if self.text.current is not None else self.embed.memory()
         return pb.StatusResponse(
             state=state, memory=pb.MemoryUsageData(total=sum(breakdown.values()), breakdown=breakdown)
         )
@@ -170,6 +180,53 @@ class Servicer:
         return pb.ModelMetadataResponse(
             supports_thinking=meta["supports_thinking"], rendered_template=meta["rendered_template"],
             tool_format=markers,
+        )
+
+    async def Embedding(self, request, context):
+        vector, _ = await self.embed.embed(request.Embeddings or request.Prompt, request.EmbeddingTokens)
+        return pb.EmbeddingResult(embeddings=vector.tolist())
+
+    async def Rerank(self, request, context):
+        done = await self.embed.rerank(request.query, list(request.documents), request.top_n)
+        return pb.RerankResult(
+            usage=pb.Usage(total_tokens=done.tokens, prompt_tokens=done.tokens),
+            results=[pb.DocumentResult(index=r.index, text=r.text, relevance_score=r.score) for r in done.results],
+        )
+
+    async def open_store(self, path: str = "", model_path: str = ""):
+        """Open the vector store at Options store_path (relative to ModelPath); memory-only without one."""
+        from mlxbackend.store import VectorStore
+
+        if path and not os.path.isabs(path) and model_path:
+            path = os.path.join(model_path, path)
+        self.store = await self.worker.run(VectorStore.open, path or None)
+        return self.store
+
+    async def stores(self):
+        return self.store if self.store is not None else await self.open_store()
+
+    async def StoresSet(self, request, context):
+        store = await self.stores()
+        keys, values = [list(k.Floats) for k in request.Keys], [v.Bytes for v in request.Values]
+        await self.worker.run(store.set, keys, values)
+        return pb.Result(success=True, message=f"{len(keys)} keys set; the store holds {len(store)}")
+
+    async def StoresDelete(self, request, context):
+        store = await self.stores()
+        deleted = await self.worker.run(store.delete, [list(k.Floats) for k in request.Keys])
+        return pb.Result(success=True, message=f"{deleted} keys deleted; the store holds {len(store)}")
+
+    async def StoresGet(self, request, context):
+        store = await self.stores()
+        keys, values = await self.worker.run(store.get, [list(k.Floats) for k in request.Keys])
+        return pb.StoresGetResult(Keys=store_keys(keys), Values=[pb.StoresValue(Bytes=v) for v in values])
+
+    async def StoresFind(self, request, context):
+        store = await self.stores()
+        keys, values, similarities = await self.worker.run(store.find, list(request.Key.Floats), request.TopK)
+        return pb.StoresFindResult(
+            Keys=store_keys(keys), Values=[pb.StoresValue(Bytes=v) for v in values],
+            Similarities=similarities.tolist(),
         )
 
     async def AudioTranscription(self, request, context):
@@ -241,6 +298,10 @@ class Servicer:
 def require(value, name: str):
     if not value:
         raise InvalidInput(f"{name} is required")
+
+
+def store_keys(keys) -> list:
+    return [pb.StoresKey(Floats=row) for row in keys.tolist()]
 
 
 def is_job_process(request) -> bool:

@@ -37,6 +37,7 @@ class TextEngine:
     def __init__(self, worker: Worker):
         self.worker = worker
         self.current: TextModel | None = None
+        self.absent = ""  # why there is no text model, when another kind of model is loaded
         self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
@@ -46,7 +47,7 @@ class TextEngine:
     # -- lifecycle ---------------------------------------------------------------------------
     async def load(self, spec: LoadSpec) -> TextModel:
         tm = await self.worker.run(load_text_model, spec)
-        self.current = tm  # requests in flight keep the model they started with
+        self.current, self.absent = tm, ""  # requests in flight keep the model they started with
         return tm
 
     async def persist(self):
@@ -66,7 +67,7 @@ class TextEngine:
 
     def model(self) -> TextModel:
         if self.current is None:
-            raise NotLoaded()
+            raise NotLoaded(self.absent) if self.absent else NotLoaded()
         return self.current
 
     # -- requests ----------------------------------------------------------------------------
