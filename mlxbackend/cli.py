@@ -62,6 +62,8 @@ def cmd_convert(args):
         from converters.mlx_to_gguf import main as convert_main
     elif args.source == "whisper":
         from converters.whisper_to_mlx import main as convert_main
+    elif args.source == "encoder":
+        from converters.encoder_to_mlx import main as convert_main
     else:
         from converters.hf_to_mlx import main as convert_main
     sys.exit(convert_main(args.rest))
@@ -102,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mlxbackend convert hf SRC OUT [-q --q-bits 4 …] | "
         "mlxbackend convert to-gguf MODEL_DIR OUT.gguf [--type q4_k_m] (export for llama.cpp); "
         "mlxbackend convert whisper SRC OUT [--dtype float16 -q] (HF/OpenAI/MLX whisper → MLX whisper); "
+        "mlxbackend convert encoder SRC OUT [--dtype float16] (HF BERT-family encoder → MLX); "
         "add -h after the source for its options",
     )
-    p.add_argument("source", choices=["gguf", "hf", "to-gguf", "whisper"])
+    p.add_argument("source", choices=["gguf", "hf", "to-gguf", "whisper", "encoder"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the converter's arguments")
     p.set_defaults(func=cmd_convert)
 
