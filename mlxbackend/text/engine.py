@@ -122,7 +122,8 @@ class TextEngine:
         Requests join the model's continuous batch. With a draft model, a request that arrives
         alone runs speculative decoding by itself; while others are in flight it joins the batch
         (batching beats speculation once there is company)."""
-        if tm.draft_model is not None and self.inflight <= 1:
+        solo = getattr(tm.model, "solo_only", False)  # a distributed model (distributed/rank0.py)
+        if solo or (tm.draft_model is not None and self.inflight <= 1):
             return self._start_solo(tm, prompt, req)
         job = Job(asyncio.get_running_loop())
 
