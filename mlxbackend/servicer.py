@@ -231,7 +231,7 @@ class Servicer:
         ), request.dst)
         return pb.Result(success=True, message=(
             f"wrote {done.dst}: {done.width}x{done.height}, {done.steps} steps, seed {done.seed}, "
-            f"{done.seconds_per_step:.2f} s/step"
+            f"{done.seconds_per_step:.3f} s/step"
         ))
 
     async def open_store(self, path: str = "", model_path: str = ""):
