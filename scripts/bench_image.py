@@ -33,7 +33,14 @@ def main(argv=None):
 
     from mlxbackend.client import spawn_server, stop_server
     from mlxbackend.image.compat import import_diffusionkit
-    from mlxbackend.image.generate import ImageRequest, encode_text, initial_latent, plan_request, sampler_for, sigmas_for
+    from mlxbackend.image.generate import (
+        ImageRequest,
+        encode_text,
+        initial_latent,
+        plan_request,
+        sampler_for,
+        sigmas_for,
+    )
     from mlxbackend.image.pipeline import LoadSettings, load_pipeline
     from mlxbackend.proto import backend_pb2 as pb
 
