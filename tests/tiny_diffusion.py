@@ -332,16 +332,18 @@ def _mmdit(base, overrides):
     return MMDiT(replace(getattr(dkc, base), **overrides, low_memory_mode=False, dtype=mx.float32))
 
 
-def build_tiny_sd3(out_dir, t5: bool = False, seed: int = 0) -> Path:
+def build_tiny_sd3(out_dir, t5: bool = False, seed: int = 0, mmdit: dict | None = None) -> Path:
     """SD3-medium layout: sd3_medium.safetensors (MMDiT + VAE), clip_l, clip_g, tokenizers,
-    and with t5=True a tiny t5/ (sentencepiece tokenizer, like google/t5-v1_1-xxl's spiece.model)."""
+    and with t5=True a tiny t5/ (sentencepiece tokenizer, like google/t5-v1_1-xxl's spiece.model).
+    mmdit overrides SD3_MMDIT (the benchmark builds a deeper, wider one)."""
     import mlx.core as mx
 
     dk = _dk()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
-    model = _mmdit("SD3_2b", SD3_MMDIT)
+    mmdit = {**SD3_MMDIT, **(mmdit or {})}
+    model = _mmdit("SD3_2b", mmdit)
     weights = sd3_checkpoint(model)
     adjusted = dk.model_io.mmdit_state_dict_adjustments(dict(weights), prefix="model.diffusion_model.")
     _check(adjusted, _params(model), "sd3 mmdit")
@@ -352,8 +354,8 @@ def build_tiny_sd3(out_dir, t5: bool = False, seed: int = 0) -> Path:
     write_clip(out / "clip_l", CLIP_L, size)
     write_clip(out / "clip_g", CLIP_G, size)
     if t5:
-        write_t5(out / "t5", SD3_MMDIT["token_level_text_embed_dim"], "spiece")
-    manifest = {"family": "sd3", "mmdit": SD3_MMDIT, "vae_decoder": VAE_DECODER, "vae_encoder": VAE_ENCODER,
+        write_t5(out / "t5", mmdit["token_level_text_embed_dim"], "spiece")
+    manifest = {"family": "sd3", "mmdit": mmdit, "vae_decoder": VAE_DECODER, "vae_encoder": VAE_ENCODER,
                 "t5_max_length": 16, "default_steps": 2, "default_cfg": 5.0, "shift": 3.0, "default_size": 64}
     (out / "diffusionkit.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -8,9 +8,12 @@ sigmas, noise and latent scaling: the same seed gives DiffusionKit's latents bit
 - CLIP features are padded to the MMDiT's token width, not a hard-coded 4096;
 - FLUX pools CLIP-L without the text projection, as the reference FLUX does; FLUX-dev's guidance
   scale goes through its guidance embedder;
-- the adaLN modulation is cached and its offloaded weights restored (from memory, not by
-  re-reading the checkpoint / hub) within each step, so the pipeline is whole between steps,
-  where the engine may run other requests; each step reports progress and can be cancelled.
+- the adaLN modulation of every step is computed up front (as sample_euler does), then detached
+  from the MMDiT and its offloaded weights restored from memory (not by re-reading the
+  checkpoint / hub); each step installs the request's own modulation for its duration, so the
+  pipeline is whole between steps, where the engine may run other requests; each step reports
+  progress and can be cancelled. tests/test_image_pipeline.py checks the latents against
+  sample_euler's.
 """
 
 import copy
@@ -310,31 +313,44 @@ def _denoised(pipe, sampler, x, timestep, sigma, cond, cfg: float):
     return negative + cfg * (positive - negative)
 
 
-def euler_step(pipe, sampler, x, timesteps, sigmas, i: int, cond, pooled, cfg: float, guidance):
-    """One Euler step (DiffusionKit's sample_euler body). The step's adaLN modulation is cached
-    and the offloaded weights restored within the step, so the MMDiT is back in its loaded state
-    between steps — when other work (another request on the same pipeline) runs there."""
-    import mlx.core as mx
-
+def modulation_for(pipe, pooled, timesteps, guidance) -> list:
+    """Every step's adaLN modulation, computed up front as DiffusionKit's sample_euler does, then
+    detached from the MMDiT as (module, {timestep: params}) pairs that a step installs while it
+    runs. The MMDiT keeps its weights, so another request can run its own steps in between."""
     mmdit = pipe.mmdit
     y_embedder = mmdit.y_embedder
     try:
         if guidance is not None:
             mmdit.y_embedder = _with_guidance(y_embedder, pipe.guidance_in, mmdit.t_embedder, guidance)
-        mmdit.cache_modulation_params(pooled, timesteps[i: i + 1])  # offloads the adaLN weights
-        denoised = _denoised(pipe, sampler, x, timesteps[i], sigmas[i], cond, cfg)
-        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        mx.eval(x)
+        mmdit.cache_modulation_params(pooled, timesteps)  # offloads the adaLN weights
+        return [(m, m._modulation_params) for _, m in mmdit.named_modules() if hasattr(m, "_modulation_params")]
     finally:
         mmdit.y_embedder = y_embedder
         mmdit.load_weights(pipe.modulation, strict=False)  # not load_mmdit(): no checkpoint/hub re-read
         mmdit.clear_modulation_params_cache()
         mmdit.pop("to_offload", None)  # the offloaded layers, listed again among the parameters
+
+
+def euler_step(pipe, sampler, x, timesteps, sigmas, i: int, cond, cfg: float, modulation: list):
+    """One Euler step (DiffusionKit's sample_euler body) with this request's modulation installed
+    for the step only."""
+    import mlx.core as mx
+
+    try:
+        for module, params in modulation:
+            module._modulation_params = params
+        denoised = _denoised(pipe, sampler, x, timesteps[i], sigmas[i], cond, cfg)
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        mx.eval(x)
+    finally:
+        for module, _ in modulation:
+            module.pop("_modulation_params", None)  # an mlx Module is a dict: the attribute is an item
     return x
 
 
 def sample(pipe, plan: Plan, cond, pooled, on_step=None, is_cancelled=None):
-    """Euler steps over the flow-matching sigmas; one on_step(done, total, seconds) per step."""
+    """Euler steps over the flow-matching sigmas; one on_step(done, total, seconds) per step (the
+    first step's seconds include the modulation pass, so the seconds add up to the whole loop)."""
     flux = pipe.family == "flux"
     sampler = sampler_for(pipe, plan.shift)
     sigmas = sigmas_for(sampler, plan.steps, flux)[plan.steps - plan.denoise_steps:]
@@ -343,13 +359,15 @@ def sample(pipe, plan: Plan, cond, pooled, on_step=None, is_cancelled=None):
     guidance = plan.cfg if flux and pipe.guidance_in is not None else None
     timesteps = sampler.timestep(sigmas).astype(pipe.dtype)
     total = len(sigmas) - 1
+    start = time.perf_counter()
+    modulation = modulation_for(pipe, pooled, timesteps[:total], guidance)
     for i in range(total):
         if is_cancelled is not None and is_cancelled():
             raise Cancelled(f"image generation cancelled before step {i + 1}/{total}")
-        start = time.perf_counter()
-        x = euler_step(pipe, sampler, x, timesteps, sigmas, i, cond, pooled, cfg, guidance)
+        x = euler_step(pipe, sampler, x, timesteps, sigmas, i, cond, cfg, modulation)
         if on_step is not None:
             on_step(i + 1, total, time.perf_counter() - start)
+        start = time.perf_counter()
     return x
 
 
