@@ -26,6 +26,26 @@ def auth_metadata():
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+def failure_text(exc: Exception) -> str:
+    """One line for a CLI: a local BackendError as "Type: message", a running backend's gRPC error
+    as its details."""
+    from mlxbackend.errors import BackendError
+
+    if isinstance(exc, BackendError):
+        return f"{type(exc).__name__}: {exc}"
+    details = getattr(exc, "details", None)
+    return str(details() if callable(details) else exc)
+
+
+def local_or_remote(args, err) -> bool:
+    """--model DIR (run here) and --addr HOST:PORT (a running backend) exclude each other; False
+    (and a message) unless exactly one is given."""
+    if bool(args.model) != bool(args.addr):
+        return True
+    err.print("[red]give exactly one of --model DIR (local) or --addr HOST:PORT (a running backend)[/red]")
+    return False
+
+
 def chat_request(text: str, max_tokens: int = 256, temperature: float = 0.0, **extra) -> pb.PredictOptions:
     """A chat request the way LocalAI sends it with use_tokenizer_template: true."""
     return pb.PredictOptions(

@@ -68,21 +68,16 @@ def cmd_embed(args):
     from rich.console import Console
     from rich.table import Table
 
-    from mlxbackend.errors import BackendError
+    from mlxbackend.client import failure_text, local_or_remote
 
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    if bool(args.model) == bool(args.addr):
-        err.print("[red]give exactly one of --model DIR (local) or --addr HOST:PORT (a running backend)[/red]")
+    if not local_or_remote(args, err):
         return 2
     try:
         with err.status("embedding" if not args.rerank else "reranking"):
             vectors, ranking = run_remote(args) if args.addr else run_local(args)
-    except BackendError as exc:
-        err.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        return 1
-    except Exception as exc:  # a gRPC error from a running backend
-        details = getattr(exc, "details", None)
-        err.print(f"[red]{details() if callable(details) else exc}[/red]")
+    except Exception as exc:  # a BackendError here, or a gRPC error from a running backend
+        err.print(f"[red]{failure_text(exc)}[/red]")
         return 1
     if ranking is not None:
         if args.json:

@@ -2,8 +2,6 @@
 
 Kept light: mlx and DiffusionKit are imported inside the submodules' functions."""
 
-from pathlib import Path
-
 
 def diffusion_dir(model: str, model_file: str = "", model_path: str = "", pipeline_type: str = ""):
     """The local DiffusionKit folder LoadModel names, or None when it is not one. Never touches
@@ -14,16 +12,10 @@ def diffusion_dir(model: str, model_file: str = "", model_path: str = "", pipeli
     or — when PipelineType names SD3 or FLUX — when it merely exists (loading then reports the
     missing files)."""
     from mlxbackend.image.pipeline import CHECKPOINTS, PIPELINE_TYPES, is_diffusion_dir
+    from mlxbackend.text.models import local_candidates
 
     named = (pipeline_type or "").strip().lower().replace("_", "") in PIPELINE_TYPES
-    candidates = []
-    if model_file:
-        candidates.append(Path(model_file))
-    if model and Path(model).is_absolute():
-        candidates.append(Path(model))
-    elif model and model_path:
-        candidates.append(Path(model_path) / model)
-    for path in candidates:
+    for path in local_candidates(model, model_file, model_path):
         try:
             if path.is_file() and path.name in CHECKPOINTS:
                 path = path.parent

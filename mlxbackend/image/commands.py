@@ -73,22 +73,17 @@ def cmd_image(args):
 
     from rich.console import Console
 
-    from mlxbackend.errors import BackendError
+    from mlxbackend.client import failure_text, local_or_remote
 
     err = Console(stderr=True, highlight=False)
-    if bool(args.model) == bool(args.addr):
-        err.print("[red]give exactly one of --model DIR (local) or --addr HOST:PORT (a running backend)[/red]")
+    if not local_or_remote(args, err):
         return 2
     if args.addr:
         args.output = os.path.abspath(args.output)  # the backend writes it
     try:
         done = run_remote(args) if args.addr else run_local(args, err)
-    except BackendError as exc:
-        err.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        return 1
-    except Exception as exc:  # a gRPC error from a running backend
-        details = getattr(exc, "details", None)
-        err.print(f"[red]{details() if callable(details) else exc}[/red]")
+    except Exception as exc:  # a BackendError here, or a gRPC error from a running backend
+        err.print(f"[red]{failure_text(exc)}[/red]")
         return 1
     if done is None:
         return 2

@@ -47,20 +47,24 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
+def local_candidates(model: str, model_file: str = "", model_path: str = "") -> list:
+    """The local paths LoadModel may name, in LocalAI's order: ModelFile, Model when absolute,
+    else ModelPath/Model."""
+    candidates = [Path(model_file)] if model_file else []
+    if model and os.path.isabs(model):
+        candidates.append(Path(model))
+    elif model and model_path:
+        candidates.append(Path(model_path) / model)
+    return candidates
+
+
 def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -> Path:
     """LocalAI's order: ModelFile if it exists, Model as an absolute path, ModelPath/Model,
     then Model as a Hugging Face id (local cache first, then a download unless offline)."""
     if not (model or model_file):
         raise InvalidInput("LoadModel needs Model (a path, a name under ModelPath or a HF id) or ModelFile")
     tried = []
-    candidates = []
-    if model_file:
-        candidates.append(Path(model_file))
-    if model and os.path.isabs(model):
-        candidates.append(Path(model))
-    if model and model_path and not os.path.isabs(model):
-        candidates.append(Path(model_path) / model)
-    for path in candidates:
+    for path in local_candidates(model, model_file, model_path):
         if path.exists():
             return path
         tried.append(str(path))
