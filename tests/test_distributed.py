@@ -20,16 +20,32 @@ import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
 from tests import tiny_model as tm
-from tests.conftest import ROOT, Server, free_port
+from tests.conftest import ROOT, Server
 
 KILL_BOUND_S = 20  # documented upper bound for a failed request after a worker dies (seen: < 1 s)
 FREEZE_TIMEOUT_S = 3  # distributed_timeout used for the frozen-worker test
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def rank_port() -> int:
+    """A free port below Linux's ephemeral range (32768+): a port from bind(0) can be handed out
+    again as the source port of the ring's own connections before a rank binds it (EADDRINUSE)."""
+    import random
+    import socket
+
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
 def write_hostfile(folder: Path, ranks: int = 2) -> Path:
     path = folder / "hosts.json"
-    path.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(ranks)]))
+    path.write_text(json.dumps([f"127.0.0.1:{rank_port()}" for _ in range(ranks)]))
     return path
 
 
@@ -510,3 +526,135 @@ def _logprob_values(out):
 if __name__ == "__main__" and sys.argv[1:2] == ["--arch-rank"]:
     sys.path.insert(0, str(ROOT))
     arch_rank_main(sys.argv[2:])
+
+
+# -- watchdog when a blocked MLX call keeps the GIL -----------------------------------------------
+WATCHDOG_CHILD = """
+import ctypes, sys, threading, time
+from types import SimpleNamespace
+from mlxbackend.distributed import rank, rank0
+if sys.argv[1] == "rank0":
+    model = SimpleNamespace(since=None, broken="")
+    rank0.start_watchdog(model, SimpleNamespace(timeout=1.0, workers=lambda: "rank 1 at 127.0.0.1:9"))
+else:
+    model = rank.Rank.__new__(rank.Rank)
+    model.since, model.timeout, model.loading, model.switch = None, 1.0, False, threading.Lock()
+    model.channel = SimpleNamespace(rank=1)
+    threading.Thread(target=model.watch, daemon=True).start()
+time.sleep(0.7)
+model.since = time.monotonic()
+print("blocking", flush=True)
+ctypes.PyDLL(None).sleep(30)  # a C call that keeps the GIL, like a collective inside .item()
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("role", ["rank0", "worker"])
+def test_watchdog_fires_while_the_gil_is_held(role):
+    """The Python watchdog cannot run while a blocked call holds the GIL; faulthandler's C watchdog,
+    re-armed by it, ends the process about a second after the timeout; rank 0 has announced the
+    reason on stderr first."""
+    from mlxbackend.distributed.rank0 import IF_SILENT, SILENT_HEADER
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", WATCHDOG_CHILD, role], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.monotonic() - started
+    assert "blocking" in done.stdout and "survived" not in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1 and elapsed < 20, (done.returncode, elapsed, done.stderr)
+    assert SILENT_HEADER in done.stderr and "watch" in done.stderr  # faulthandler's stack dump
+    if role == "rank0":
+        assert f"{IF_SILENT} distributed group broken: no answer from the other ranks for 1 s" in done.stderr
+
+
+def test_parent_reports_the_announced_reason_when_faulthandler_fires():
+    """The parent turns faulthandler's report into the reason rank 0 announced (and passes the
+    stack dump on to its own log)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mlxbackend.distributed.group import Child
+    from mlxbackend.distributed.rank0 import IF_SILENT, PHASE
+
+    async def read(lines):
+        stream = asyncio.StreamReader()
+        stream.feed_data("".join(f"{line}\n" for line in lines).encode())
+        stream.feed_eof()
+        child = SimpleNamespace(phase="", since=0.0, reason="", if_silent="")
+        await Child._read(child, stream)
+        return child
+
+    said = "distributed group broken: no answer from the other ranks for 3 s (…)"
+    child = asyncio.run(read([f"{PHASE} ready", f"{IF_SILENT} {said}", "Timeout (0:00:04)!", "Thread 0x1 (most recent call first):"]))
+    assert child.reason == said and child.phase == "ready"
+    child = asyncio.run(read([f"{IF_SILENT} {said}", "some log line"]))
+    assert child.reason == ""
+
+
+def test_calls_on_a_closed_child_channel_fail_instead_of_hanging():
+    """When the rank-0 child ends, _monitor closes its channel and grpc.aio raises CancelledError in
+    the calls in flight. Forwarded requests and Status must turn that into UNAVAILABLE / ERROR with
+    the child's reason (re-raised, it would leave the client waiting until its deadline), while a
+    cancellation of our own task (the client went away) still cancels."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mlxbackend.distributed import GroupBroken
+    from mlxbackend.distributed.group import DistributedGroup
+    from mlxbackend.proto import backend_pb2_grpc as pb_grpc
+
+    class Slow(pb_grpc.BackendServicer):
+        async def PredictStream(self, request, context):
+            for _ in range(100):
+                yield pb.Reply(message=b"x")
+                await asyncio.sleep(0.1)
+
+        async def Status(self, request, context):
+            await asyncio.sleep(10)
+            return pb.StatusResponse(state=pb.StatusResponse.READY)
+
+    async def main():
+        async def ended(timeout):
+            return True
+
+        def group_with_child():
+            """A child that 'ends' after 0.3 s: _monitor's _broken forgets it and closes its channel."""
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            group = DistributedGroup(None)
+            child = group.child = SimpleNamespace(
+                stub=pb_grpc.BackendStub(channel), reason="distributed group broken: gone",
+                proc=SimpleNamespace(returncode=75), ended=ended,
+                stop=lambda grace=0: asyncio.ensure_future(channel.close()))
+            asyncio.get_running_loop().call_later(0.3, group._broken, child, child.reason)
+            return group
+
+        server = grpc.aio.server()
+        pb_grpc.add_BackendServicer_to_server(Slow(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            group = group_with_child()
+            started = time.monotonic()
+            with pytest.raises(GroupBroken, match="gone"):
+                async for _ in group.stream("PredictStream", pb.PredictOptions()):
+                    pass
+            assert time.monotonic() - started < 3 and group.child is None and "gone" in group.error
+            group = group_with_child()
+            reply = await asyncio.wait_for(group.status(), 5)
+            assert reply.state == pb.StatusResponse.ERROR and group.child is None
+
+            group = group_with_child()
+
+            async def consume():
+                async for _ in group.stream("PredictStream", pb.PredictOptions()):
+                    pass
+
+            task = asyncio.ensure_future(consume())
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())

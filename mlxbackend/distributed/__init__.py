@@ -30,6 +30,20 @@ class RemoteError(BackendError):
         self.code = code
 
 
+def dead_mans_switch(seconds: float | None):
+    """Re-armed on every tick of a Python watch thread. A collective that blocks inside an MLX
+    call keeping the GIL (`.item()`, `.tolist()` evaluate without releasing it) stops every Python
+    thread too, so the watch thread alone cannot end such a process; faulthandler's C watchdog
+    needs no GIL: when it has not been re-armed for `seconds`, it writes every thread's stack to
+    stderr and exits the process (code 1). None disarms it."""
+    import faulthandler
+
+    if seconds is None:
+        faulthandler.cancel_dump_traceback_later()
+    else:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+
+
 def die_with_parent():
     """Linux: the kernel ends this process when its parent dies, even while a blocked MLX call
     holds the GIL (a Python watch thread would be stuck then). Elsewhere a no-op."""

@@ -71,6 +71,7 @@ class Child:
         self.stopping = False
         self.phase, self.since = "", time.monotonic()
         self.reason = ""  # why rank 0 ended itself (its watchdog), if it did
+        self.if_silent = ""  # the reason to give if its faulthandler dead-man's switch fires
         self._stopped = None
         self.reader = asyncio.ensure_future(self._read(proc.stderr))
 
@@ -100,7 +101,7 @@ class Child:
                 await asyncio.sleep(0.1)
 
     async def _read(self, stream):
-        from mlxbackend.distributed.rank0 import PHASE, REASON
+        from mlxbackend.distributed.rank0 import IF_SILENT, PHASE, REASON, SILENT_HEADER
 
         while True:
             try:
@@ -113,9 +114,15 @@ class Child:
             if line.startswith(PHASE):
                 self.phase, self.since = line[len(PHASE):].strip(), time.monotonic()
                 continue
+            if line.startswith(IF_SILENT):
+                self.if_silent = line[len(IF_SILENT):].strip()
+                continue
             if line.startswith(REASON):
                 self.reason = line[len(REASON):].strip()
                 line = f"mlxbackend rank 0: {self.reason}"
+            elif line.startswith(SILENT_HEADER) and self.if_silent and not self.reason:
+                self.reason = self.if_silent  # faulthandler's dead-man's switch fired; its stack dump follows
+                print(f"mlxbackend rank 0: {self.reason}", file=sys.stderr, flush=True)
             print(line, file=sys.stderr, flush=True)
 
     async def load(self, request, settings):
@@ -263,8 +270,9 @@ class DistributedGroup:
         if child is not None:
             try:
                 await child.stub.Free(group_pb().HealthMessage(), timeout=10, metadata=auth())
-            except Exception:
-                pass
+            except (Exception, asyncio.CancelledError) as exc:
+                if ours(exc):
+                    raise
             await child.stop()
 
     # -- requests ----------------------------------------------------------------------------
@@ -272,7 +280,9 @@ class DistributedGroup:
         child = self._child()
         try:
             return await getattr(child.stub, name)(request, metadata=auth())
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if ours(exc):
+                raise
             raise await self._failed(child, exc) from None
 
     async def stream(self, name: str, request):
@@ -281,10 +291,10 @@ class DistributedGroup:
         try:
             async for reply in call:
                 yield reply
-        except asyncio.CancelledError:
+        except (Exception, asyncio.CancelledError) as exc:
             call.cancel()
-            raise
-        except Exception as exc:
+            if ours(exc):
+                raise
             raise await self._failed(child, exc) from None
 
     def _child(self) -> Child:
@@ -296,11 +306,16 @@ class DistributedGroup:
         """An error from the child: its own status code, or a broken group (UNAVAILABLE)."""
         import grpc
 
-        if not isinstance(exc, grpc.aio.AioRpcError):
+        if isinstance(exc, asyncio.CancelledError):
+            # not our task's cancellation: grpc.aio cancels the calls of a channel we closed, which
+            # _monitor does when the child ends (a race with the call's own UNAVAILABLE)
+            details = "the connection to the rank-0 process was closed"
+        elif not isinstance(exc, grpc.aio.AioRpcError):
             return exc
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        elif exc.code() != grpc.StatusCode.UNAVAILABLE:
             return RemoteError(exc.code().name, exc.details() or "")
-        details = exc.details() or ""
+        else:
+            details = exc.details() or ""
         if "distributed group broken" not in details:  # the child is gone: give it a moment to leave its reason
             await child.ended(1.0)
         reason = child.reason or (details if "distributed group broken" in details else "")
@@ -341,7 +356,9 @@ class DistributedGroup:
                 if reply.state != pb.StatusResponse.ERROR:
                     return reply
                 self._broken(self.child, self.child.reason or "distributed group broken: a rank died or became unreachable")
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if ours(exc):
+                    raise
                 log.info("Status of the rank-0 process failed: %s", exc.details() if hasattr(exc, "details") else exc)
                 if self.child is not None:  # busy or slow: report the last numbers
                     return _memory_status(pb.StatusResponse.BUSY, self.memory)
@@ -358,6 +375,13 @@ class DistributedGroup:
         else:
             state = pb.StatusResponse.BUSY if self.servicer.worker.busy() else pb.StatusResponse.READY
         return _memory_status(state, breakdown)
+
+
+def ours(exc: BaseException) -> bool:
+    """A cancellation aimed at this task (our client went away) — not the CancelledError that
+    grpc.aio raises in every call on a channel we closed because the child ended (_monitor), which
+    must become an error status: re-raised, it would leave the client waiting for its deadline."""
+    return isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling() > 0
 
 
 def _memory_status(state, breakdown: dict):

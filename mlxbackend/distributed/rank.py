@@ -14,7 +14,7 @@ import time
 
 import mlx.core as mx
 
-from mlxbackend.distributed import die_with_parent
+from mlxbackend.distributed import dead_mans_switch, die_with_parent
 from mlxbackend.distributed import shard as shards
 from mlxbackend.distributed.channel import (
     FORWARD,
@@ -42,6 +42,8 @@ class Rank:
         self.shard = None
         self.caches = {}
         self.since = None
+        self.loading = False  # a long load may keep the GIL: the dead-man's switch is off meanwhile
+        self.switch = threading.Lock()
         threading.Thread(target=self.watch, name="rank-watchdog", daemon=True).start()
 
     def run(self) -> int:
@@ -75,6 +77,15 @@ class Rank:
         self.wait(step)
 
     def load(self, job: dict):
+        with self.switch:
+            self.loading = True
+            dead_mans_switch(None)
+        try:
+            self._load(job)
+        finally:
+            self.loading = False
+
+    def _load(self, job: dict):
         from mlxbackend.text.models import model_dir
 
         error, started = None, time.perf_counter()
@@ -104,7 +115,11 @@ class Rank:
             self.since = None
 
     def watch(self):
+        """Leave a group whose rank 0 went silent (also while a blocked call keeps the GIL: the
+        dead-man's switch re-armed here then ends the process a second later)."""
         while True:
+            with self.switch:
+                dead_mans_switch(None if self.loading else self.timeout + 1.5)
             time.sleep(0.5)
             since = self.since
             if since is not None and time.monotonic() - since > self.timeout:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from mlxbackend.distributed import GroupBroken, RemoteError, die_with_parent
+from mlxbackend.distributed import GroupBroken, RemoteError, dead_mans_switch, die_with_parent
 from mlxbackend.distributed import shard as shards
 from mlxbackend.distributed.channel import (
     ERROR_CODES,
@@ -40,6 +40,8 @@ from mlxbackend.distributed.settings import PING_INTERVAL, GroupSettings
 from mlxbackend.errors import InvalidInput
 
 PHASE, REASON = "mlxbackend-rank0-phase:", "mlxbackend-rank0-reason:"  # stderr lines the parent reads
+IF_SILENT = "mlxbackend-rank0-if-silent:"  # the reason to report if faulthandler's watchdog fires
+SILENT_HEADER = "Timeout ("  # how faulthandler.dump_traceback_later's report begins
 log = logging.getLogger("mlxbackend.distributed")
 WATCHDOG_EXIT = 75
 
@@ -234,20 +236,24 @@ def _during_load():
 
 def start_watchdog(model: DistributedModel, settings: GroupSettings):
     """Exit the process when a step waits on the other ranks longer than the timeout: MLX offers
-    no way to interrupt a blocked collective, and the parent rebuilds the group from scratch."""
+    no way to interrupt a blocked collective, and the parent rebuilds the group from scratch.
+    This thread names the reason; while a blocked call keeps the GIL it cannot run, and the
+    dead-man's switch it re-arms ends the process after timeout + 1 s instead (the parent then
+    reports the reason announced here up front)."""
+    reason = (
+        f"distributed group broken: no answer from the other ranks for {settings.timeout:g} s "
+        f"(distributed_timeout; {settings.workers()}): a rank died, froze or became unreachable"
+    )
+    print(f"{IF_SILENT} {reason}", file=sys.stderr, flush=True)
 
     def watch():
-        while True:
-            time.sleep(0.2)
+        while model.broken != "the group was shut down by Free":
+            dead_mans_switch(settings.timeout + 1.0)
             since = model.since
-            if since is None or model.broken == "the group was shut down by Free":
-                continue
-            if time.monotonic() - since > settings.timeout:
-                reason = (
-                    f"distributed group broken: no answer from the other ranks for {settings.timeout:g} s "
-                    f"(distributed_timeout; {settings.workers()}): a rank died, froze or became unreachable"
-                )
+            if since is not None and time.monotonic() - since > settings.timeout:
                 exit_with(reason)
+            time.sleep(0.2)
+        dead_mans_switch(None)
 
     threading.Thread(target=watch, name="mlx-distributed-watchdog", daemon=True).start()
 
