@@ -231,3 +231,26 @@ def test_cli_quantize(tiny_dir, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mlxbackend", "quantize", str(tiny_dir), "--type", "q9_z",
                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "INVALID_ARGUMENT" in run.stdout
+
+
+def test_base_perplexity_is_measured_once_per_unchanged_model(trained_dir, tmp_path, monkeypatch):
+    """Jobs from one base share its perplexity; a changed weight file or text measures again."""
+    import os
+    import shutil
+
+    from mlxbackend.quantize import perplexity
+
+    model = tmp_path / "base"
+    shutil.copytree(trained_dir, model)
+    measured = []
+    real = perplexity.mlx_perplexity
+    monkeypatch.setattr(perplexity, "mlx_perplexity", lambda d, t: measured.append(d) or real(d, t))
+    text = "The quick brown fox jumps over the lazy dog. " * 5
+    first = perplexity.base_perplexity(model, text)
+    assert perplexity.base_perplexity(model, text) == first and len(measured) == 1
+    assert first == real(model, text)
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    perplexity.base_perplexity(model, text)
+    perplexity.base_perplexity(model, text + "Again.")
+    assert len(measured) == 3

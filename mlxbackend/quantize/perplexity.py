@@ -4,11 +4,30 @@ The text is tokenized by the model's own tokenizer and cut to MAX_TOKENS; perple
 exp(mean negative log-likelihood of each token given the ones before it), evaluated in windows
 of WINDOW tokens. MLX models run on the MLX worker; GGUF files through llama-cpp-python."""
 
+import hashlib
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 MAX_TOKENS = 2048
 WINDOW = 512
+_BASE = OrderedDict()  # (model folder fingerprint, text digest) → perplexity, most recent last
+_BASE_KEEP = 16
+
+
+def base_perplexity(model_dir: Path, text: str) -> float:
+    """mlx_perplexity of an unquantized model, remembered while its files are unchanged: several
+    jobs from one base (q4, q8, GGUF types) measure it once."""
+    folder = Path(model_dir)
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (str(folder.resolve()), stamp, hashlib.sha256(text.encode()).hexdigest(), MAX_TOKENS, WINDOW)
+    if key not in _BASE:
+        _BASE[key] = mlx_perplexity(folder, text)
+        while len(_BASE) > _BASE_KEEP:
+            _BASE.popitem(last=False)
+    _BASE.move_to_end(key)
+    return _BASE[key]
 
 
 def mlx_perplexity(model_dir: Path, text: str) -> float:

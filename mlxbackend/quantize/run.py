@@ -349,7 +349,7 @@ class QuantRun:
 
             self.report("quantizing", 90, "measuring perplexity")
             text = Path(text_file).read_text(errors="replace")
-            metrics["perplexity_base"] = round(await self.worker.run(perplexity.mlx_perplexity, src, text), 4)
+            metrics["perplexity_base"] = round(await self.worker.run(perplexity.base_perplexity, src, text), 4)
             if self.cfg.family == "mlx":
                 ppl = await self.worker.run(perplexity.mlx_perplexity, staged, text)
             else:
