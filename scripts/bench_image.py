@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,27 +43,17 @@ def main(argv=None):
     import mlx.core as mx
 
     from mlxbackend.client import spawn_server, stop_server
-    from mlxbackend.image.compat import import_diffusionkit
-    from mlxbackend.image.generate import (
-        ImageRequest,
-        encode_text,
-        initial_latent,
-        plan_request,
-        sampler_for,
-        sigmas_for,
-    )
+    from mlxbackend.image.generate import ImageRequest, encode_text, plan_request
     from mlxbackend.image.pipeline import LoadSettings, load_pipeline
     from mlxbackend.proto import backend_pb2 as pb
+    from tests.tiny_diffusion import build_tiny_sd3, diffusionkit_sample
 
     tmp = tempfile.TemporaryDirectory()
     folder = Path(args.model) if args.model else None
     if folder is None:
-        from tests.tiny_diffusion import build_tiny_sd3
-
         mmdit = dict(depth_multimodal=args.depth, hidden_size_override=args.hidden, num_heads=args.hidden // 64,
                      max_latent_resolution=max(16, args.size // 8))
         folder = build_tiny_sd3(Path(tmp.name) / "bench-sd3", mmdit=mmdit)
-    dk = import_diffusionkit()
     pipe = load_pipeline(folder, LoadSettings(cfg_scale=args.cfg))
     req = ImageRequest(prompt="a red cube on a table", width=args.size, height=args.size, steps=args.steps, seed=1)
     plan = plan_request(pipe, req)
@@ -72,19 +61,8 @@ def main(argv=None):
     def raw_step_seconds() -> float:
         """DiffusionKit's own Euler loop, wall time per step, conditioning computed beforehand."""
         cond, pooled = encode_text(pipe, plan)
-        sampler = sampler_for(pipe, plan.shift)
-        sigmas = sigmas_for(sampler, plan.steps, pipe.family == "flux")
-        x = initial_latent(pipe, plan, sigmas[0], sampler)
-        host = SimpleNamespace(mmdit=pipe.mmdit, activation_dtype=pipe.dtype, sampler=sampler,
-                               load_mmdit=lambda only_modulation_dict=True: pipe.modulation)
         cfg = plan.cfg if plan.guided and pipe.family != "flux" else 0.0  # as our sample() does
-        start = time.perf_counter()
-        latent, _ = dk.sample_euler(dk.CFGDenoiser(host), x, sigmas, extra_args={
-            "conditioning": cond, "cfg_weight": cfg, "pooled_conditioning": pooled})
-        mx.eval(latent)
-        seconds = time.perf_counter() - start
-        pipe.mmdit.clear_modulation_params_cache()
-        pipe.mmdit.pop("to_offload", None)
+        _, seconds = diffusionkit_sample(pipe, plan, cond, pooled, cfg)
         mx.eval(pipe.mmdit.parameters())
         return seconds / plan.steps
 

@@ -121,32 +121,17 @@ def test_nested_generation_between_steps(pipes):
 def test_matches_diffusionkit_sample_euler(pipes, name):
     """Our step loop (modulation detached, other work allowed between steps) gives exactly the
     latent of DiffusionKit's own sample_euler + CFGDenoiser on the same inputs."""
-    from types import SimpleNamespace
-
     import mlx.core as mx
 
-    from mlxbackend.image.compat import import_diffusionkit
-    from mlxbackend.image.generate import (
-        encode_text,
-        initial_latent,
-        sample,
-        sampler_for,
-        sigmas_for,
-    )
+    from mlxbackend.image.generate import encode_text, sample
+    from tests.tiny_diffusion import diffusionkit_sample
 
-    dk, pipe = import_diffusionkit(), pipes[name]
+    pipe = pipes[name]
     plan = plan_request(pipe, ImageRequest(prompt="a photo of a red cube", width=64, height=64, steps=3, seed=5))
     cond, pooled = encode_text(pipe, plan)
     ours = sample(pipe, plan, cond, pooled)
-    sampler = sampler_for(pipe, plan.shift)
-    sigmas = sigmas_for(sampler, plan.steps, name == "flux")
-    host = SimpleNamespace(mmdit=pipe.mmdit, activation_dtype=pipe.dtype, sampler=sampler,
-                           load_mmdit=lambda only_modulation_dict=True: pipe.modulation)
     cfg = plan.cfg if name == "sd3" else 0.0
-    theirs, _ = dk.sample_euler(dk.CFGDenoiser(host), initial_latent(pipe, plan, sigmas[0], sampler), sigmas,
-                                extra_args={"conditioning": cond, "cfg_weight": cfg, "pooled_conditioning": pooled})
-    pipe.mmdit.clear_modulation_params_cache()
-    pipe.mmdit.pop("to_offload", None)
+    theirs, _ = diffusionkit_sample(pipe, plan, cond, pooled, cfg)
     assert cfg == 0.0 or cfg > 1.0
     assert mx.array_equal(ours, theirs).item()
 

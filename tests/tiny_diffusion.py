@@ -29,6 +29,32 @@ FLUX_MMDIT = dict(depth_multimodal=1, depth_unified=1, num_heads=2, hidden_size_
 WORDS = ["a", "photo", "of", "the", "red", "cube", "cat", "dog", "on", "table", "blurry", "green", "blue", "sky"]
 
 
+def diffusionkit_sample(pipe, plan, cond, pooled, cfg: float):
+    """DiffusionKit's own sample_euler + CFGDenoiser on a loaded pipeline (the reference our loop
+    is tested and benchmarked against): (final latent, seconds of the loop, evaluated)."""
+    import time
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    from mlxbackend.image.generate import initial_latent, sampler_for, sigmas_for
+
+    dk = _dk()
+    sampler = sampler_for(pipe, plan.shift)
+    sigmas = sigmas_for(sampler, plan.steps, pipe.family == "flux")
+    x = initial_latent(pipe, plan, sigmas[0], sampler)
+    host = SimpleNamespace(mmdit=pipe.mmdit, activation_dtype=pipe.dtype, sampler=sampler,
+                           load_mmdit=lambda only_modulation_dict=True: pipe.modulation)
+    start = time.perf_counter()
+    latent, _ = dk.sample_euler(dk.CFGDenoiser(host), x, sigmas, extra_args={
+        "conditioning": cond, "cfg_weight": cfg, "pooled_conditioning": pooled})
+    mx.eval(latent)
+    seconds = time.perf_counter() - start
+    pipe.mmdit.clear_modulation_params_cache()  # back to the loaded state (DiffusionKit leaves these)
+    pipe.mmdit.pop("to_offload", None)
+    return latent, seconds
+
+
 def _dk():
     from mlxbackend.image.compat import import_diffusionkit
 

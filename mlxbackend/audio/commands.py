@@ -39,6 +39,7 @@ def cmd_transcribe(args):
         transcribe,
     )
     from mlxbackend.audio.whisper import Progress as Step
+    from mlxbackend.client import failure_text
     from mlxbackend.errors import BackendError
 
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
@@ -63,7 +64,7 @@ def cmd_transcribe(args):
 
             result = transcribe(wm, audio, opts, emit, lambda: False)
     except BackendError as exc:
-        err.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        err.print(f"[red]{failure_text(exc)}[/red]")
         return 1
     if args.format == "json":
         print(json.dumps(asdict(result), ensure_ascii=False))

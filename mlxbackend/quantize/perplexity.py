@@ -20,7 +20,7 @@ def base_perplexity(model_dir: Path, text: str) -> float:
     jobs from one base (q4, q8, GGUF types) measure it once."""
     folder = Path(model_dir)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stamp = tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
     key = (str(folder.resolve()), stamp, hashlib.sha256(text.encode()).hexdigest(), MAX_TOKENS, WINDOW)
     if key not in _BASE:
         _BASE[key] = mlx_perplexity(folder, text)
