@@ -9,6 +9,8 @@ import re
 import struct
 from pathlib import Path
 
+from mlxbackend import publish
+
 _CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16"}
 
 
@@ -87,8 +89,11 @@ def ct2_whisper_to_mlx(src: Path, out: Path) -> Path:
             if side == "decoder":
                 norm(f"{d}.cross_attn_ln", f"{s}/attention/layer_norm")
                 linear(f"{d}.cross_attn.query", f"{s}/attention/linear_0")
-                kv(f"{d}.cross_attn", np.split(v[f"{s}/attention/linear_1/weight"], 2),
-                   np.split(v[f"{s}/attention/linear_1/bias"], 2))
+                kv(
+                    f"{d}.cross_attn",
+                    np.split(v[f"{s}/attention/linear_1/weight"], 2),
+                    np.split(v[f"{s}/attention/linear_1/bias"], 2),
+                )
                 linear(f"{d}.cross_attn.out", f"{s}/attention/linear_2")
             norm(f"{d}.mlp_ln", f"{s}/ffn/layer_norm")
             linear(f"{d}.mlp1", f"{s}/ffn/linear_0")
@@ -101,14 +106,22 @@ def ct2_whisper_to_mlx(src: Path, out: Path) -> Path:
     w["decoder.token_embedding.weight"] = emb = v["decoder/embeddings/weight"]
     w["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
     dims = dict(
-        n_mels=w["encoder.conv1.weight"].shape[2], n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
-        n_audio_state=emb.shape[1], n_audio_head=int(v["encoder/num_heads"]), n_audio_layer=n_enc,
-        n_vocab=emb.shape[0], n_text_ctx=w["decoder.positional_embedding"].shape[0],
-        n_text_state=emb.shape[1], n_text_head=int(v["decoder/num_heads"]), n_text_layer=n_dec,
+        n_mels=w["encoder.conv1.weight"].shape[2],
+        n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
+        n_audio_state=emb.shape[1],
+        n_audio_head=int(v["encoder/num_heads"]),
+        n_audio_layer=n_enc,
+        n_vocab=emb.shape[0],
+        n_text_ctx=w["decoder.positional_embedding"].shape[0],
+        n_text_state=emb.shape[1],
+        n_text_head=int(v["decoder/num_heads"]),
+        n_text_layer=n_dec,
     )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "weights.safetensors"),
-                        {k: mx.array(np.ascontiguousarray(a)).astype(mx.float16) for k, a in w.items()})
-    (out / "config.json").write_text(json.dumps({"model_type": "whisper", **dims}, indent=2))
+    with publish.atomic_folder(out) as tmp:  # complete under `out`, or not there at all
+        mx.save_safetensors(
+            str(tmp / "weights.safetensors"),
+            {k: mx.array(np.ascontiguousarray(a)).astype(mx.float16) for k, a in w.items()},
+        )
+        (tmp / "config.json").write_text(json.dumps({"model_type": "whisper", **dims}, indent=2))
     return out

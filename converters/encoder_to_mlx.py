@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from converters.gguf_to_mlx import DTYPES, atomic_output_dir
+from converters.progress import step_bar
+from mlxbackend.errors import InvalidInput
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -40,7 +42,9 @@ def _module_folders(src: Path) -> list:
     return sorted(f for f in folders if (src / f).is_dir())
 
 
-def convert_encoder(src, dst, dtype: str | None = "float32", overwrite: bool = False, progress=None) -> Path:
+def convert_encoder(
+    src, dst, dtype: str | None = "float32", overwrite: bool = False, progress=None
+) -> Path:
     """Convert the HF (or MLX) encoder folder ``src`` into the MLX folder ``dst``; returns ``dst``.
 
     ``dtype``: float dtype of the written weights (``None`` keeps the source's).
@@ -70,7 +74,11 @@ def convert_encoder(src, dst, dtype: str | None = "float32", overwrite: bool = F
     target = getattr(mx, dtype) if dtype else None
     model = build_model(config, weights, target, where=str(src))
     flat = dict(tree_flatten(model.parameters()))
-    stored = {str(v.dtype).rsplit(".", 1)[-1] for v in flat.values() if mx.issubdtype(v.dtype, mx.floating)}
+    stored = {
+        str(v.dtype).rsplit(".", 1)[-1]
+        for v in flat.values()
+        if mx.issubdtype(v.dtype, mx.floating)
+    }
 
     report(3, steps, "writing")
     out_config = dict(config)
@@ -105,12 +113,11 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from converters.progress import step_bar
-    from mlxbackend.errors import InvalidInput
-
     try:
         with step_bar("starting", 24) as report:
-            out = convert_encoder(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=report)
+            out = convert_encoder(
+                args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=report
+            )
     except (ValueError, FileExistsError, FileNotFoundError, InvalidInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

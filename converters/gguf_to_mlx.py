@@ -13,15 +13,10 @@ Usage: ``python -m converters.gguf_to_mlx IN.gguf OUT [--dtype float32] [--dequa
 """
 
 import argparse
-import errno
 import json
 import mmap
-import os
-import shutil
 import struct
 import sys
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,6 +24,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from converters.progress import step_bar
+from mlxbackend import publish
 
 GGML_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
@@ -236,7 +234,8 @@ def write_gguf(path, metadata: dict, tensors: dict) -> None:
 
 @contextmanager
 def atomic_output_dir(out_dir, overwrite: bool = False):
-    """Yield a temporary folder beside ``out_dir`` and rename it into place on success.
+    """Yield a staging folder beside ``out_dir`` and rename it into place on success
+    (``mlxbackend.publish.atomic_folder``).
 
     A half-written folder never appears under the final name: on any error the
     temporary folder is removed. Raises ``FileExistsError`` if ``out_dir``
@@ -245,28 +244,10 @@ def atomic_output_dir(out_dir, overwrite: bool = False):
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with publish.atomic_folder(out_dir) as tmp:  # fsync, rename into place; NoSpace on a full disk
         yield tmp
-        if out_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out_dir} appeared while converting")
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out_dir)
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise FileExistsError(f"{out_dir} appeared while converting") from e
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} appeared while converting")
 
 
 # ---------------------------------------------------------------------------
@@ -684,8 +665,6 @@ def main(argv=None) -> int:
         "--overwrite", action="store_true", help="replace an existing output folder"
     )
     args = parser.parse_args(argv)
-
-    from converters.progress import step_bar
 
     try:
         with step_bar("loading", 32) as report:

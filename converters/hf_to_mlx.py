@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from converters.gguf_to_mlx import DTYPES, atomic_output_dir
+from mlxbackend import publish
 
 
 def _env_offline() -> bool:
@@ -81,7 +82,7 @@ def fix_rope_config(folder) -> bool:
             cfg["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
             changed = True
     if changed:
-        config_path.write_text(json.dumps(config, indent=4))
+        publish.write_text(config_path, json.dumps(config, indent=4))
     return changed
 
 

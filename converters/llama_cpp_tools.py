@@ -10,10 +10,10 @@ through the installed llama-cpp-python (same version as the sdist).
 Where the tools live (first hit wins):
 
 1. ``$MLXB_LLAMA_CPP_TOOLS`` (a folder holding ``convert_hf_to_gguf.py``; installed there if empty)
-2. ``<venv>/share/mlxbackend/llama.cpp-<version>`` (what ``make install`` prepares)
+2. ``<venv>/share/mlxbackend/llama.cpp-<version>`` (what ``make install-gguf`` prepares)
 3. ``~/.cache/mlxbackend/llama.cpp-<version>``
 
-Command line (used by ``make install``): ``python -m converters.llama_cpp_tools [--dest DIR]
+Command line (used by ``make install-gguf``): ``python -m converters.llama_cpp_tools [--dest DIR]
 [--sdist FILE.tar.gz] [--check]``.
 """
 
@@ -28,6 +28,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from mlxbackend import publish
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 ENV_DIR = "MLXB_LLAMA_CPP_TOOLS"
@@ -47,7 +49,8 @@ CONVERTER_MODULES = {
 }
 
 INSTALL_HINT = (
-    "install them with `make install` in the mlxbackend checkout, or "
+    "GGUF export is not part of the serving install (`make run`): install it with "
+    "`make install-gguf` in the mlxbackend checkout, `scripts/install.sh --with-gguf`, or "
     "`pip install 'mlxbackend[gguf]'` (on Linux first `pip install torch==2.13.0` from the CPU "
     "index, https://download.pytorch.org/whl/cpu) and then "
     "`python -m converters.llama_cpp_tools`"
@@ -76,8 +79,10 @@ def candidate_dirs() -> list[Path]:
 
 
 def _complete(d: Path) -> bool:
-    return (d / CONVERTER).is_file() and (d / "gguf-py" / "gguf").is_dir() and (
-        (d / MARKER).is_file() or (d / "conversion").is_dir()
+    return (
+        (d / CONVERTER).is_file()
+        and (d / "gguf-py" / "gguf").is_dir()
+        and ((d / MARKER).is_file() or (d / "conversion").is_dir())
     )
 
 
@@ -120,7 +125,8 @@ def extract_tools(sdist: Path, dest: Path) -> Path:
     """Extract the converter files from a llama-cpp-python sdist into ``dest`` (atomically)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = publish.temp_name(dest)
+    tmp.mkdir()
     try:
         with tarfile.open(sdist, "r:gz") as tar:
             members = []
@@ -128,7 +134,7 @@ def extract_tools(sdist: Path, dest: Path) -> Path:
                 parts = m.name.split("/", 1)
                 if len(parts) < 2 or not parts[1].startswith("vendor/llama.cpp/"):
                     continue
-                rel = parts[1][len("vendor/llama.cpp/"):]
+                rel = parts[1][len("vendor/llama.cpp/") :]
                 if not (m.isfile() or m.isdir()) or not any(
                     rel == n or (n.endswith("/") and rel.startswith(n)) for n in NEEDED
                 ):
@@ -142,13 +148,10 @@ def extract_tools(sdist: Path, dest: Path) -> Path:
         if not (tmp / CONVERTER).is_file() or not (tmp / "gguf-py" / "gguf").is_dir():
             raise ToolsMissing(f"{sdist} does not contain vendor/llama.cpp/{CONVERTER} and gguf-py")
         (tmp / MARKER).write_text(f"llama-cpp-python {_version()} sdist: {Path(sdist).name}\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
-        if dest.exists():
-            shutil.rmtree(dest)
         try:
-            os.replace(tmp, dest)
+            publish.place_folder(
+                tmp, dest
+            )  # an existing dest is replaced only once this one is complete
         except OSError:  # another process installed it meanwhile
             if not _complete(dest):
                 raise
@@ -177,7 +180,9 @@ def ensure_llama_cpp_tools(
             return found
     if sdist is None and not download:
         where = dest or " or ".join(str(d) for d in candidate_dirs())
-        raise ToolsMissing(f"llama.cpp's {CONVERTER} is not installed (looked in {where}); {INSTALL_HINT}")
+        raise ToolsMissing(
+            f"llama.cpp's {CONVERTER} is not installed (looked in {where}); {INSTALL_HINT}"
+        )
     target = dest or _writable_target()
     if sdist is not None:
         return extract_tools(Path(sdist), target)
@@ -204,7 +209,7 @@ def check_quantizer() -> None:
         raise ToolsMissing(
             "quantizing to this GGUF type uses llama.cpp's quantizer from llama-cpp-python, which "
             f"is not installed: `pip install 'mlxbackend[llamacpp]'` (llama-cpp-python=={_version()}; "
-            "`make install-test` does it)"
+            "`make install-gguf` or `scripts/install.sh --with-gguf` does it)"
         )
 
 

@@ -35,6 +35,7 @@ from converters.llama_cpp_tools import (
     check_quantizer,
     ensure_llama_cpp_tools,
 )
+from mlxbackend import publish
 
 ProgressFn = Callable[[str, float], None]
 
@@ -98,6 +99,15 @@ def normalize_qtype(qtype: str) -> str:
     return name
 
 
+def check_tools(qtype: str) -> None:
+    """ToolsMissing (naming the install command) unless this install can write ``qtype``: the
+    converter's Python modules (torch, transformers, …) and, for quantized types, llama.cpp's
+    quantizer (llama-cpp-python). The serving install (`make run`) has neither."""
+    check_converter_deps()
+    if normalize_qtype(qtype) in QUANTIZER_TYPES:
+        check_quantizer()
+
+
 def mlx_quantization(config: dict) -> dict | None:
     """The MLX quantization settings of a config.json, or None (HF quantization is not MLX's)."""
     for key in ("quantization", "quantization_config"):
@@ -139,7 +149,11 @@ def _run_streaming(cmd, env, on_line) -> tuple[int, list[str]]:
     try:
         buf = b""
         while True:
-            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            chunk = (
+                proc.stdout.read1(65536)
+                if hasattr(proc.stdout, "read1")
+                else proc.stdout.read(4096)
+            )
             if not chunk:
                 break
             buf += chunk
@@ -207,7 +221,9 @@ def _quantize(inp, out, qtype, report, nthread) -> None:
     if rc != 0 or not Path(out).is_file():
         bad = [ln.strip() for ln in lines if re.search(r"error|failed|requires", ln, re.I)]
         reason = "; ".join(dict.fromkeys(bad)) or "\n".join(lines[-15:])
-        raise GGUFConversionError(f"llama.cpp's quantizer failed to make {qtype} (exit {rc}): {reason}")
+        raise GGUFConversionError(
+            f"llama.cpp's quantizer failed to make {qtype} (exit {rc}): {reason}"
+        )
 
 
 def mlx_to_gguf(
@@ -239,10 +255,8 @@ def mlx_to_gguf(
     if out_file.is_dir():
         raise IsADirectoryError(f"{out_file} is a folder; give the .gguf file name")
     quantize = qtype in QUANTIZER_TYPES
+    check_tools(qtype)  # before fetching the converter script: it is useless without them
     tools = ensure_llama_cpp_tools()
-    check_converter_deps()
-    if quantize:
-        check_quantizer()
 
     def report(stage: str, fraction: float) -> None:
         if progress is not None:
@@ -269,7 +283,7 @@ def mlx_to_gguf(
             report("quantizing", 0.0)
             _quantize(converted, tmp_out, qtype, report, nthread)
             report("quantizing", 1.0)
-        os.replace(tmp_out, out_file)
+        publish.place_file(tmp_out, out_file)  # fsync, then rename onto the final name
     finally:
         tmp_out.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -283,7 +297,9 @@ def main(argv=None) -> int:
         description="Export an MLX or Hugging Face model folder as a llama.cpp GGUF file "
         "(llama.cpp's own converter and quantizer).",
     )
-    parser.add_argument("model_dir", help="MLX/HF model folder (config.json + safetensors + tokenizer)")
+    parser.add_argument(
+        "model_dir", help="MLX/HF model folder (config.json + safetensors + tokenizer)"
+    )
     parser.add_argument("out", help="output .gguf file (replaced if it exists)")
     parser.add_argument(
         "--type", "-t", dest="qtype", default="f16", metavar="TYPE",
@@ -303,7 +319,12 @@ def main(argv=None) -> int:
 
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
     try:
         with Progress(*columns, transient=False) as bar:
             tasks: dict[str, int] = {}
@@ -317,7 +338,13 @@ def main(argv=None) -> int:
                 args.model_dir, args.out, args.qtype, progress=report, work_dir=args.work_dir,
                 pre_tokenizer=args.pre_tokenizer, nthread=args.threads,
             )  # fmt: skip
-    except (ValueError, FileNotFoundError, IsADirectoryError, ToolsMissing, GGUFConversionError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        ToolsMissing,
+        GGUFConversionError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from converters.gguf_to_mlx import DTYPES, atomic_output_dir
+from converters.progress import step_bar
 
 DIM_NAMES = (
     "n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
@@ -479,8 +480,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-
-    from converters.progress import step_bar
 
     try:
         with step_bar("starting", 36) as report:

@@ -9,6 +9,9 @@ import statistics
 import time
 from pathlib import Path
 
+from mlxbackend.client import spawn_server, stop_server
+from mlxbackend.default_model import bundled_gguf, ensure_default_model
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -33,7 +36,13 @@ def raw_mlx(model, tokenizer, n_tokens, salt=0):
     start = time.perf_counter()
     first = last = None
     count = 0
-    for response in stream_generate(model, tokenizer, _chat_tokens(tokenizer, salt), max_tokens=n_tokens, logits_processors=block):
+    for response in stream_generate(
+        model,
+        tokenizer,
+        _chat_tokens(tokenizer, salt),
+        max_tokens=n_tokens,
+        logits_processors=block,
+    ):
         last = time.perf_counter()
         if first is None and response.text:  # first visible text, as for the server
             first = last
@@ -64,7 +73,9 @@ def grpc_concurrent(stub, n_tokens, concurrency):
     def one(k):
         first = last = None
         tokens = 0
-        for reply in stub.PredictStream(_request(n_tokens, f"c{concurrency}-{k}-{time.perf_counter_ns()}")):
+        for reply in stub.PredictStream(
+            _request(n_tokens, f"c{concurrency}-{k}-{time.perf_counter_ns()}")
+        ):
             last = time.perf_counter()
             if first is None and reply.message:
                 first = last
@@ -84,14 +95,18 @@ def _request(n_tokens, salt):
     from mlxbackend.proto import backend_pb2 as pb
 
     return pb.PredictOptions(
-        Messages=[pb.Message(role="user", content=_prompt(salt))], UseTokenizerTemplate=True,
-        Tokens=n_tokens, IgnoreEOS=True, Temperature=0,
+        Messages=[pb.Message(role="user", content=_prompt(salt))],
+        UseTokenizerTemplate=True,
+        Tokens=n_tokens,
+        IgnoreEOS=True,
+        Temperature=0,
     )
 
 
 HISTORY = " ".join(
     f"Note {i}: the lighthouse on the northern cape was repainted in spring, and the keeper logged "
-    f"ships, storms and birds in a leather book." for i in range(40)
+    f"ships, storms and birds in a leather book."
+    for i in range(40)
 )
 
 
@@ -101,8 +116,10 @@ def multi_turn(stub):
 
     def ttft(messages):
         request = pb.PredictOptions(
-            Messages=[pb.Message(role=r, content=c) for r, c in messages], UseTokenizerTemplate=True,
-            Tokens=16, Temperature=0,
+            Messages=[pb.Message(role=r, content=c) for r, c in messages],
+            UseTokenizerTemplate=True,
+            Tokens=16,
+            Temperature=0,
         )
         start = time.perf_counter()
         first, text = None, b""
@@ -125,7 +142,9 @@ def llamacpp_run(llm, n_tokens, salt=0):
     start = time.perf_counter()
     first = last = None
     count = 0
-    for chunk in llm.create_chat_completion(messages, max_tokens=n_tokens, temperature=0, stream=True):
+    for chunk in llm.create_chat_completion(
+        messages, max_tokens=n_tokens, temperature=0, stream=True
+    ):
         last = time.perf_counter()
         if first is None and chunk["choices"][0]["delta"].get("content"):
             first = last
@@ -134,7 +153,6 @@ def llamacpp_run(llm, n_tokens, salt=0):
 
 
 def _serve(model_dir: Path):
-    from mlxbackend.client import spawn_server
     from mlxbackend.proto import backend_pb2 as pb
 
     proc, stub = spawn_server()
@@ -145,8 +163,6 @@ def _serve(model_dir: Path):
 def main(args):
     from rich.console import Console
     from rich.table import Table
-
-    from mlxbackend.default_model import bundled_gguf, ensure_default_model
 
     console = Console()
     if args.model == "default":
@@ -170,10 +186,10 @@ def main(args):
         concurrency = {}
         for n in [int(c) for c in args.concurrency.split(",") if c]:
             console.print(f"concurrency {n}")
-            concurrency[n] = statistics.median(grpc_concurrent(stub, args.tokens, n) for _ in range(args.repeats))
+            concurrency[n] = statistics.median(
+                grpc_concurrent(stub, args.tokens, n) for _ in range(args.repeats)
+            )
     finally:
-        from mlxbackend.client import stop_server
-
         stop_server(proc)
     if args.llamacpp:
         # after the MLX runs: llama.cpp's idle OpenMP workers keep spinning on the cores for a while
@@ -185,10 +201,16 @@ def main(args):
             results["llama.cpp"] = [llamacpp_run(llm, args.tokens, i) for i in range(args.repeats)]
         except ImportError:
             console.print("[yellow]llama-cpp-python not installed: skipping llama.cpp[/yellow]")
-    table = Table(title=f"{model_dir.name}, {args.tokens} tokens, median of {args.repeats} ({machine()})")
+    table = Table(
+        title=f"{model_dir.name}, {args.tokens} tokens, median of {args.repeats} ({machine()})"
+    )
     for col in ("engine", "TTFT ms", "decode tok/s"):
         table.add_column(col)
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v)) for k, v in results.items() if v}
+    med = {
+        k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
+        for k, v in results.items()
+        if v
+    }
     for name, (ttft, tps) in med.items():
         table.add_row(name, f"{ttft:.1f}", f"{tps:.1f}")
     console.print(table)
@@ -201,9 +223,13 @@ def main(args):
             agg.add_row(str(n), f"{tps:.1f}", f"{tps / concurrency[min(concurrency)]:.2f}")
         console.print(agg)
     t1, t2 = statistics.median(t for t, _ in turns), statistics.median(t for _, t in turns)
-    console.print(f"multi-turn TTFT: turn 1 {t1:.0f} ms (~1k tokens), turn 2 {t2:.0f} ms, ratio {t2 / t1:.3f}")
+    console.print(
+        f"multi-turn TTFT: turn 1 {t1:.0f} ms (~1k tokens), turn 2 {t2:.0f} ms, ratio {t2 / t1:.3f}"
+    )
     raw, ours = med["raw mlx-lm"], med["gRPC server"]
-    console.print(f"gRPC decode ÷ raw = {ours[1] / raw[1]:.3f}; TTFT overhead = {ours[0] - raw[0]:+.1f} ms")
+    console.print(
+        f"gRPC decode ÷ raw = {ours[1] / raw[1]:.3f}; TTFT overhead = {ours[0] - raw[0]:+.1f} ms"
+    )
 
 
 def machine() -> str:
@@ -216,4 +242,3 @@ def machine() -> str:
     except OSError:
         pass
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
-

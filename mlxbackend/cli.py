@@ -6,11 +6,22 @@ import logging
 import os
 import sys
 
+from mlxbackend.audio.commands import add_parser as add_transcribe
+from mlxbackend.bench import main as bench_main
+from mlxbackend.client import DEFAULT_ADDR, auth_metadata, chat_request, connect
+from mlxbackend.distributed.supervisor import add_parser as add_worker
+from mlxbackend.distributed.supervisor import localai_argv
+from mlxbackend.embed.commands import add_parser as add_embed
+from mlxbackend.image.commands import add_parser as add_image
+from mlxbackend.quantize.commands import add_parser as add_quantize
+from mlxbackend.server import serve
+from mlxbackend.train.commands import add_parsers
+
 
 def cmd_serve(args):
-    from mlxbackend.server import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(serve(args.addr, args.model, args.option))
     # Everything is stopped; skip interpreter teardown, where MLX's thread-local state and
     # C++ static destructors can race (seen once as SIGABRT on SIGINT).
@@ -24,13 +35,15 @@ def cmd_chat(args):
     import grpc
     from rich.console import Console
 
-    from mlxbackend.client import auth_metadata, chat_request, connect
-
     console = Console(highlight=False)
     stub = connect(args.addr)
-    request = chat_request(" ".join(args.text), max_tokens=args.max_tokens, temperature=args.temperature)
+    request = chat_request(
+        " ".join(args.text), max_tokens=args.max_tokens, temperature=args.temperature
+    )
     if args.system:
-        request.Messages.insert(0, request.Messages[0].__class__(role="system", content=args.system))
+        request.Messages.insert(
+            0, request.Messages[0].__class__(role="system", content=args.system)
+        )
     try:
         final = None
         for reply in stub.PredictStream(request, metadata=auth_metadata(), timeout=args.timeout):
@@ -44,7 +57,11 @@ def cmd_chat(args):
             final = reply
         console.print()
         if final is not None and args.verbose:
-            tps = final.tokens / (final.timing_token_generation / 1000) if final.timing_token_generation else 0
+            tps = (
+                final.tokens / (final.timing_token_generation / 1000)
+                if final.timing_token_generation
+                else 0
+            )
             console.print(
                 f"[dim]{final.tokens} tokens, prompt {final.prompt_tokens} tokens, "
                 f"TTFT {final.timing_prompt_processing:.0f} ms, {tps:.1f} tok/s[/dim]"
@@ -70,21 +87,23 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from mlxbackend.bench import main as bench_main
-
     bench_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlxbackend.client import DEFAULT_ADDR
-
     parser = argparse.ArgumentParser(prog="mlxbackend", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gRPC backend (LocalAI launches this via run.sh --addr)")
+    p = sub.add_parser(
+        "serve", help="run the gRPC backend (LocalAI launches this via run.sh --addr)"
+    )
     p.add_argument("--addr", default="127.0.0.1:50051", help="HOST:PORT to bind (exactly)")
-    p.add_argument("--model", default="", help="preload a model folder at start; 'default' = bundled SmolLM2")
-    p.add_argument("--option", action="append", default=[], help="LoadModel option key:value (repeatable)")
+    p.add_argument(
+        "--model", default="", help="preload a model folder at start; 'default' = bundled SmolLM2"
+    )
+    p.add_argument(
+        "--option", action="append", default=[], help="LoadModel option key:value (repeatable)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="ask a running server one question and stream the answer")
@@ -98,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
-        "convert", help="import a checkpoint into an MLX folder (gguf: llama.cpp file; hf: HF folder or id) "
+        "convert",
+        help="import a checkpoint into an MLX folder (gguf: llama.cpp file; hf: HF folder or id) "
         "or export one as GGUF (to-gguf)",
         description="mlxbackend convert gguf IN.gguf OUT [--dtype float32 --dequantize] | "
         "mlxbackend convert hf SRC OUT [-q --q-bits 4 …] | "
@@ -116,25 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--llamacpp", action="store_true", help="also time llama-cpp-python on the GGUF")
-    p.add_argument("--concurrency", default="1,2,4,8,16", help="aggregate decode at these stream counts")
+    p.add_argument(
+        "--concurrency", default="1,2,4,8,16", help="aggregate decode at these stream counts"
+    )
     p.set_defaults(func=cmd_bench)
 
-    from mlxbackend.train.commands import add_parsers
-
     add_parsers(sub)  # finetune, export
-    from mlxbackend.quantize.commands import add_parser as add_quantize
 
     add_quantize(sub)
-    from mlxbackend.audio.commands import add_parser as add_transcribe
 
     add_transcribe(sub)
-    from mlxbackend.embed.commands import add_parser as add_embed
 
     add_embed(sub)
-    from mlxbackend.image.commands import add_parser as add_image
 
     add_image(sub)
-    from mlxbackend.distributed.supervisor import add_parser as add_worker
 
     add_worker(sub)
     return parser
@@ -142,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    from mlxbackend.distributed.supervisor import localai_argv
 
-    argv = localai_argv(argv)  # LocalAI's mlx-distributed flags on run.sh (--worker, --rank 0 --hostfile)
+    argv = localai_argv(
+        argv
+    )  # LocalAI's mlx-distributed flags on run.sh (--worker, --rank 0 --hostfile)
     args = build_parser().parse_args(argv)
     code = args.func(args)
     if isinstance(code, int):

@@ -4,6 +4,7 @@ import os
 
 import grpc
 
+from mlxbackend.errors import BackendError
 from mlxbackend.proto import backend_pb2 as pb
 from mlxbackend.proto import backend_pb2_grpc as pb_grpc
 
@@ -29,7 +30,6 @@ def auth_metadata():
 def failure_text(exc: Exception) -> str:
     """One line for a CLI: a local BackendError as "Type: message", a running backend's gRPC error
     as its details."""
-    from mlxbackend.errors import BackendError
 
     if isinstance(exc, BackendError):
         return f"{type(exc).__name__}: {exc}"
@@ -42,15 +42,23 @@ def local_or_remote(args, err) -> bool:
     (and a message) unless exactly one is given."""
     if bool(args.model) != bool(args.addr):
         return True
-    err.print("[red]give exactly one of --model DIR (local) or --addr HOST:PORT (a running backend)[/red]")
+    err.print(
+        "[red]give exactly one of --model DIR (local) or --addr HOST:PORT (a running backend)[/red]"
+    )
     return False
 
 
-def chat_request(text: str, max_tokens: int = 256, temperature: float = 0.0, **extra) -> pb.PredictOptions:
+def chat_request(
+    text: str, max_tokens: int = 256, temperature: float = 0.0, **extra
+) -> pb.PredictOptions:
     """A chat request the way LocalAI sends it with use_tokenizer_template: true."""
     return pb.PredictOptions(
-        Messages=[pb.Message(role="user", content=text)], UseTokenizerTemplate=True,
-        Tokens=max_tokens, Temperature=temperature, TopP=0.95, **extra,
+        Messages=[pb.Message(role="user", content=text)],
+        UseTokenizerTemplate=True,
+        Tokens=max_tokens,
+        Temperature=temperature,
+        TopP=0.95,
+        **extra,
     )
 
 
@@ -69,8 +77,11 @@ def spawn_server(timeout: float = 60.0, env: dict | None = None, log=None):
         port = s.getsockname()[1]
     run_sh = Path(__file__).with_name("run.sh")
     proc = subprocess.Popen(
-        [str(run_sh), "--addr", f"127.0.0.1:{port}"], env={**os.environ, **(env or {})},
-        stdout=log, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True,
+        [str(run_sh), "--addr", f"127.0.0.1:{port}"],
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
     )
     stub = connect(f"127.0.0.1:{port}")
     deadline = time.monotonic() + timeout

@@ -10,13 +10,15 @@ to output folders, so that a respawned backend process can still answer for a jo
 run (contract §12.3)."""
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
 import time
 from pathlib import Path
 
-from mlxbackend.errors import InvalidInput, NotFound
+from mlxbackend import publish
+from mlxbackend.errors import InvalidInput, NoSpace, NotFound
 
 TERMINAL = ("completed", "failed", "stopped")
 STATE_FILE = "job.json"
@@ -27,10 +29,8 @@ def index_dir() -> Path:
 
 
 def write_json_atomic(path: Path, data: dict):
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    """Publish JSON atomically (publish.write_json): readers never see half a file."""
+    publish.write_json(path, data, default=str)
 
 
 def check_output_dir(path: str):
@@ -57,13 +57,20 @@ def remember(kind: str, job_id: str, output_dir: Path):
     try:
         folder = index_dir() / kind
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / f"{_safe(job_id)}.json", {"job_id": job_id, "output_dir": str(output_dir)})
-    except OSError:
+        write_json_atomic(
+            folder / f"{_safe(job_id)}.json", {"job_id": job_id, "output_dir": str(output_dir)}
+        )
+    except (OSError, NoSpace):
         pass  # best effort: the data-path lookup still works
 
 
 def _safe(job_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job_id)[:200]
+    """job_id as one short ASCII file name (at most ~120 bytes, within every NAME_MAX); an id
+    that had to be changed gets a hash of itself appended, so two ids never share an entry."""
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in job_id[:101])
+    if safe != job_id or len(safe) > 100:
+        safe = f"{safe[:100]}-{hashlib.sha256(job_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return safe
 
 
 def find_output_dir(kind: str, job_id: str) -> Path | None:
@@ -76,8 +83,13 @@ def find_output_dir(kind: str, job_id: str) -> Path | None:
             pass
     data_path = os.environ.get("LOCALAI_DATA_PATH")
     folder = {"finetune": "fine-tune", "quantize": "quantization"}.get(kind, kind)
-    if data_path and (Path(data_path) / folder / job_id).is_dir():
-        return Path(data_path) / folder / job_id
+    if (
+        data_path
+        and job_id == _safe(job_id)
+        and job_id.strip(".")
+        and (Path(data_path) / folder / job_id).is_dir()
+    ):
+        return Path(data_path) / folder / job_id  # a plain name only: no "..", "/", or NUL
     return None
 
 
@@ -95,7 +107,9 @@ def recovered_snapshot(kind: str, job_id: str) -> dict:
 
         last = latest_checkpoint(output_dir) if kind == "finetune" else None
         hint = f"; resume with resume_from_checkpoint={last}" if last else ""
-        snapshot.update(status="failed", message=f"the backend process running this job exited{hint}")
+        snapshot.update(
+            status="failed", message=f"the backend process running this job exited{hint}"
+        )
     return snapshot
 
 
@@ -124,27 +138,34 @@ class JobBoard:
         def publish(**fields):
             if on_end is not None and fields.get("status") in TERMINAL:
                 on_end()
-            snapshot = self.publish(job_id, **fields)
+            snapshot, queues = self._merge(job_id, fields)
             status = snapshot.get("status")
             now = time.monotonic()
             if status != state["status"] or now - state["written"] > 10 or status in TERMINAL:
                 state.update(status=status, written=now)
                 try:
                     write_json_atomic(path, {"snapshot": snapshot, "config": config})
-                except OSError:
-                    pass
+                except (OSError, NoSpace):
+                    pass  # best effort: the board still has the snapshot
+            for q in queues:  # after job.json: a subscriber that saw a status finds it on disk too
+                self._deliver(q, snapshot)
 
         return publish
 
     def publish(self, job_id: str, **fields) -> dict:
         """Any thread: merge fields into the job's snapshot and send it to every subscriber."""
+        snapshot, queues = self._merge(job_id, fields)
+        for q in queues:
+            self._deliver(q, snapshot)
+        return snapshot
+
+    def _merge(self, job_id: str, fields: dict) -> tuple:
+        """(the job's new snapshot, its subscribers' queues)."""
         with self.lock:
             snapshot = {**self.snapshots.get(job_id, {}), **fields, "job_id": job_id}
             self.snapshots[job_id] = snapshot
             queues = list(self.watchers.get(job_id, ()))
-        for q in queues:
-            self._deliver(q, snapshot)
-        return snapshot
+        return snapshot, queues
 
     def _deliver(self, q: asyncio.Queue, snapshot: dict):
         try:

@@ -14,13 +14,31 @@ def parse_value(text: str):
     return text.strip()
 
 
+# Keys whose values are paths or names: kept as strings even where they look like a number or
+# a bool ("store_path:1", "prompt_cache_dir:true"), so that path code never sees an int.
+TEXT_KEYS = frozenset(
+    {
+        "store_path",
+        "prompt_cache_dir",
+        "hostfile",
+        "coordinator",
+        "model_path",
+        "name",
+        "eos_token",
+        "rerank_instruction",
+        "pre_tokenizer",
+    }
+)
+
+
 def parse_options(entries) -> dict:
     """Split each entry at its first colon; entries without one are skipped."""
     options = {}
     for entry in entries:
         key, sep, value = entry.partition(":")
         if sep and key.strip():
-            options[key.strip()] = parse_value(value)
+            key = key.strip()
+            options[key] = value.strip() if key in TEXT_KEYS else parse_value(value)
     return options
 
 

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import grpc
 
+from mlxbackend.default_model import ensure_default_model
+from mlxbackend.errors import status_of
+from mlxbackend.host import LoadRequest
+from mlxbackend.limits import MAX_MESSAGE
 from mlxbackend.proto import backend_pb2 as pb
+from mlxbackend.servicer import PENDING, Servicer
 
 log = logging.getLogger("mlxbackend")
-MAX_MESSAGE = 50 * 1024 * 1024  # LocalAI's Go client limit, both directions
 SERVICE = pb.DESCRIPTOR.services_by_name["Backend"]
 
 
@@ -39,12 +43,12 @@ def _parse(request_cls, raw: bytes):
 
 def _wrap(servicer, method):
     """A raw-bytes handler around servicer.<name> with auth and error mapping."""
-    from mlxbackend.servicer import PENDING, status_of
 
     name, request_cls = method.name, pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
     request_cls = getattr(pb, request_cls.name)
     impl = getattr(servicer, name, None)
     if impl is None and name in PENDING:
+
         def impl(request, context, _name=name):  # noqa: E306
             servicer.unimplemented(_name)
 
@@ -57,7 +61,8 @@ def _wrap(servicer, method):
         return request
 
     async def fail(context, exc):
-        code, message = status_of(exc)
+        code_name, message = status_of(exc)
+        code = getattr(grpc.StatusCode, code_name)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", name)
         else:
@@ -65,6 +70,7 @@ def _wrap(servicer, method):
         await context.abort(code, message)
 
     if method.server_streaming:
+
         async def stream_handler(raw, context):
             request = await prologue(raw, context)
             try:
@@ -104,7 +110,9 @@ def _serialize(message) -> bytes:
 
 def add_servicer(server, servicer):
     handlers = {m.name: _wrap(servicer, m) for m in SERVICE.methods}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)]
+    )
 
 
 def _watch_interval() -> float:
@@ -124,7 +132,12 @@ def _watch_interval() -> float:
 
 def start_parent_watch():
     """Exit when LocalAI dies (covers SIGKILL of the parent); off with ..._PARENT_WATCH=false."""
-    if os.environ.get("LOCALAI_BACKEND_PARENT_WATCH", "true").strip().lower() in ("false", "0", "no", "off"):
+    if os.environ.get("LOCALAI_BACKEND_PARENT_WATCH", "true").strip().lower() in (
+        "false",
+        "0",
+        "no",
+        "off",
+    ):
         return None
     parent = os.getppid()
     if parent == 1:
@@ -136,7 +149,9 @@ def start_parent_watch():
             time.sleep(interval)
             now = os.getppid()
             if now != parent or now == 1:
-                print("mlxbackend: parent process exited; shutting down", file=sys.stderr, flush=True)
+                print(
+                    "mlxbackend: parent process exited; shutting down", file=sys.stderr, flush=True
+                )
                 os._exit(1)
 
     thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
@@ -153,7 +168,6 @@ async def serve(addr: str, model: str = "", options=()):
             ("grpc.so_reuseport", 0),
         ]
     )
-    from mlxbackend.servicer import Servicer
 
     servicer = Servicer()
     add_servicer(server, servicer)
@@ -172,27 +186,23 @@ async def serve(addr: str, model: str = "", options=()):
         asyncio.ensure_future(_preload(servicer, model, options))
     await stop.wait()
     print("mlxbackend: shutting down", file=sys.stderr, flush=True)
-    await servicer.finetunes.stop_all(timeout=6)  # training jobs stop with a checkpoint
-    await servicer.quantizations.stop_all(timeout=4)  # quantization jobs stop, temp files removed
-    try:
-        await asyncio.wait_for(servicer.text.persist(), timeout=8)
-    except Exception as exc:  # never block the exit LocalAI waits for (15 s to SIGKILL)
-        print(f"mlxbackend: prompt cache not saved: {exc}", file=sys.stderr, flush=True)
-    servicer.worker.stop()
+    await servicer.host.shutdown()
     await server.stop(grace=3)
-    servicer.worker.thread.join(timeout=5)
+    servicer.host.worker.thread.join(timeout=5)
 
 
 async def _preload(servicer, model: str, options):
     """--model: load at start-up, as LocalAI's LoadModel would ('default' = bundled SmolLM2)."""
+
     try:
         if model == "default":
-            from mlxbackend.default_model import ensure_default_model
-
             models_dir = Path(os.environ.get("MLXB_MODELS_DIR", "models"))
-            model = str(await servicer.worker.run(ensure_default_model, models_dir))  # MLX work: on the worker
-        request = pb.ModelOptions(Model=os.path.abspath(model), Options=list(options))
-        reply = await servicer.LoadModel(request, None)
-        print(f"mlxbackend: {reply.message}", file=sys.stderr, flush=True)
+            model = str(
+                await servicer.host.worker.run(ensure_default_model, models_dir)
+            )  # MLX work: on the worker
+        message = await servicer.host.load(
+            LoadRequest(model=os.path.abspath(model), options=list(options))
+        )
+        print(f"mlxbackend: {message}", file=sys.stderr, flush=True)
     except Exception as exc:
         print(f"mlxbackend: preload of {model} failed: {exc}", file=sys.stderr, flush=True)

@@ -4,9 +4,10 @@ Keys all have one dimension per store (fixed by the first Set, kept after the st
 `set` upserts, `get`/`delete` match keys exactly (bitwise float32 equality), `find` returns the
 `top_k` entries most similar to a key by cosine similarity, most similar first.
 
-A store opened with a path is written after every successful `set`/`delete`, atomically: a temp
-file `<name>.tmp-<pid>` in the same folder, fsync, then `os.replace` onto the final name. If the
-write fails the call raises and the store (in memory and on disk) is left as it was.
+A store opened with a path is written after every successful `set`/`delete`, atomically
+(`publish.atomic_file`: a temp file beside it, fsync, `os.replace` onto the final name). If the
+write fails (a full disk: NoSpace, RESOURCE_EXHAUSTED) the call raises and the store (in memory
+and on disk) is left as it was.
 
 File format (one `.safetensors` file, written with `mx.save_safetensors`, read without pickle):
   keys     float32 [N, D]  the raw keys, as sent ([0, 0] for a store that never had a key)
@@ -18,14 +19,21 @@ Not thread-safe: the servicer calls it from one worker thread.
 """
 
 import errno
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from mlxbackend.errors import BackendError, InvalidInput, NotFound, OutOfMemory, Precondition
+from mlxbackend import publish
+from mlxbackend.errors import (
+    BackendError,
+    InvalidInput,
+    NoSpace,
+    NotFound,
+    OutOfMemory,
+    Precondition,
+)
 
 FORMAT_NAME = "mlxbackend-vector-store"
 FORMAT_VERSION = "1"
@@ -75,7 +83,9 @@ def as_keys(keys, dim: int | None) -> np.ndarray:
     """Request keys as a float32 [n, D] array, or InvalidInput saying what is wrong with them."""
     if isinstance(keys, np.ndarray):
         if keys.ndim != 2:
-            raise InvalidInput(f"keys must be a 2-D array [count, dimensions], got shape {keys.shape}")
+            raise InvalidInput(
+                f"keys must be a 2-D array [count, dimensions], got shape {keys.shape}"
+            )
     else:
         keys = list(keys)
         try:
@@ -96,7 +106,9 @@ def as_keys(keys, dim: int | None) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"keys must be lists of floats: {e}") from None
     if rows.ndim != 2:
-        raise InvalidInput(f"each key must be a flat list of floats, got an array of shape {rows.shape}")
+        raise InvalidInput(
+            f"each key must be a flat list of floats, got an array of shape {rows.shape}"
+        )
     if rows.shape[1] == 0:
         raise InvalidInput("a key has 0 dimensions: send non-empty float vectors")
     if dim is not None and rows.shape[1] != dim:
@@ -107,7 +119,9 @@ def as_keys(keys, dim: int | None) -> np.ndarray:
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))
-        raise InvalidInput(f"key {bad} contains NaN or infinity: keys must be finite float32 numbers")
+        raise InvalidInput(
+            f"key {bad} contains NaN or infinity: keys must be finite float32 numbers"
+        )
     return rows
 
 
@@ -127,7 +141,9 @@ def as_top_k(top_k) -> int:
     if top_k < 1:
         raise InvalidInput(f"top_k must be at least 1, got {top_k}")
     if top_k > MAX_TOP_K:
-        raise InvalidInput(f"top_k {top_k} is above the limit of {MAX_TOP_K}: ask for at most {MAX_TOP_K} results")
+        raise InvalidInput(
+            f"top_k {top_k} is above the limit of {MAX_TOP_K}: ask for at most {MAX_TOP_K} results"
+        )
     return int(top_k)
 
 
@@ -142,24 +158,8 @@ def write_store(path: Path, keys: np.ndarray, values: list[bytes]) -> None:
     }
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError:
-        pass
+    with publish.atomic_file(path) as f:
+        mx.save_safetensors(f, arrays, metadata=metadata)
 
 
 def read_store(path: Path) -> tuple[np.ndarray, list[bytes]]:
@@ -169,7 +169,9 @@ def read_store(path: Path) -> tuple[np.ndarray, list[bytes]]:
     except (OSError, RuntimeError, ValueError) as e:
         raise InvalidInput(unreadable(path, str(e))) from e
     if metadata.get("format") != FORMAT_NAME:
-        raise InvalidInput(unreadable(path, "it is not a vector store file (no store format in its metadata)"))
+        raise InvalidInput(
+            unreadable(path, "it is not a vector store file (no store format in its metadata)")
+        )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise InvalidInput(
             f"vector store file {path} has format version {metadata.get('format_version')!r}, this "
@@ -212,8 +214,8 @@ def unreadable(path: Path, why: str) -> str:
 
 def write_error(path: Path, e: Exception) -> BackendError:
     what = f"could not write the vector store to {path} ({e}); the store is unchanged"
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutOfMemory(f"{what}: free disk space and retry")
+    if isinstance(e, NoSpace) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: free disk space and retry")
     return BackendError(f"{what}: check that the folder exists and is writable, then retry")
 
 
@@ -247,6 +249,7 @@ class VectorStore:
         if path is None:
             return cls()
         path = Path(path)
+        publish.recover(path)  # temp files a killed writer left beside it
         if not path.exists():
             return cls(path=path)
         if not path.is_file():
@@ -271,7 +274,7 @@ class VectorStore:
             raise Precondition("this vector store is memory-only: open it with a path to save it")
         try:
             write_store(self.path, self.keys, self.values)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, NoSpace) as e:
             raise write_error(self.path, e) from e
 
     def commit(self, keys: np.ndarray, values: list[bytes], unit_keys: mx.array) -> None:
@@ -280,7 +283,7 @@ class VectorStore:
         if self.path is not None:
             try:
                 write_store(self.path, keys, values)
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, NoSpace) as e:
                 raise write_error(self.path, e) from e
         self.keys, self.values, self.unit_keys = keys, values, unit_keys
 
@@ -360,10 +363,14 @@ class VectorStore:
         """
         top_k = as_top_k(top_k)
         if isinstance(key, np.ndarray) and key.ndim != 1:
-            raise InvalidInput(f"key must be a flat list of floats, got an array of shape {key.shape}")
+            raise InvalidInput(
+                f"key must be a flat list of floats, got an array of shape {key.shape}"
+            )
         query = as_keys([key], self.dim)
         if not query.any():
-            raise InvalidInput("key is all zeros: cosine similarity is undefined for it; send a non-zero key")
+            raise InvalidInput(
+                "key is all zeros: cosine similarity is undefined for it; send a non-zero key"
+            )
         n, dim = len(self), query.shape[1]
         if n == 0:
             return np.zeros((0, dim), np.float32), [], np.zeros(0, np.float32)

@@ -1,16 +1,41 @@
-"""The one thread that runs MLX work. Calls run in order between steps; steppers (a solo
-generation, a continuous batch) are advanced round-robin, one step each per round, so every
-request progresses and cancellation is seen within a step.
+"""The one thread that runs MLX work, and its one scheduling rule.
+
+THE RULE. Everything the worker runs is a *task*: a function started by `call` (or `add` /
+`start_job`, which wrap a stepper or an event generator in one). A task runs on the worker thread
+until it returns or calls `pause()`; a pause ends its *step*, and the task resumes in a later turn.
+Each turn of the worker:
+
+1. starts, in arrival order, every task that was waiting when the turn began (each runs to its
+   first pause or to its end), then
+2. resumes every task that was paused before the turn began, once each, in the order they paused.
+
+So calls run in the order they arrived; a long task (a continuous batch, a solo generation, an
+image's denoising loop, a transcription's windows, a library loop with a progress hook) lets
+everything else through at each of its pauses; and no task ever runs inside another: `pause()`
+returns to the worker's loop, it never runs waiting work itself. Tasks are greenlets (one C
+stack each, all on this thread), so MLX only ever runs on the worker thread, one task at a time.
+
+A paused task can be ended from the worker thread with `abort_owned(owner, exc)`: `exc` is raised
+at its pause point (the host uses this when a model is freed or replaced).
 
 Results cross into asyncio through `loop.call_soon_threadsafe`; the event loop never runs MLX."""
 
 import asyncio
 import queue
 import threading
-import time
 from concurrent.futures import Future
 
+from greenlet import getcurrent, greenlet
+
 DONE = object()
+
+
+def pause() -> None:
+    """End the current step of the running task; it resumes in a later turn. A no-op outside a
+    worker task (a function called directly, e.g. by the CLI or a test)."""
+    current = getcurrent()
+    if isinstance(current, Task.Greenlet):
+        current.parent.switch()
 
 
 class Job:
@@ -23,6 +48,11 @@ class Job:
 
     def cancel(self):
         self.cancelled.set()
+
+    def abort(self, exc: BaseException):
+        """Event loop: end the reader now with exc; the worker sees `cancelled` at its next step."""
+        self.cancelled.set()
+        self.events.put_nowait(exc)
 
     def put(self, item):
         """Called from the worker: an event, an exception, or DONE."""
@@ -43,117 +73,160 @@ class Job:
         return item
 
 
-class GeneratorStepper:
-    """Advances one generator per step, forwarding what it yields to its job."""
+class Task:
+    """One function run as a greenlet on the worker thread; its result goes to `future`."""
 
-    def __init__(self, job: Job, steps):
-        self.job = job
-        self.steps = steps
+    class Greenlet(greenlet):
+        """Marks greenlets that are worker tasks (what `pause()` looks for)."""
 
-    def step(self) -> bool:
+    def __init__(self, future: Future, fn, args: tuple, kwargs: dict, owner=None):
+        self.future, self.fn, self.args, self.kwargs, self.owner = future, fn, args, kwargs, owner
+        self.glet = None  # created on the worker thread, whose loop greenlet becomes its parent
+
+    def start(self) -> bool:
+        """Run to the first pause or the end; True if paused."""
+        if not self.future.set_running_or_notify_cancel():
+            return False
+        self.glet = Task.Greenlet(self._main)
+        self.glet.switch()
+        return not self.glet.dead
+
+    def resume(self, exc: BaseException | None = None) -> bool:
+        """Run the next step (or raise exc at the pause point); True if paused again."""
+        if exc is None:
+            self.glet.switch()
+        else:
+            self.glet.throw(exc)
+        return not self.glet.dead
+
+    def _main(self):
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.fn = self.args = self.kwargs = None  # hold no reference to finished work
         try:
-            self.job.put(next(self.steps))
-            return True
-        except StopIteration:
-            self.job.put(DONE)
+            result = fn(*args, **kwargs)
         except BaseException as exc:
-            self.job.put(exc)
-        return False
-
-    def abort(self):
-        self.job.put(DONE)
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
 
 
 class Worker:
     def __init__(self, name: str = "mlx-worker"):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.active: list = []  # steppers: step() -> keep going?, abort()
-        self._serving = False
+        self.paused: list[Task] = []
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
+    # -- starting work (any thread) ----------------------------------------------------------
     def call(self, fn, *args, **kwargs) -> Future:
-        """Run fn on the worker thread, between steps."""
+        """Run fn as a task on the worker; its result (or exception) goes to the Future."""
+        return self.call_owned(None, fn, *args, **kwargs)
+
+    def call_owned(self, owner, fn, *args, **kwargs) -> Future:
+        """As `call`, tagged with `owner` (a model) for `abort_owned`."""
         future: Future = Future()
-        self.inbox.put((future, fn, args, kwargs))
+        self.inbox.put(Task(future, fn, args, kwargs, owner))
         return future
 
     async def run(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
 
-    def add(self, stepper):
-        """Worker thread only: start advancing a stepper."""
-        self.active.append(stepper)
+    def add(self, stepper, owner=None) -> Future:
+        """Drive a stepper (`step() -> keep going?`, `abort(exc)`) as a task, one step per turn."""
+        return self.call_owned(owner, drive, stepper)
 
-    def start_job(self, make_steps) -> Job:
-        """make_steps(is_cancelled) runs on the worker and returns an iterator of events."""
+    def start_job(self, make_steps, owner=None) -> Job:
+        """make_steps(is_cancelled) runs on the worker and returns an iterator of events; each
+        event is one step. The returned Job yields the events, then ends."""
         job = Job(asyncio.get_running_loop())
-
-        def attach():
-            try:
-                self.add(GeneratorStepper(job, iter(make_steps(job.cancelled.is_set))))
-            except BaseException as exc:
-                job.put(exc)
-
-        self.call(attach)
+        self.call_owned(owner, forward_events, job, make_steps)
         return job
 
-    def serve_pending(self, budget: float):
-        """Worker thread, from inside a long call (a quantization method that loops in a library):
-        run waiting calls and stepper rounds for about `budget` seconds, so other requests keep
-        moving. Never nested; a stop request is left for the main loop."""
-        if threading.current_thread() is not self.thread or self._serving:
-            return
-        self._serving = True
-        try:
-            deadline = time.monotonic() + max(0.05, budget)
-            while time.monotonic() < deadline:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    item = False
-                if item is None:  # stop: put it back for the main loop
-                    self.inbox.put(None)
-                    return
-                if item:
-                    self._call(*item)
-                    del item
-                elif self.active:
-                    self._round()
-                else:
-                    return
-        finally:
-            self._serving = False
+    # -- worker thread only ------------------------------------------------------------------
+    def abort_owned(self, owner, exc: BaseException):
+        """Raise exc at the pause point of every paused task of `owner` (they end now)."""
+        if threading.current_thread() is not self.thread:
+            raise RuntimeError("abort_owned runs on the worker thread (inside a call)")
+        mine = [t for t in self.paused if t.owner is owner and owner is not None]
+        self.paused = [t for t in self.paused if t not in mine]
+        here = getcurrent()
+        for task in mine:
+            task.glet.parent = here  # it ends (or pauses) back into this call, not the loop
+            while task.resume(exc):  # a task that catches exc and pauses again gets it again
+                pass
 
+    # -- state (any thread) -------------------------------------------------------------------
     def busy(self) -> bool:
-        return bool(self.active)
+        return bool(self.paused)
 
     def stop(self):
         self.inbox.put(None)
 
+    # -- the loop ----------------------------------------------------------------------------
     def _loop(self):
         while True:
             try:
-                item = self.inbox.get(block=not self.active)
+                first = self.inbox.get(block=not self.paused)
             except queue.Empty:
-                self._round()
-                continue
-            if item is None:
-                for stepper in self.active:
-                    stepper.abort()
-                self.active.clear()
+                first = False
+            arrived = [first] if first is not False else []
+            for _ in range(self.inbox.qsize()):  # what waits now; later arrivals: next turn
+                try:
+                    arrived.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            earlier = list(self.paused)
+            if not self._start(arrived):
+                self._shutdown(self.paused)
                 return
-            self._call(*item)
-            del item  # hold no reference to finished work (models must be freeable)
+            del arrived  # hold no reference to finished work (models must be freeable)
+            self._resume(earlier)
+            del earlier
 
-    @staticmethod
-    def _call(future, fn, args, kwargs):
-        if future.set_running_or_notify_cancel():
+    def _start(self, arrived: list) -> bool:
+        """Start each arrived task; False at the stop marker."""
+        for task in arrived:
+            if task is None:
+                return False
+            if task.start():
+                self.paused.append(task)
+        return True
+
+    def _resume(self, earlier: list):
+        for task in earlier:
+            if task in self.paused and not task.resume():  # (abort_owned may have ended it)
+                self.paused.remove(task)
+
+    def _shutdown(self, tasks: list):
+        from greenlet import GreenletExit
+
+        for task in tasks:
             try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:
-                future.set_exception(exc)
+                while task.resume(GreenletExit()):
+                    pass
+            except Exception:  # noqa: BLE001 — shutting down: nothing is listening
+                pass
+        self.paused = []
 
-    def _round(self):
-        """One step for every active stepper; finished ones are dropped."""
-        self.active = [s for s in list(self.active) if s.step()]
+
+def drive(stepper) -> None:
+    """Task body: one `step()` per turn until it returns False. An exception raised at the pause
+    (abort_owned, shutdown) is passed to `stepper.abort(exc)` and ends the task."""
+    try:
+        while stepper.step():
+            pause()
+    except BaseException as exc:
+        stepper.abort(exc if isinstance(exc, Exception) else None)  # GreenletExit: shutdown
+        raise
+
+
+def forward_events(job: Job, make_steps) -> None:
+    """Task body: put each event of make_steps(is_cancelled) into job, one per turn, then DONE;
+    an exception (the generator's, or one raised at the pause) goes to the job instead."""
+    try:
+        for event in make_steps(job.cancelled.is_set):
+            job.put(event)
+            pause()
+        job.put(DONE)
+    except BaseException as exc:  # noqa: BLE001 — the job's reader raises it
+        job.put(exc)

@@ -47,8 +47,12 @@ def measure(stub, prompt: str, tokens: int, repeats: int, chat: bool) -> dict:
 
     def request(text, n):
         if chat:
-            return pb.PredictOptions(Messages=[pb.Message(role="user", content=text)], UseTokenizerTemplate=True,
-                                     Tokens=n, IgnoreEOS=True)
+            return pb.PredictOptions(
+                Messages=[pb.Message(role="user", content=text)],
+                UseTokenizerTemplate=True,
+                Tokens=n,
+                IgnoreEOS=True,
+            )
         return pb.PredictOptions(Prompt=text, Tokens=n, IgnoreEOS=True)
 
     stub.Predict(request("Hello", 8), timeout=300)  # warm-up
@@ -57,11 +61,15 @@ def measure(stub, prompt: str, tokens: int, repeats: int, chat: bool) -> dict:
         r = stub.Predict(request(prompt, 1), timeout=300)
         prompt_tokens = r.prompt_tokens
         prefill.append(r.prompt_tokens / (r.timing_prompt_processing / 1000))
-        r = stub.Predict(request("Tell me a long story about a lighthouse keeper.", tokens), timeout=300)
+        r = stub.Predict(
+            request("Tell me a long story about a lighthouse keeper.", tokens), timeout=300
+        )
         decode.append((r.tokens - 1) / (r.timing_token_generation / 1000))
     return {
-        "prefill_tps": round(statistics.median(prefill), 1), "decode_tps": round(statistics.median(decode), 1),
-        "prompt_tokens": prompt_tokens, "decode_tokens": tokens,
+        "prefill_tps": round(statistics.median(prefill), 1),
+        "decode_tps": round(statistics.median(decode), 1),
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": tokens,
     }
 
 
@@ -75,8 +83,21 @@ def run_config(model: Path, ranks: int, mode: str, args, env: dict, folder: Path
         hostfile.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(ranks)]))
         options += [f"hostfile:{hostfile}", f"distributed_mode:{mode}"]
         worker = subprocess.Popen(
-            [sys.executable, "-m", "mlxbackend", "worker", "--rank", "1", "--hostfile", str(hostfile)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlxbackend",
+                "worker",
+                "--rank",
+                "1",
+                "--hostfile",
+                str(hostfile),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
     proc, stub = spawn_server(env=env)
     try:
@@ -87,8 +108,13 @@ def run_config(model: Path, ranks: int, mode: str, args, env: dict, folder: Path
         result = measure(stub, LONG_TEXT, args.tokens, args.repeats, chat=True)
         memory = dict(stub.Status(pb.HealthMessage()).memory.breakdown)
         weights = {k: v for k, v in memory.items() if k.endswith("weights")}
-        return {"ranks": ranks, "mode": mode if ranks > 1 else "single", "load_s": round(load_s, 1), **result,
-                "weights_mib": {k: round(v / 2**20, 1) for k, v in weights.items()}}
+        return {
+            "ranks": ranks,
+            "mode": mode if ranks > 1 else "single",
+            "load_s": round(load_s, 1),
+            **result,
+            "weights_mib": {k: round(v / 2**20, 1) for k, v in weights.items()},
+        }
     finally:
         stop_server(proc)
         if worker is not None:
@@ -97,11 +123,18 @@ def run_config(model: Path, ranks: int, mode: str, args, env: dict, folder: Path
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request")
     ap.add_argument("--models", default="tiny,smollm2")
-    ap.add_argument("--blas-threads", type=int, default=0, help="OPENBLAS_NUM_THREADS for every process (0: unset)")
+    ap.add_argument(
+        "--blas-threads",
+        type=int,
+        default=0,
+        help="OPENBLAS_NUM_THREADS for every process (0: unset)",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -112,23 +145,36 @@ def main():
     if "tiny" in args.models:
         from tests.tiny_model import build_tiny_model
 
-        models["tiny (2 layers, trained)"] = (build_tiny_model(folder / "tiny", trained=True), ["pipeline", "tensor"])
+        models["tiny (2 layers, trained)"] = (
+            build_tiny_model(folder / "tiny", trained=True),
+            ["pipeline", "tensor"],
+        )
     if "smollm2" in args.models:
         from mlxbackend.default_model import ensure_default_model
 
         models["SmolLM2-135M f32 (30 layers)"] = (
-            ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", ROOT / "models")).resolve()), ["pipeline"],
+            ensure_default_model(
+                Path(os.environ.get("MLXB_MODELS_DIR", ROOT / "models")).resolve()
+            ),
+            ["pipeline"],
         )
     results = []
     for name, (path, modes) in models.items():
         for ranks, mode in [(1, "single")] + [(2, m) for m in modes]:
             row = {"model": name, **run_config(path, ranks, mode, args, env, folder)}
             results.append(row)
-            print(f"{name:30} {row['mode']:9} ranks {ranks}: prefill {row['prefill_tps']:8.1f} tok/s "
-                  f"({row['prompt_tokens']} tokens), decode {row['decode_tps']:7.1f} tok/s, load {row['load_s']} s, "
-                  f"weights MiB {row['weights_mib']}", flush=True)
-    out = {"machine": f"{os.cpu_count()} cores, loopback", "blas_threads": args.blas_threads or "default",
-           "repeats": args.repeats, "results": results}
+            print(
+                f"{name:30} {row['mode']:9} ranks {ranks}: prefill {row['prefill_tps']:8.1f} tok/s "
+                f"({row['prompt_tokens']} tokens), decode {row['decode_tps']:7.1f} tok/s, load {row['load_s']} s, "
+                f"weights MiB {row['weights_mib']}",
+                flush=True,
+            )
+    out = {
+        "machine": f"{os.cpu_count()} cores, loopback",
+        "blas_threads": args.blas_threads or "default",
+        "repeats": args.repeats,
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

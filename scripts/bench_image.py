@@ -28,16 +28,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="", help="DiffusionKit folder (default: a tiny random SD3 built here)")
-    ap.add_argument("--depth", type=int, default=8, help="joint blocks of the built MMDiT (SD3 medium: 24)")
-    ap.add_argument("--hidden", type=int, default=512, help="width of the built MMDiT (SD3 medium: 1536)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="", help="DiffusionKit folder (default: a tiny random SD3 built here)"
+    )
+    ap.add_argument(
+        "--depth", type=int, default=8, help="joint blocks of the built MMDiT (SD3 medium: 24)"
+    )
+    ap.add_argument(
+        "--hidden", type=int, default=512, help="width of the built MMDiT (SD3 medium: 1536)"
+    )
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--pause", type=float, default=2.0,
-                    help="seconds idle before each measurement, so the other process's BLAS threads have stopped spinning")
+    ap.add_argument(
+        "--pause",
+        type=float,
+        default=2.0,
+        help="seconds idle before each measurement, so the other process's BLAS threads have stopped spinning",
+    )
     args = ap.parse_args(argv)
 
     import mlx.core as mx
@@ -51,11 +63,17 @@ def main(argv=None):
     tmp = tempfile.TemporaryDirectory()
     folder = Path(args.model) if args.model else None
     if folder is None:
-        mmdit = dict(depth_multimodal=args.depth, hidden_size_override=args.hidden, num_heads=args.hidden // 64,
-                     max_latent_resolution=max(16, args.size // 8))
+        mmdit = dict(
+            depth_multimodal=args.depth,
+            hidden_size_override=args.hidden,
+            num_heads=args.hidden // 64,
+            max_latent_resolution=max(16, args.size // 8),
+        )
         folder = build_tiny_sd3(Path(tmp.name) / "bench-sd3", mmdit=mmdit)
     pipe = load_pipeline(folder, LoadSettings(cfg_scale=args.cfg))
-    req = ImageRequest(prompt="a red cube on a table", width=args.size, height=args.size, steps=args.steps, seed=1)
+    req = ImageRequest(
+        prompt="a red cube on a table", width=args.size, height=args.size, steps=args.steps, seed=1
+    )
     plan = plan_request(pipe, req)
 
     def raw_step_seconds() -> float:
@@ -72,9 +90,17 @@ def main(argv=None):
         dst = Path(tmp.name) / "out.png"
 
         def grpc_step_seconds() -> float:
-            reply = stub.GenerateImage(pb.GenerateImageRequest(
-                positive_prompt=req.prompt, width=args.size, height=args.size, step=args.steps, seed=1,
-                dst=str(dst)), timeout=3600)
+            reply = stub.GenerateImage(
+                pb.GenerateImageRequest(
+                    positive_prompt=req.prompt,
+                    width=args.size,
+                    height=args.size,
+                    step=args.steps,
+                    seed=1,
+                    dst=str(dst),
+                ),
+                timeout=3600,
+            )
             return float(reply.message.rsplit(",", 1)[1].split()[0])  # "…, 0.12 s/step"
 
         raw_step_seconds(), grpc_step_seconds()  # warm-up
@@ -84,16 +110,25 @@ def main(argv=None):
             raw.append(raw_step_seconds())
             time.sleep(args.pause)
             served.append(grpc_step_seconds())
-            print(f"round {r + 1}: raw {raw[-1]:.3f} s/step, grpc {served[-1]:.3f} s/step", file=sys.stderr)
+            print(
+                f"round {r + 1}: raw {raw[-1]:.3f} s/step, grpc {served[-1]:.3f} s/step",
+                file=sys.stderr,
+            )
     finally:
         stop_server(proc)
     result = {
         "model": args.model or f"random SD3, {args.depth} joint blocks × {args.hidden}",
-        "size": args.size, "steps": args.steps, "cfg": args.cfg, "rounds": args.rounds,
-        "raw_s_per_step": round(statistics.median(raw), 4), "grpc_s_per_step": round(statistics.median(served), 4),
+        "size": args.size,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "rounds": args.rounds,
+        "raw_s_per_step": round(statistics.median(raw), 4),
+        "grpc_s_per_step": round(statistics.median(served), 4),
     }
     result["raw_over_grpc"] = round(result["raw_s_per_step"] / result["grpc_s_per_step"], 3)
-    result["median_round_ratio"] = round(statistics.median(r / g for r, g in zip(raw, served, strict=True)), 3)
+    result["median_round_ratio"] = round(
+        statistics.median(r / g for r, g in zip(raw, served, strict=True)), 3
+    )
     print(json.dumps(result))
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Vector store speed, side by side in one run:
 
-  * build:   one `VectorStore.set` of --n random float32 keys of --dim (values: 16-byte ids);
-  * find:    `find(top_k)` latency over --queries random queries after 3 warm-up queries
-             (median and p90), against a numpy reference on the same data: the unit-normalised
-             key matrix @ unit query + argpartition + sort of the k selected (median);
-  * persist: one full `save()` of the store and one `VectorStore.open` of the file.
+* build:   one `VectorStore.set` of --n random float32 keys of --dim (values: 16-byte ids);
+* find:    `find(top_k)` latency over --queries random queries after 3 warm-up queries
+           (median and p90), against a numpy reference on the same data: the unit-normalised
+           key matrix @ unit query + argpartition + sort of the k selected (median);
+* persist: one full `save()` of the store and one `VectorStore.open` of the file.
 
-  LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_store.py [--n 100000] [--dim 384] [--json]
+LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_store.py [--n 100000] [--dim 384] [--json]
 """
 
 import argparse
@@ -46,7 +46,9 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=100_000, help="stored keys")
     ap.add_argument("--dim", type=int, default=384, help="key dimensions")
     ap.add_argument("--queries", type=int, default=50, help="timed find calls")
@@ -102,7 +104,10 @@ def main(argv=None):
     assert len(reopened) == args.n
 
     result = {
-        "n": args.n, "dim": args.dim, "queries": args.queries, "top_k": args.top_k,
+        "n": args.n,
+        "dim": args.dim,
+        "queries": args.queries,
+        "top_k": args.top_k,
         "build_s": round(build_s, 3),
         "find_median_ms": round(percentile_ms(find_s, 50), 3),
         "find_p90_ms": round(percentile_ms(find_s, 90), 3),
@@ -110,7 +115,9 @@ def main(argv=None):
         "numpy_median_ms": round(percentile_ms(numpy_s, 50), 3),
         "find_over_numpy": round(statistics.median(find_s) / statistics.median(numpy_s), 2),
         "same_results_as_numpy": f"{agree}/{args.queries}",
-        "save_s": round(save_s, 3), "open_s": round(open_s, 3), "file_mb": round(file_mb, 1),
+        "save_s": round(save_s, 3),
+        "open_s": round(open_s, 3),
+        "file_mb": round(file_mb, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     table = Table(title=f"vector store: {args.n} x {args.dim} float32 keys, top_k {args.top_k}")

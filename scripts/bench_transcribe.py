@@ -36,10 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
-            n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4)
-SPEECH = ("The quick brown fox jumps over the lazy dog. Today the weather is sunny and warm. "
-          "I would like a cup of coffee, please. ")
+TINY = dict(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=384,
+    n_audio_head=6,
+    n_audio_layer=4,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=384,
+    n_text_head=6,
+    n_text_layer=4,
+)
+SPEECH = (
+    "The quick brown fox jumps over the lazy dog. Today the weather is sunny and warm. "
+    "I would like a cup of coffee, please. "
+)
 
 
 def build_random_whisper(out: Path, text_ctx: int, seed: int = 0) -> Path:
@@ -65,7 +77,9 @@ def make_audio(path: Path, seconds: float) -> str:
     espeak = shutil.which("espeak-ng")
     if espeak:
         raw = path.with_suffix(".espeak.wav")
-        subprocess.run([espeak, "-v", "en-us", "-s", "130", "-w", str(raw), SPEECH * 12], check=True)
+        subprocess.run(
+            [espeak, "-v", "en-us", "-s", "130", "-w", str(raw), SPEECH * 12], check=True
+        )
         from mlxbackend.audio.decode import load_audio
 
         speech = load_audio(str(raw))
@@ -89,13 +103,20 @@ def make_audio(path: Path, seconds: float) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="an MLX whisper folder (default: random whisper-tiny-sized)")
-    ap.add_argument("--text-ctx", type=int, default=64,
-                    help="random model only: n_text_ctx, bounds each window to n_text_ctx//2 tokens")
+    ap.add_argument(
+        "--text-ctx",
+        type=int,
+        default=64,
+        help="random model only: n_text_ctx, bounds each window to n_text_ctx//2 tokens",
+    )
     ap.add_argument("--seconds", type=float, default=45.0, help="audio length (30-60 s)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--language", default="en")
-    ap.add_argument("--naive-raw", action="store_true",
-                    help="raw side: let mlx-whisper load the folder itself (keeps float16 weights on CPU: slow)")
+    ap.add_argument(
+        "--naive-raw",
+        action="store_true",
+        help="raw side: let mlx-whisper load the folder itself (keeps float16 weights on CPU: slow)",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -108,15 +129,24 @@ def main(argv=None):
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxb-bench-transcribe-"))
     try:
-        folder = Path(args.model).resolve() if args.model else build_random_whisper(
-            tmp / "whisper-tiny-random", args.text_ctx)
+        folder = (
+            Path(args.model).resolve()
+            if args.model
+            else build_random_whisper(tmp / "whisper-tiny-random", args.text_ctx)
+        )
         wav = tmp / "audio.wav"
         kind = make_audio(wav, args.seconds)
         audio = load_audio(str(wav))
         seconds = len(audio) / 16000
         raw_kwargs = dict(
-            path_or_hf_repo=str(folder), fp16=False, temperature=temperatures(0.0), language=args.language,
-            task="transcribe", initial_prompt=None, word_timestamps=False, verbose=None,
+            path_or_hf_repo=str(folder),
+            fp16=False,
+            temperature=temperatures(0.0),
+            language=args.language,
+            task="transcribe",
+            initial_prompt=None,
+            word_timestamps=False,
+            verbose=None,
         )
         if not args.naive_raw:
             # the same model the backend runs: weights cast to the compute dtype (float32 on CPU);
@@ -145,12 +175,19 @@ def main(argv=None):
                 text = mlx_whisper.transcribe(audio, **raw_kwargs)["text"]
                 return time.perf_counter() - t, text
 
-            print(f"model {folder} | audio {seconds:.1f} s of {kind} | rounds {args.rounds}", flush=True)
+            print(
+                f"model {folder} | audio {seconds:.1f} s of {kind} | rounds {args.rounds}",
+                flush=True,
+            )
             _, grpc_text = run_grpc()  # warm-up both (model load, compile, caches)
             _, raw_text = run_raw()
             times = {"grpc": [], "raw": []}
             for i in range(args.rounds):
-                order = (("grpc", run_grpc), ("raw", run_raw)) if i % 2 == 0 else (("raw", run_raw), ("grpc", run_grpc))
+                order = (
+                    (("grpc", run_grpc), ("raw", run_raw))
+                    if i % 2 == 0
+                    else (("raw", run_raw), ("grpc", run_grpc))
+                )
                 for name, fn in order:
                     wall, text = fn()
                     times[name].append(wall)
@@ -158,7 +195,10 @@ def main(argv=None):
                         grpc_text = text
                     else:
                         raw_text = text
-                    print(f"  round {i + 1} {name:4s} {wall:7.2f} s  RTF {seconds / wall:6.2f}", flush=True)
+                    print(
+                        f"  round {i + 1} {name:4s} {wall:7.2f} s  RTF {seconds / wall:6.2f}",
+                        flush=True,
+                    )
         finally:
             stop_server(proc)
 
@@ -167,14 +207,23 @@ def main(argv=None):
         same = grpc_text == raw_text
         result = {
             "model": "random whisper-tiny-sized float32" if not args.model else str(folder),
-            "text_ctx": None if args.model else args.text_ctx, "audio": kind, "audio_seconds": round(seconds, 2),
-            "rounds": args.rounds, "naive_raw": args.naive_raw, "cpu_count": os.cpu_count(),
+            "text_ctx": None if args.model else args.text_ctx,
+            "audio": kind,
+            "audio_seconds": round(seconds, 2),
+            "rounds": args.rounds,
+            "naive_raw": args.naive_raw,
+            "cpu_count": os.cpu_count(),
             "median_wall_s": {k: round(v, 3) for k, v in med.items()},
-            "rtf": {k: round(v, 3) for k, v in rtf.items()}, "ratio_grpc_over_raw": round(rtf["grpc"] / rtf["raw"], 3),
-            "same_text": same, "text_chars": len(grpc_text), "text_head": grpc_text[:120],
+            "rtf": {k: round(v, 3) for k, v in rtf.items()},
+            "ratio_grpc_over_raw": round(rtf["grpc"] / rtf["raw"], 3),
+            "same_text": same,
+            "text_chars": len(grpc_text),
+            "text_head": grpc_text[:120],
         }
-        print(f"RTF grpc {rtf['grpc']:.2f} | raw {rtf['raw']:.2f} | ratio {result['ratio_grpc_over_raw']:.3f} "
-              f"| same text: {same}")
+        print(
+            f"RTF grpc {rtf['grpc']:.2f} | raw {rtf['raw']:.2f} | ratio {result['ratio_grpc_over_raw']:.3f} "
+            f"| same text: {same}"
+        )
         if not same:
             print(f"  grpc: {grpc_text[:200]!r}\n  raw:  {raw_text[:200]!r}")
         if args.json:

@@ -107,19 +107,30 @@ def start_server(jobs_dir: Path):
     """A backend process launched as LocalAI does (output in server.log); returns (process, stub)."""
     from mlxbackend.client import spawn_server
 
-    return spawn_server(env={"MLXB_JOBS_DIR": str(jobs_dir)}, log=open(jobs_dir / "server.log", "w"))
+    return spawn_server(
+        env={"MLXB_JOBS_DIR": str(jobs_dir)}, log=open(jobs_dir / "server.log", "w")
+    )
 
 
 def quantize(stub, model: Path, qtype: str, out: Path, job_id: str, options: dict):
     from mlxbackend.proto import backend_pb2 as pb
 
     t0 = time.perf_counter()
-    reply = stub.StartQuantization(pb.QuantizationRequest(
-        model=str(model), quantization_type=qtype, output_dir=str(out), job_id=job_id, extra_options=options))
+    reply = stub.StartQuantization(
+        pb.QuantizationRequest(
+            model=str(model),
+            quantization_type=qtype,
+            output_dir=str(out),
+            job_id=job_id,
+            extra_options=options,
+        )
+    )
     if not reply.success:
         raise RuntimeError(f"{qtype}: {reply.message}")
     last = None
-    for last in stub.QuantizationProgress(pb.QuantizationProgressRequest(job_id=job_id), timeout=1800):
+    for last in stub.QuantizationProgress(
+        pb.QuantizationProgressRequest(job_id=job_id), timeout=1800
+    ):
         if last.status in TERMINAL:
             break
     return last, time.perf_counter() - t0
@@ -132,7 +143,9 @@ def ask_mlx(stub, folder: str) -> str:
     loaded = stub.LoadModel(pb.ModelOptions(Model=folder, ContextSize=1024))
     if not loaded.success:
         return f"<LoadModel failed: {loaded.message}>"
-    return stub.Predict(chat_request(QUESTION, max_tokens=24, temperature=0.0), timeout=300).message.decode()
+    return stub.Predict(
+        chat_request(QUESTION, max_tokens=24, temperature=0.0), timeout=300
+    ).message.decode()
 
 
 def ask_gguf(path: str) -> str:
@@ -140,8 +153,13 @@ def ask_gguf(path: str) -> str:
 
     llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
     try:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": QUESTION}], max_tokens=24,
-                                         temperature=0.0, top_k=1, seed=0)
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=24,
+            temperature=0.0,
+            top_k=1,
+            seed=0,
+        )
         return out["choices"][0]["message"]["content"]
     finally:
         llm.close()
@@ -151,21 +169,36 @@ def measure(stub, model: Path, spec: str, workdir: Path, text: Path, ask: bool) 
     qtype, options, label = parse_type(spec)
     job_id = "report-" + spec.replace(":", "-")
     log(f"[{label}] quantizing ...")
-    final, wall = quantize(stub, model, qtype, workdir / job_id, job_id, {**options, "perplexity_text": str(text)})
-    row = {"type": label, "quantization_type": qtype, "options": options, "status": final.status,
-           "wall_s": round(wall, 1)}
+    final, wall = quantize(
+        stub, model, qtype, workdir / job_id, job_id, {**options, "perplexity_text": str(text)}
+    )
+    row = {
+        "type": label,
+        "quantization_type": qtype,
+        "options": options,
+        "status": final.status,
+        "wall_s": round(wall, 1),
+    }
     if final.status != "completed":
         row["message"] = final.message
         log(f"[{label}] {final.status}: {final.message}")
         return row
     m = dict(final.extra_metrics)
-    row.update(output_file=final.output_file, **{k: m.get(k) for k in
-               ("file_size_mb", "compression_ratio", "perplexity_base", "perplexity")})
+    row.update(
+        output_file=final.output_file,
+        **{
+            k: m.get(k)
+            for k in ("file_size_mb", "compression_ratio", "perplexity_base", "perplexity")
+        },
+    )
     if m.get("perplexity_base") and m.get("perplexity"):
         row["ppl_delta_pct"] = round(100 * (m["perplexity"] / m["perplexity_base"] - 1), 2)
     if ask:
-        row["answer"] = (ask_mlx(stub, final.output_file) if qtype.startswith("mlx-")
-                         else ask_gguf(final.output_file)).strip()
+        row["answer"] = (
+            ask_mlx(stub, final.output_file)
+            if qtype.startswith("mlx-")
+            else ask_gguf(final.output_file)
+        ).strip()
         row["paris"] = "Paris" in row["answer"]
     log(f"[{label}] {json.dumps({k: v for k, v in row.items() if k != 'output_file'})}")
     return row
@@ -186,10 +219,19 @@ def table(rows: list, base_ppl, ask: bool) -> str:
             lines.append(f"| {r['type']} | {r['status']}: {r.get('message', '')} |")
             continue
         delta = r.get("ppl_delta_pct")
-        target = "" if bits_of(r) is None or delta is None else ("ok" if delta <= TARGET else "MISS")
-        cells = [r["type"], f"{r['file_size_mb']:.1f}", f"{r['compression_ratio']:.2f}",
-                 f"{r.get('perplexity_base') or 0:.3f}", f"{r.get('perplexity') or 0:.3f}",
-                 "" if delta is None else f"{delta:+.2f}", target, f"{r['wall_s']:.0f}"]
+        target = (
+            "" if bits_of(r) is None or delta is None else ("ok" if delta <= TARGET else "MISS")
+        )
+        cells = [
+            r["type"],
+            f"{r['file_size_mb']:.1f}",
+            f"{r['compression_ratio']:.2f}",
+            f"{r.get('perplexity_base') or 0:.3f}",
+            f"{r.get('perplexity') or 0:.3f}",
+            "" if delta is None else f"{delta:+.2f}",
+            target,
+            f"{r['wall_s']:.0f}",
+        ]
         if ask:
             answer = r.get("answer", "").replace("\n", " ").replace("|", "/")
             cells.append(("**Paris** " if r.get("paris") else "") + f"`{answer[:60]}`")
@@ -199,12 +241,21 @@ def table(rows: list, base_ppl, ask: bool) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model folder (default: SmolLM2 in $MLXB_MODELS_DIR, converted if needed)")
-    ap.add_argument("--types", default=",".join(DEFAULT_TYPES),
-                    help="comma-separated quantization types, TYPE or TYPE:gN (default: %(default)s)")
-    ap.add_argument("--no-retry-g32", action="store_true", help="do not add mlx-q6:g32 when mlx-q6 misses +5%%")
+    ap.add_argument(
+        "--model", help="model folder (default: SmolLM2 in $MLXB_MODELS_DIR, converted if needed)"
+    )
+    ap.add_argument(
+        "--types",
+        default=",".join(DEFAULT_TYPES),
+        help="comma-separated quantization types, TYPE or TYPE:gN (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--no-retry-g32", action="store_true", help="do not add mlx-q6:g32 when mlx-q6 misses +5%%"
+    )
     ap.add_argument("--text", help="held-out text file (default: the built-in prose)")
-    ap.add_argument("--ask", action="store_true", help="also ask each output the capital of France (greedy)")
+    ap.add_argument(
+        "--ask", action="store_true", help="also ask each output the capital of France (greedy)"
+    )
     ap.add_argument("--workdir", help="where outputs go (default: a temporary folder, removed)")
     ap.add_argument("--json", help="write the rows as JSON to this file")
     args = ap.parse_args(argv)
@@ -215,7 +266,9 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model).resolve()
     else:
-        model = ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR") or ROOT / "models").resolve())
+        model = ensure_default_model(
+            Path(os.environ.get("MLXB_MODELS_DIR") or ROOT / "models").resolve()
+        )
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="mlxb-qreport-")
     workdir = Path(args.workdir or tmp.name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -231,8 +284,13 @@ def main(argv=None) -> int:
         for spec in specs:
             rows.append(measure(stub, model, spec, workdir, text, args.ask))
             r = rows[-1]
-            if (spec == "mlx-q6" and not args.no_retry_g32 and "mlx-q6:g32" not in specs
-                    and r.get("ppl_delta_pct") is not None and r["ppl_delta_pct"] > TARGET):
+            if (
+                spec == "mlx-q6"
+                and not args.no_retry_g32
+                and "mlx-q6:g32" not in specs
+                and r.get("ppl_delta_pct") is not None
+                and r["ppl_delta_pct"] > TARGET
+            ):
                 log("mlx-q6 (g64) misses the +5% target; trying group_size 32")
                 rows.append(measure(stub, model, "mlx-q6:g32", workdir, text, args.ask))
     finally:
@@ -242,11 +300,18 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
     base = next((r["perplexity_base"] for r in rows if r.get("perplexity_base")), None)
-    result = {"model": str(model), "held_out_chars": len(text.read_text()) if args.text else len(HELD_OUT),
-              "target_pct": TARGET, "perplexity_base": base, "total_s": round(time.perf_counter() - t0, 1),
-              "rows": rows}
-    print(f"model: {model}  held-out text: {result['held_out_chars']} chars  "
-          f"base perplexity (float32): {base}  total {result['total_s']} s\n")
+    result = {
+        "model": str(model),
+        "held_out_chars": len(text.read_text()) if args.text else len(HELD_OUT),
+        "target_pct": TARGET,
+        "perplexity_base": base,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
+    print(
+        f"model: {model}  held-out text: {result['held_out_chars']} chars  "
+        f"base perplexity (float32): {base}  total {result['total_s']} s\n"
+    )
     print(table(rows, base, args.ask))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

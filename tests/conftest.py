@@ -38,8 +38,11 @@ class Server:
         full_env = {**os.environ, "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "200ms", **(env or {})}
         cmd = [str(ROOT / "scripts" / "run.sh"), *args, *extra_args]
         self.proc = subprocess.Popen(
-            parent_cmd(cmd) if parent_cmd else cmd, env=full_env, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            parent_cmd(cmd) if parent_cmd else cmd,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.stub = connect(self.addr)
         token = (env or {}).get("LOCALAI_GRPC_AUTH_TOKEN")
@@ -57,7 +60,10 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                if self.stub.Health(pb.HealthMessage(), timeout=2, metadata=self.metadata).message == b"OK":
+                if (
+                    self.stub.Health(pb.HealthMessage(), timeout=2, metadata=self.metadata).message
+                    == b"OK"
+                ):
                     return
             except grpc.RpcError:
                 time.sleep(0.1)

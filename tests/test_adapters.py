@@ -12,7 +12,9 @@ from tests.test_server import make_adapter
 
 
 def ask(adapter=None, n=30):
-    return pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=n, Metadata={"lora": adapter} if adapter else {})
+    return pb.PredictOptions(
+        Prompt=tm.COMPLETION_PROMPT, Tokens=n, Metadata={"lora": adapter} if adapter else {}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +33,19 @@ def test_hot_swap_matches_fused_and_mixes_in_batches(trained_dir, adapters):
         srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
         expected = {None: srv.stub.Predict(ask()).message}
         for name in ("a1", "a2"):
-            srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), LoraAdapter=str(adapters / name)))
+            srv.stub.LoadModel(
+                pb.ModelOptions(Model=str(trained_dir), LoraAdapter=str(adapters / name))
+            )
             expected[name] = srv.stub.Predict(ask()).message
         assert len(set(expected.values())) == 3
 
-        reply = srv.stub.LoadModel(pb.ModelOptions(
-            Model=trained_dir.name, ModelPath=models,
-            Options=[f"lora.a1:{adapters / 'a1'}", f"lora.a2:{adapters / 'a2'}"],
-        ))
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(
+                Model=trained_dir.name,
+                ModelPath=models,
+                Options=[f"lora.a1:{adapters / 'a1'}", f"lora.a2:{adapters / 'a2'}"],
+            )
+        )
         assert reply.success
         for name in (None, "a1", "a2", "a1", None):  # switching back and forth, no reload
             assert srv.stub.Predict(ask(name)).message == expected[name]
@@ -66,6 +73,8 @@ def test_hot_swap_matches_fused_and_mixes_in_batches(trained_dir, adapters):
 
 def test_missing_adapter_folder_not_found(trained_dir, server, tmp_path):
     with pytest.raises(grpc.RpcError) as err:
-        server.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=[f"lora.x:{tmp_path / 'none'}"]))
+        server.stub.LoadModel(
+            pb.ModelOptions(Model=str(trained_dir), Options=[f"lora.x:{tmp_path / 'none'}"])
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.healthy()

@@ -34,8 +34,13 @@ def requests():
 
 def summary(reply):
     delta = reply.chat_deltas[0]
-    return (reply.message, reply.tokens, delta.content, delta.reasoning_content,
-            [(c.name, c.arguments) for c in delta.tool_calls])
+    return (
+        reply.message,
+        reply.tokens,
+        delta.content,
+        delta.reasoning_content,
+        [(c.name, c.arguments) for c in delta.tool_calls],
+    )
 
 
 def run_concurrently(fn, items):
@@ -57,21 +62,28 @@ def test_concurrent_greedy_equals_solo(trained_server):
     solo = [summary(stub.Predict(r)) for r in requests()]
     together = run_concurrently(lambda r: summary(stub.Predict(r)), requests())
     assert together == solo
-    streamed = run_concurrently(lambda r: b"".join(x.message for x in stub.PredictStream(r)), requests())
+    streamed = run_concurrently(
+        lambda r: b"".join(x.message for x in stub.PredictStream(r)), requests()
+    )
     assert streamed == [s[0] for s in solo]
 
 
 def test_queue_overflow_resource_exhausted(trained_dir):
     srv = Server()
     try:
-        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=20000, Options=["max_queue:2"]))
+        srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(trained_dir), ContextSize=20000, Options=["max_queue:2"])
+        )
         long = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, IgnoreEOS=True, Tokens=5000)
         streams = [srv.stub.PredictStream(long) for _ in range(2)]
         for s in streams:
             next(s)
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Predict(pb.PredictOptions(Prompt="hi", Tokens=3))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "max_queue" in err.value.details()
+        )
         for s in streams:
             s.cancel()
         deadline = time.time() + 5
@@ -111,7 +123,9 @@ def test_hundred_cancelled_streams_leave_nothing_running(trained_dir):
         growth = srv.rss() - rss_before
         print(f"RSS growth after 100 cancelled streams: {growth >> 20} MiB")
         assert growth < 64 << 20
-        after = srv.stub.Predict(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=20)).message.decode()
+        after = srv.stub.Predict(
+            pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=20)
+        ).message.decode()
         assert len(after) > 20 and tm.COMPLETION_TEXT.startswith(after)  # still serving correctly
     finally:
         srv.stop()
@@ -130,14 +144,19 @@ def test_request_that_cannot_fit_is_refused_alone(trained_dir):
     srv = Server()
     try:
         # tiny model: 768 bytes of KV per token; room for one 2000-token request
-        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=20000,
-                                           Options=["max_kv_bytes:2000000"]))
+        srv.stub.LoadModel(
+            pb.ModelOptions(
+                Model=str(trained_dir), ContextSize=20000, Options=["max_kv_bytes:2000000"]
+            )
+        )
         long = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, IgnoreEOS=True, Tokens=2000)
         running = srv.stub.PredictStream(long)
         next(running)
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Predict(long)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MiB" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MiB" in err.value.details()
+        )
         small = srv.stub.Predict(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=20))
         assert tm.COMPLETION_TEXT.startswith(small.message.decode())
         rest = list(running)

@@ -55,19 +55,40 @@ class Worker:
     def __init__(self, hostfile: Path, rank: int = 1, localai: bool = False, extra=()):
         self.log = open(f"/tmp/mlxb-worker-{os.getpid()}-{time.monotonic_ns()}.log", "w+")
         if localai:  # as `local-ai worker mlx-distributed` starts it: run.sh … --worker
-            cmd = [str(ROOT / "scripts" / "run.sh"), "--backend", "ring", "--hostfile", str(hostfile),
-                   "--rank", str(rank), "--worker"]
+            cmd = [
+                str(ROOT / "scripts" / "run.sh"),
+                "--backend",
+                "ring",
+                "--hostfile",
+                str(hostfile),
+                "--rank",
+                str(rank),
+                "--worker",
+            ]
         else:
-            cmd = [sys.executable, "-m", "mlxbackend", "worker", "--rank", str(rank), "--hostfile", str(hostfile),
-                   *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "mlxbackend",
+                "worker",
+                "--rank",
+                str(rank),
+                "--hostfile",
+                str(hostfile),
+                *extra,
+            ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def rank_pid(self, timeout: float = 10) -> int:
         """The current rank process (the supervisor's child)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                kids = (
+                    Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                )
             except OSError:
                 kids = []
             if kids:
@@ -95,17 +116,39 @@ def messages(conversation):
 
 def tiny_requests():
     chat = pb.PredictOptions(
-        Messages=messages(tm.CHAT_CONVERSATION), UseTokenizerTemplate=True, Tokens=200, Logprobs=1, TopLogprobs=2,
+        Messages=messages(tm.CHAT_CONVERSATION),
+        UseTokenizerTemplate=True,
+        Tokens=200,
+        Logprobs=1,
+        TopLogprobs=2,
     )
-    stop = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=197, StopPrompts=[" the dragon"], Logprobs=1)
-    seeded = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=40, Temperature=1.5, TopK=0, TopP=1.0, Seed=7)
-    return [("predict", chat), ("stream", chat), ("predict", stop), ("stream", stop), ("predict", seeded)]
+    stop = pb.PredictOptions(
+        Prompt=tm.COMPLETION_PROMPT, Tokens=197, StopPrompts=[" the dragon"], Logprobs=1
+    )
+    seeded = pb.PredictOptions(
+        Prompt=tm.COMPLETION_PROMPT, Tokens=40, Temperature=1.5, TopK=0, TopP=1.0, Seed=7
+    )
+    return [
+        ("predict", chat),
+        ("stream", chat),
+        ("predict", stop),
+        ("stream", stop),
+        ("predict", seeded),
+    ]
 
 
 def smol_requests():
     ask = pb.PredictOptions(
-        Messages=[pb.Message(role="user", content="What is the capital of France? Answer in one sentence.")],
-        UseTokenizerTemplate=True, Tokens=30, Temperature=0, Logprobs=1, TopLogprobs=2,
+        Messages=[
+            pb.Message(
+                role="user", content="What is the capital of France? Answer in one sentence."
+            )
+        ],
+        UseTokenizerTemplate=True,
+        Tokens=30,
+        Temperature=0,
+        Logprobs=1,
+        TopLogprobs=2,
     )
     return [("predict", ask), ("stream", ask)]
 
@@ -117,10 +160,17 @@ def outputs(stub, requests) -> list:
         if kind == "predict":
             r = stub.Predict(request, timeout=120)
             deltas = [(d.content, d.reasoning_content) for d in r.chat_deltas]
-            out.append((r.message.decode(), r.tokens, r.prompt_tokens, deltas, _logprobs(r.logprobs)))
+            out.append(
+                (r.message.decode(), r.tokens, r.prompt_tokens, deltas, _logprobs(r.logprobs))
+            )
         else:
             chunks = list(stub.PredictStream(request, timeout=120))
-            out.append([(c.message.decode(), c.tokens, c.prompt_tokens, _logprobs(c.logprobs)) for c in chunks])
+            out.append(
+                [
+                    (c.message.decode(), c.tokens, c.prompt_tokens, _logprobs(c.logprobs))
+                    for c in chunks
+                ]
+            )
     out.append(list(stub.TokenizeString(requests[0][1]).tokens))
     return out
 
@@ -131,7 +181,8 @@ def _logprobs(raw: bytes):
 
 def load(srv, model: Path, options=(), timeout=180, **kw):
     return srv.stub.LoadModel(
-        pb.ModelOptions(Model=model.name, ModelPath=str(model.parent), Options=list(options), **kw), timeout=timeout,
+        pb.ModelOptions(Model=model.name, ModelPath=str(model.parent), Options=list(options), **kw),
+        timeout=timeout,
     )
 
 
@@ -176,6 +227,7 @@ def group(tmp_path_factory):
 def test_bad_options(trained_dir, smollm2_dir, tmp_path):
     srv = Server()
     try:
+
         def code(options, model=trained_dir):
             with pytest.raises(grpc.RpcError) as err:
                 load(srv, model, options, timeout=60)
@@ -200,14 +252,24 @@ def test_bad_options(trained_dir, smollm2_dir, tmp_path):
         assert c == grpc.StatusCode.INVALID_ARGUMENT and "distributed_backend" in msg
         c, msg = code([f"hostfile:{two}", "distributed_mode:sideways"])
         assert c == grpc.StatusCode.INVALID_ARGUMENT and "distributed_mode" in msg
-        c, msg = code([f"hostfile:{two}", "distributed_mode:tensor"], smollm2_dir)  # 9 heads, 3 KV heads
-        assert c == grpc.StatusCode.INVALID_ARGUMENT and "attention heads 9" in msg and "pipeline" in msg
+        c, msg = code(
+            [f"hostfile:{two}", "distributed_mode:tensor"], smollm2_dir
+        )  # 9 heads, 3 KV heads
+        assert (
+            c == grpc.StatusCode.INVALID_ARGUMENT
+            and "attention heads 9" in msg
+            and "pipeline" in msg
+        )
         c, msg = code([f"hostfile:{two}", "distributed_split:1,2"])  # the tiny model has 2 layers
         assert c == grpc.StatusCode.INVALID_ARGUMENT and "sum to" in msg
         # a well-formed group whose worker never comes: UNAVAILABLE after distributed_init_timeout
         started = time.monotonic()
         c, msg = code([f"hostfile:{two}", "distributed_init_timeout:2"])
-        assert c == grpc.StatusCode.UNAVAILABLE and "did not form" in msg and "mlxbackend worker" in msg
+        assert (
+            c == grpc.StatusCode.UNAVAILABLE
+            and "did not form" in msg
+            and "mlxbackend worker" in msg
+        )
         assert time.monotonic() - started < 30
         assert srv.healthy()
     finally:
@@ -222,8 +284,12 @@ def test_pipeline_tiny_matches_single_process(group, reference, trained_dir):
     assert outputs(srv.stub, tiny_requests()) == reference["tiny"]
     # concurrent requests interleave step by step, each on its own twin KV cache on every rank
     results = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, outputs(srv.stub, tiny_requests()[:1])))
-               for i in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(i, outputs(srv.stub, tiny_requests()[:1]))
+        )
+        for i in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -237,7 +303,12 @@ def test_pipeline_tiny_matches_single_process(group, reference, trained_dir):
 
 def test_tensor_tiny_matches_single_process(group, reference, trained_dir):
     srv = group["srv"]
-    reply = load(srv, trained_dir, [f"hostfile:{group['hostfile']}", "distributed_mode:tensor"], ContextSize=8192)
+    reply = load(
+        srv,
+        trained_dir,
+        [f"hostfile:{group['hostfile']}", "distributed_mode:tensor"],
+        ContextSize=8192,
+    )
     assert reply.success and "tensor over 2 ranks" in reply.message, reply.message
     got, want = outputs(srv.stub, tiny_requests()), reference["tiny"]
     # all_sum adds partial products in another order: same tokens, logprobs within float noise
@@ -285,7 +356,9 @@ def test_killed_worker_fails_fast_and_group_rebuilds(group, reference, trained_d
         srv.stub.Predict(tiny_requests()[0][1], timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "rebuild" in err.value.details()
     group["worker"].stop()
-    group["worker"] = Worker(hostfile, localai=True)  # a fresh worker; the next LoadModel rebuilds the group
+    group["worker"] = Worker(
+        hostfile, localai=True
+    )  # a fresh worker; the next LoadModel rebuilds the group
     assert load(srv, trained_dir, [f"hostfile:{hostfile}"], ContextSize=8192).success
     assert status(srv)[0] == pb.StatusResponse.READY
     assert outputs(srv.stub, tiny_requests()[:1]) == [reference["tiny"][0], reference["tiny"][-1]]
@@ -309,7 +382,9 @@ def test_frozen_worker_times_out_and_worker_rejoins(group, reference, trained_di
                 pass
         elapsed = time.monotonic() - frozen
     finally:
-        os.kill(rank, signal.SIGCONT)  # it then finds its group gone and the supervisor starts a new rank
+        os.kill(
+            rank, signal.SIGCONT
+        )  # it then finds its group gone and the supervisor starts a new rank
     print(f"frozen worker: request failed after {elapsed:.2f} s: {err.value.details()}")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
     assert f"no answer from the other ranks for {FREEZE_TIMEOUT_S} s" in err.value.details()
@@ -317,7 +392,9 @@ def test_frozen_worker_times_out_and_worker_rejoins(group, reference, trained_di
     assert srv.healthy()
     assert status(srv)[0] == pb.StatusResponse.ERROR
     # the same worker process rejoins the next group by itself
-    assert load(srv, trained_dir, [f"hostfile:{hostfile}"], ContextSize=8192).success, worker.output()
+    assert load(srv, trained_dir, [f"hostfile:{hostfile}"], ContextSize=8192).success, (
+        worker.output()
+    )
     assert outputs(srv.stub, tiny_requests()[:1]) == [reference["tiny"][0], reference["tiny"][-1]]
     assert srv.stub.Free(pb.HealthMessage()).success
     assert status(srv)[0] == pb.StatusResponse.UNINITIALIZED
@@ -349,7 +426,10 @@ def test_worker_load_error_is_reported_with_its_rank(group, trained_dir, tmp_pat
         with pytest.raises(grpc.RpcError) as err:
             load(group["srv"], trained_dir, [f"hostfile:{hostfile}"])
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
-        assert err.value.details().startswith("rank 1 (127.0.0.1:") and "not found" in err.value.details()
+        assert (
+            err.value.details().startswith("rank 1 (127.0.0.1:")
+            and "not found" in err.value.details()
+        )
         assert group["srv"].healthy()
     finally:
         worker.stop()
@@ -360,24 +440,60 @@ ARCHS = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
-                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    },
     "gemma3_text": {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16},
-    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4,
-                "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
     "phi3": {},
     "starcoder2": {"norm_epsilon": 1e-5},
-    "lfm2": {"norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": 64, "block_multiple_of": 16,
-             "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False, "full_attn_idxs": [1, 3]},
-    "qwen3_next": {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
-                   "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 4,
-                   "num_experts_per_tok": 2, "decoder_sparse_step": 1, "shared_expert_intermediate_size": 32,
-                   "mlp_only_layers": [], "moe_intermediate_size": 32, "partial_rotary_factor": 0.5,
-                   "full_attention_interval": 2},
+    "lfm2": {
+        "norm_eps": 1e-5,
+        "conv_bias": False,
+        "conv_L_cache": 3,
+        "block_dim": 64,
+        "block_multiple_of": 16,
+        "block_ffn_dim_multiplier": 1.0,
+        "block_auto_adjust_ff_dim": False,
+        "full_attn_idxs": [1, 3],
+    },
+    "qwen3_next": {
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": 32,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 32,
+        "partial_rotary_factor": 0.5,
+        "full_attention_interval": 2,
+    },
 }
 ARCH_BASE = dict(
-    hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=256, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512,
+    hidden_size=64,
+    num_hidden_layers=4,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
     tie_word_embeddings=False,
 )
 
@@ -393,8 +509,10 @@ def build_arch_models(root: Path) -> list:
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
         mx.random.seed(0)
-        params = {k: mx.random.normal(v.shape) * 0.2 if v.ndim > 1 else v
-                  for k, v in tree_flatten(model.parameters())}
+        params = {
+            k: mx.random.normal(v.shape) * 0.2 if v.ndim > 1 else v
+            for k, v in tree_flatten(model.parameters())
+        }
         out = root / name
         out.mkdir(parents=True)
         mx.save_safetensors(str(out / "model.safetensors"), params)
@@ -412,7 +530,9 @@ def arch_rank_main(dirs):
     from mlxbackend.distributed import shard as shards
 
     group = mx.distributed.init(backend="ring", strict=True)
-    steps = [mx.array([[1, 5, 9, 33, 2, 7, 100, 4, 3, 8]])] + [mx.array([[t]]) for t in (11, 12, 13, 14, 15)]
+    steps = [mx.array([[1, 5, 9, 33, 2, 7, 100, 4, 3, 8]])] + [
+        mx.array([[t]]) for t in (11, 12, 13, 14, 15)
+    ]
     for path in map(Path, dirs):
         s = shards.load(path, group, "pipeline")
         cache, got = s.new_cache(), []
@@ -438,8 +558,14 @@ def test_pipeline_split_is_exact_for_many_architectures(tmp_path):
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, __file__, "--arch-rank", *map(str, dirs)]
     procs = [
-        subprocess.Popen(cmd, cwd=ROOT, env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**env, "MLX_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (1, 0)
     ]
     (out0, err0), (_, err1) = procs[1].communicate(timeout=240), procs[0].communicate(timeout=60)
@@ -461,9 +587,14 @@ def test_hostfile_formats_and_layer_split(tmp_path):
     nested.write_text('[["10.0.0.1:5000", "10.0.0.1:5001"], ["10.0.0.2:5000", "10.0.0.2:5001"]]')
     assert read_hostfile(str(plain)) == [["10.0.0.1:5000"], ["10.0.0.2:5000"]]
     assert read_hostfile(str(nested))[1] == ["10.0.0.2:5000", "10.0.0.2:5001"]
-    s = from_options({"hostfile": str(plain), "distributed_timeout": 7, "distributed_split": "10,20"})
+    s = from_options(
+        {"hostfile": str(plain), "distributed_timeout": 7, "distributed_split": "10,20"}
+    )
     assert (s.size, s.backend, s.mode, s.timeout, s.split) == (2, "ring", "pipeline", 7.0, [10, 20])
-    os.environ["MLX_DISTRIBUTED_HOSTFILE"], os.environ["MLX_DISTRIBUTED_BACKEND"] = str(nested), "any"
+    os.environ["MLX_DISTRIBUTED_HOSTFILE"], os.environ["MLX_DISTRIBUTED_BACKEND"] = (
+        str(nested),
+        "any",
+    )
     try:
         assert from_options({}).backend == "any" and from_options({}).hostfile == str(nested)
     finally:
@@ -480,12 +611,16 @@ def test_hostfile_formats_and_layer_split(tmp_path):
 def test_localai_run_sh_flags():
     from mlxbackend.distributed.supervisor import localai_argv
 
-    assert localai_argv(["serve", "--backend", "ring", "--hostfile", "h.json", "--rank", "1", "--worker"]) == [
-        "worker", "--backend", "ring", "--hostfile", "h.json", "--rank", "1"]
-    saved = {k: os.environ.pop(k, None) for k in ("MLX_DISTRIBUTED_HOSTFILE", "MLX_DISTRIBUTED_BACKEND")}
+    assert localai_argv(
+        ["serve", "--backend", "ring", "--hostfile", "h.json", "--rank", "1", "--worker"]
+    ) == ["worker", "--backend", "ring", "--hostfile", "h.json", "--rank", "1"]
+    saved = {
+        k: os.environ.pop(k, None) for k in ("MLX_DISTRIBUTED_HOSTFILE", "MLX_DISTRIBUTED_BACKEND")
+    }
     try:
-        assert localai_argv(["serve", "--rank=0", "--hostfile", "h.json", "--addr", "127.0.0.1:1"]) == [
-            "serve", "--addr", "127.0.0.1:1"]
+        assert localai_argv(
+            ["serve", "--rank=0", "--hostfile", "h.json", "--addr", "127.0.0.1:1"]
+        ) == ["serve", "--addr", "127.0.0.1:1"]
         assert os.environ["MLX_DISTRIBUTED_HOSTFILE"] == "h.json"
     finally:
         for k, v in saved.items():
@@ -557,14 +692,22 @@ def test_watchdog_fires_while_the_gil_is_held(role):
     from mlxbackend.distributed.rank0 import IF_SILENT, SILENT_HEADER
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", WATCHDOG_CHILD, role], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", WATCHDOG_CHILD, role],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.monotonic() - started
     assert "blocking" in done.stdout and "survived" not in done.stdout, done.stdout + done.stderr
     assert done.returncode == 1 and elapsed < 20, (done.returncode, elapsed, done.stderr)
     assert SILENT_HEADER in done.stderr and "watch" in done.stderr  # faulthandler's stack dump
     if role == "rank0":
-        assert f"{IF_SILENT} distributed group broken: no answer from the other ranks for 1 s" in done.stderr
+        assert (
+            f"{IF_SILENT} distributed group broken: no answer from the other ranks for 1 s"
+            in done.stderr
+        )
 
 
 def test_parent_reports_the_announced_reason_when_faulthandler_fires():
@@ -585,7 +728,16 @@ def test_parent_reports_the_announced_reason_when_faulthandler_fires():
         return child
 
     said = "distributed group broken: no answer from the other ranks for 3 s (…)"
-    child = asyncio.run(read([f"{PHASE} ready", f"{IF_SILENT} {said}", "Timeout (0:00:04)!", "Thread 0x1 (most recent call first):"]))
+    child = asyncio.run(
+        read(
+            [
+                f"{PHASE} ready",
+                f"{IF_SILENT} {said}",
+                "Timeout (0:00:04)!",
+                "Thread 0x1 (most recent call first):",
+            ]
+        )
+    )
     assert child.reason == said and child.phase == "ready"
     child = asyncio.run(read([f"{IF_SILENT} {said}", "some log line"]))
     assert child.reason == ""
@@ -622,9 +774,12 @@ def test_calls_on_a_closed_child_channel_fail_instead_of_hanging():
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
             group = DistributedGroup(None)
             child = group.child = SimpleNamespace(
-                stub=pb_grpc.BackendStub(channel), reason="distributed group broken: gone",
-                proc=SimpleNamespace(returncode=75), ended=ended,
-                stop=lambda grace=0: asyncio.ensure_future(channel.close()))
+                stub=pb_grpc.BackendStub(channel),
+                reason="distributed group broken: gone",
+                proc=SimpleNamespace(returncode=75),
+                ended=ended,
+                stop=lambda grace=0: asyncio.ensure_future(channel.close()),
+            )
             asyncio.get_running_loop().call_later(0.3, group._broken, child, child.reason)
             return group
 

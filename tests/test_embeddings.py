@@ -14,8 +14,14 @@ from mlxbackend.proto import backend_pb2 as pb
 from tests.conftest import Server
 
 TEXTS = [
-    "hello world", "the cat sat on the mat", "x", "a much longer sentence about the weather and tools",
-    "<think> tags in text </think>", "numbers 1 2 3 4 5 6 7 8 9 10", "ünïcödé and emoji 🙂", "short",
+    "hello world",
+    "the cat sat on the mat",
+    "x",
+    "a much longer sentence about the weather and tools",
+    "<think> tags in text </think>",
+    "numbers 1 2 3 4 5 6 7 8 9 10",
+    "ünïcödé and emoji 🙂",
+    "short",
 ]
 
 
@@ -44,16 +50,23 @@ def yes_probability(model, tokenizer, tokens):
 @pytest.fixture(scope="module")
 def embed_server(tiny_dir):
     srv = Server()
-    reply = srv.stub.LoadModel(pb.ModelOptions(
-        Model=tiny_dir.name, ModelPath=str(tiny_dir.parent), Embeddings=True, Reranking=True,
-    ))
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(
+            Model=tiny_dir.name,
+            ModelPath=str(tiny_dir.parent),
+            Embeddings=True,
+            Reranking=True,
+        )
+    )
     assert reply.success, reply.message
     yield srv
     srv.stop()
 
 
 def embedding(srv, **fields) -> np.ndarray:
-    return np.array(srv.stub.Embedding(pb.PredictOptions(**fields), timeout=60).embeddings, dtype=np.float32)
+    return np.array(
+        srv.stub.Embedding(pb.PredictOptions(**fields), timeout=60).embeddings, dtype=np.float32
+    )
 
 
 def test_decoder_embedding_matches_mlx_lm(embed_server, reference):
@@ -65,10 +78,17 @@ def test_decoder_embedding_matches_mlx_lm(embed_server, reference):
         assert np.abs(got - want).max() < 1e-4, text
         assert abs(np.linalg.norm(got) - 1) < 1e-5
     # Prompt is the fallback; token ids give the same vector as their text
-    assert np.allclose(embedding(embed_server, Prompt=TEXTS[1]), embedding(embed_server, Embeddings=TEXTS[1]), atol=1e-6)
+    assert np.allclose(
+        embedding(embed_server, Prompt=TEXTS[1]),
+        embedding(embed_server, Embeddings=TEXTS[1]),
+        atol=1e-6,
+    )
     tokens = tokenizer.encode(TEXTS[3])
-    assert np.allclose(embedding(embed_server, EmbeddingTokens=tokens), embedding(embed_server, Embeddings=TEXTS[3]),
-                       atol=1e-6)
+    assert np.allclose(
+        embedding(embed_server, EmbeddingTokens=tokens),
+        embedding(embed_server, Embeddings=TEXTS[3]),
+        atol=1e-6,
+    )
 
 
 def test_concurrent_embeddings_equal_sequential(embed_server):
@@ -86,7 +106,9 @@ def test_decoder_rerank(embed_server, reference):
     model, tokenizer = reference
     query, docs = "what is the weather", TEXTS
     want = [yes_probability(model, tokenizer, rerank_prompt(tokenizer, query, d)) for d in docs]
-    result = embed_server.stub.Rerank(pb.RerankRequest(query=query, documents=docs, top_n=0), timeout=60)
+    result = embed_server.stub.Rerank(
+        pb.RerankRequest(query=query, documents=docs, top_n=0), timeout=60
+    )
     assert len(result.results) == len(docs)
     scores = [r.relevance_score for r in result.results]
     assert scores == sorted(scores, reverse=True)
@@ -96,18 +118,29 @@ def test_decoder_rerank(embed_server, reference):
     assert sorted(r.index for r in result.results) == list(range(len(docs)))
     total = sum(len(rerank_prompt(tokenizer, query, d)) for d in docs)
     assert result.usage.total_tokens == total and result.usage.prompt_tokens == total
-    top = embed_server.stub.Rerank(pb.RerankRequest(query=query, documents=docs, top_n=3), timeout=60)
+    top = embed_server.stub.Rerank(
+        pb.RerankRequest(query=query, documents=docs, top_n=3), timeout=60
+    )
     assert [r.index for r in top.results] == [r.index for r in result.results[:3]]
-    clamped = embed_server.stub.Rerank(pb.RerankRequest(query=query, documents=docs[:2], top_n=50), timeout=60)
+    clamped = embed_server.stub.Rerank(
+        pb.RerankRequest(query=query, documents=docs[:2], top_n=50), timeout=60
+    )
     assert len(clamped.results) == 2
 
 
-@pytest.mark.parametrize("call, request_, code", [
-    ("Embedding", pb.PredictOptions(), grpc.StatusCode.INVALID_ARGUMENT),
-    ("Rerank", pb.RerankRequest(query="q", documents=[]), grpc.StatusCode.INVALID_ARGUMENT),
-    ("Rerank", pb.RerankRequest(query=" ", documents=["d"]), grpc.StatusCode.INVALID_ARGUMENT),
-    ("Rerank", pb.RerankRequest(query="q", documents=["d"], top_n=-1), grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "call, request_, code",
+    [
+        ("Embedding", pb.PredictOptions(), grpc.StatusCode.INVALID_ARGUMENT),
+        ("Rerank", pb.RerankRequest(query="q", documents=[]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("Rerank", pb.RerankRequest(query=" ", documents=["d"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "Rerank",
+            pb.RerankRequest(query="q", documents=["d"], top_n=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
 def test_bad_inputs(embed_server, call, request_, code):
     with pytest.raises(grpc.RpcError) as err:
         getattr(embed_server.stub, call)(request_, timeout=30)
@@ -116,8 +149,10 @@ def test_bad_inputs(embed_server, call, request_, code):
 
 
 def test_not_loaded(server):
-    for call, request_ in (("Embedding", pb.PredictOptions(Embeddings="x")),
-                           ("Rerank", pb.RerankRequest(query="q", documents=["d"]))):
+    for call, request_ in (
+        ("Embedding", pb.PredictOptions(Embeddings="x")),
+        ("Rerank", pb.RerankRequest(query="q", documents=["d"])),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             getattr(server.stub, call)(request_, timeout=30)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -137,7 +172,7 @@ def test_flush_batches_waiting_requests(tiny_dir):
         worker = Worker()
         text = TextEngine(worker)
         await text.load(LoadSpec(model=str(tiny_dir)))
-        engine = EmbedEngine(worker, text)
+        engine = EmbedEngine(worker, decoder=lambda: text.current)
         alone = [(await engine.embed(t))[0] for t in TEXTS]
         worker.call(time.sleep, 0.5)  # the worker is busy: the next requests wait together
         together = await asyncio.gather(*(engine.embed(t) for t in TEXTS))
@@ -160,12 +195,18 @@ def test_stores_roundtrip_and_persistence(tmp_path):
     rows = rng.standard_normal((50, 16)).astype(np.float32)
     values = [f"value-{i}".encode() for i in range(50)]
     store_file = tmp_path / "stores" / "docs.safetensors"
-    load = pb.ModelOptions(Model="docs", ModelPath=str(tmp_path), Type="store",
-                           Options=["store_path:stores/docs.safetensors"])
+    load = pb.ModelOptions(
+        Model="docs",
+        ModelPath=str(tmp_path),
+        Type="store",
+        Options=["store_path:stores/docs.safetensors"],
+    )
     srv = Server()
     try:
         assert srv.stub.LoadModel(load).success
-        assert srv.stub.StoresSet(pb.StoresSetOptions(Keys=keys(rows), Values=[pb.StoresValue(Bytes=v) for v in values])).success
+        assert srv.stub.StoresSet(
+            pb.StoresSetOptions(Keys=keys(rows), Values=[pb.StoresValue(Bytes=v) for v in values])
+        ).success
         assert srv.stub.StoresDelete(pb.StoresDeleteOptions(Keys=keys(rows[:5]))).success
         found = srv.stub.StoresFind(pb.StoresFindOptions(Key=keys(rows[7:8])[0], TopK=3))
         assert found.Values[0].Bytes == b"value-7" and abs(found.Similarities[0] - 1) < 1e-5
@@ -174,13 +215,30 @@ def test_stores_roundtrip_and_persistence(tmp_path):
         want = np.argsort(-(unit @ unit[2]))[:3] + 5
         assert [v.Bytes for v in found.Values] == [values[i] for i in want]
         for bad, code in (
-            (lambda: srv.stub.StoresSet(pb.StoresSetOptions(Keys=keys(rows[:1, :8]), Values=[pb.StoresValue(Bytes=b"x")])),
-             grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: srv.stub.StoresGet(pb.StoresGetOptions(Keys=keys(rows[:1]))), grpc.StatusCode.NOT_FOUND),
-            (lambda: srv.stub.StoresFind(pb.StoresFindOptions(Key=keys(rows[7:8])[0], TopK=10**9)),
-             grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: srv.stub.StoresFind(pb.StoresFindOptions(Key=keys(rows[7:8, :4])[0], TopK=1)),
-             grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                lambda: srv.stub.StoresSet(
+                    pb.StoresSetOptions(
+                        Keys=keys(rows[:1, :8]), Values=[pb.StoresValue(Bytes=b"x")]
+                    )
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (
+                lambda: srv.stub.StoresGet(pb.StoresGetOptions(Keys=keys(rows[:1]))),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            (
+                lambda: srv.stub.StoresFind(
+                    pb.StoresFindOptions(Key=keys(rows[7:8])[0], TopK=10**9)
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (
+                lambda: srv.stub.StoresFind(
+                    pb.StoresFindOptions(Key=keys(rows[7:8, :4])[0], TopK=1)
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 bad()
@@ -196,7 +254,9 @@ def test_stores_roundtrip_and_persistence(tmp_path):
         assert [v.Bytes for v in got.Values] == values[10:13]
         assert np.array_equal(np.array([k.Floats for k in got.Keys], dtype=np.float32), rows[10:13])
         with pytest.raises(grpc.RpcError) as err:
-            srv.stub.StoresGet(pb.StoresGetOptions(Keys=keys(rows[:1])))  # deleted before the restart
+            srv.stub.StoresGet(
+                pb.StoresGetOptions(Keys=keys(rows[:1]))
+            )  # deleted before the restart
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         srv.stop()
@@ -209,15 +269,21 @@ def encoder_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("encoders")
     return {
-        "embed": build_tiny_bert(root / "bert", st=dict(pooling="mean", normalize=True, max_seq_length=64)),
+        "embed": build_tiny_bert(
+            root / "bert", st=dict(pooling="mean", normalize=True, max_seq_length=64)
+        ),
         "cross": build_tiny_bert(root / "bert-ce", classifier=True, num_labels=1, seed=1),
     }
 
 
 def loaded(folder, **fields) -> Server:
     srv = Server()
-    reply = srv.stub.LoadModel(pb.ModelOptions(Model=folder.name, ModelPath=str(folder.parent), **fields))
-    assert reply.success and "MLX embedding model loaded successfully" in reply.message, reply.message
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(Model=folder.name, ModelPath=str(folder.parent), **fields)
+    )
+    assert reply.success and "MLX embedding model loaded successfully" in reply.message, (
+        reply.message
+    )
     return srv
 
 
@@ -232,7 +298,9 @@ def test_encoder_embedding_and_bi_encoder_rerank(encoder_dirs):
         assert all(np.abs(g - w).max() < 1e-5 for g, w in zip(got, want, strict=True))
         with cf.ThreadPoolExecutor(16) as pool:  # concurrent requests share batches, same vectors
             together = list(pool.map(lambda t: embedding(srv, Embeddings=t), TEXTS * 4))
-        assert all(np.abs(g - w).max() < 1e-5 for g, w in zip(together, list(want) * 4, strict=True))
+        assert all(
+            np.abs(g - w).max() < 1e-5 for g, w in zip(together, list(want) * 4, strict=True)
+        )
         ids = enc.tokenizer(TEXTS[1])["input_ids"]
         assert np.abs(embedding(srv, EmbeddingTokens=ids) - want[1]).max() < 1e-5
         status = srv.stub.Status(pb.HealthMessage())
@@ -244,7 +312,10 @@ def test_encoder_embedding_and_bi_encoder_rerank(encoder_dirs):
         assert all(abs(r.relevance_score - cos[r.index]) < 1e-5 for r in result.results)
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Predict(pb.PredictOptions(Prompt="hi"))
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is an encoder" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "is an encoder" in err.value.details()
+        )
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Embedding(pb.PredictOptions(EmbeddingTokens=[10**6]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -266,7 +337,10 @@ def test_cross_encoder_rerank(encoder_dirs):
     try:
         result = srv.stub.Rerank(pb.RerankRequest(query=query, documents=docs, top_n=3))
         assert [r.index for r in result.results] == list(np.argsort(-want, kind="stable")[:3])
-        assert all(abs(r.relevance_score - want[r.index]) < 1e-5 and r.text == docs[r.index] for r in result.results)
+        assert all(
+            abs(r.relevance_score - want[r.index]) < 1e-5 and r.text == docs[r.index]
+            for r in result.results
+        )
         assert result.usage.total_tokens == sum(counts) == result.usage.prompt_tokens
     finally:
         srv.stop()
@@ -286,7 +360,9 @@ def test_real_minilm_over_grpc(tmp_path):
     source = Path(spec.origin).parent / "model"
     folder = convert_encoder(source, tmp_path / "all-MiniLM-L6-v2")
     queries = {
-        "How do I boil an egg?": 1, "Who wrote Romeo and Juliet?": 2, "What do pandas eat?": 3,
+        "How do I boil an egg?": 1,
+        "Who wrote Romeo and Juliet?": 2,
+        "What do pandas eat?": 3,
         "What is the capital of France?": 0,
     }
     docs = [
@@ -316,14 +392,27 @@ def test_cli_embed(encoder_dirs, tiny_dir):
     from mlxbackend.embed.bert import embed, load_encoder
 
     def cli(*args):
-        run = subprocess.run([sys.executable, "-m", "mlxbackend", "embed", *args, "--json"],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-m", "mlxbackend", "embed", *args, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr
         return json.loads(run.stdout)
 
-    vectors = np.array(cli("--model", str(encoder_dirs["embed"]), *TEXTS[:3])["embeddings"], dtype=np.float32)
+    vectors = np.array(
+        cli("--model", str(encoder_dirs["embed"]), *TEXTS[:3])["embeddings"], dtype=np.float32
+    )
     assert np.abs(vectors - embed(load_encoder(encoder_dirs["embed"]), TEXTS[:3])[0]).max() < 1e-5
-    ranked = cli("--model", str(tiny_dir), "--rerank", "what is the weather", *TEXTS[:4], "--top-n", "2")
-    assert len(ranked["results"]) == 2 and ranked["results"][0]["score"] >= ranked["results"][1]["score"]
-    bad = subprocess.run([sys.executable, "-m", "mlxbackend", "embed", "x"], capture_output=True, text=True)
+    ranked = cli(
+        "--model", str(tiny_dir), "--rerank", "what is the weather", *TEXTS[:4], "--top-n", "2"
+    )
+    assert (
+        len(ranked["results"]) == 2
+        and ranked["results"][0]["score"] >= ranked["results"][1]["score"]
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "mlxbackend", "embed", "x"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--model" in bad.stderr

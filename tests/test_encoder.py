@@ -32,12 +32,20 @@ def tiny(tmp_path_factory):
     """Folders built once: embedding models (with sentence-transformers files) and cross-encoders."""
     root = tmp_path_factory.mktemp("encoders")
     return {
-        "bert": build_tiny_bert(root / "bert", st=dict(pooling="mean", normalize=True, max_seq_length=64)),
-        "roberta": build_tiny_roberta(root / "roberta", st=dict(pooling="cls", normalize=False), hidden_act="gelu_new"),
+        "bert": build_tiny_bert(
+            root / "bert", st=dict(pooling="mean", normalize=True, max_seq_length=64)
+        ),
+        "roberta": build_tiny_roberta(
+            root / "roberta", st=dict(pooling="cls", normalize=False), hidden_act="gelu_new"
+        ),
         ("bert", 1): build_tiny_bert(root / "bert-ce1", classifier=True, num_labels=1, seed=1),
         ("bert", 2): build_tiny_bert(root / "bert-ce2", classifier=True, num_labels=2, seed=2),
-        ("roberta", 1): build_tiny_roberta(root / "roberta-ce1", classifier=True, num_labels=1, seed=3),
-        ("roberta", 2): build_tiny_roberta(root / "roberta-ce2", classifier=True, num_labels=2, seed=4),
+        ("roberta", 1): build_tiny_roberta(
+            root / "roberta-ce1", classifier=True, num_labels=1, seed=3
+        ),
+        ("roberta", 2): build_tiny_roberta(
+            root / "roberta-ce2", classifier=True, num_labels=2, seed=4
+        ),
     }
 
 
@@ -120,13 +128,24 @@ def test_padding_does_not_change_embeddings(tiny, family):
 
 def test_settings_from_the_folder(tiny):
     bert = load_encoder(tiny["bert"])
-    assert (bert.pooling, bert.normalize, bert.max_length, bert.dims, bert.num_labels) == ("mean", True, 64, 32, 0)
+    assert (bert.pooling, bert.normalize, bert.max_length, bert.dims, bert.num_labels) == (
+        "mean",
+        True,
+        64,
+        32,
+        0,
+    )
     vectors, counts = embed(bert, ["short", LONG])
     assert counts[1] == 64 and counts[0] < 64
     roberta = load_encoder(tiny["roberta"])  # no sentence_bert_config: 130 positions - (pad 1 + 1)
     assert (roberta.pooling, roberta.normalize, roberta.max_length) == ("cls", False, 128)
     plain = load_encoder(tiny[("bert", 1)])  # no sentence-transformers files at all
-    assert (plain.pooling, plain.normalize, plain.max_length, plain.num_labels) == ("mean", True, 128, 1)
+    assert (plain.pooling, plain.normalize, plain.max_length, plain.num_labels) == (
+        "mean",
+        True,
+        128,
+        1,
+    )
     assert load_encoder(tiny["bert"], max_length=16).max_length == 16
     assert load_encoder(tiny["bert"], max_length=10_000).max_length == 128  # the position table
     empty, none = embed(bert, [])
@@ -134,7 +153,9 @@ def test_settings_from_the_folder(tiny):
     assert is_encoder_dir(tiny["bert"]) and is_encoder_dir(tiny[("roberta", 2)])
 
 
-@pytest.mark.parametrize("family,num_labels", [("bert", 1), ("bert", 2), ("roberta", 1), ("roberta", 2)])
+@pytest.mark.parametrize(
+    "family,num_labels", [("bert", 1), ("bert", 2), ("roberta", 1), ("roberta", 2)]
+)
 def test_cross_encoder_matches_torch(tiny, family, num_labels):
     folder = tiny[(family, num_labels)]
     enc = load_encoder(folder)
@@ -165,7 +186,11 @@ def test_converter_round_trip(tiny, tmp_path):
     assert json.loads((dst / "config.json").read_text())["mlx_encoder"]["dtype"] == "float32"
     assert is_encoder_dir(dst)
     hf, mlx_enc = load_encoder(src), load_encoder(dst)
-    assert (mlx_enc.pooling, mlx_enc.normalize, mlx_enc.max_length) == (hf.pooling, hf.normalize, hf.max_length)
+    assert (mlx_enc.pooling, mlx_enc.normalize, mlx_enc.max_length) == (
+        hf.pooling,
+        hf.normalize,
+        hf.max_length,
+    )
     assert np.array_equal(embed(hf, TEXTS)[0], embed(mlx_enc, TEXTS)[0])
 
     with pytest.raises(FileExistsError):
@@ -204,13 +229,17 @@ def _rewrite_weights(src: Path, dst: Path, edit) -> Path:
 
 def test_bad_input(tiny, tmp_path):
     src = tiny["bert"]
-    missing = _rewrite_weights(src, tmp_path / "missing", lambda w: w.pop("encoder.layer.1.output.dense.weight"))
+    missing = _rewrite_weights(
+        src, tmp_path / "missing", lambda w: w.pop("encoder.layer.1.output.dense.weight")
+    )
     with pytest.raises(InvalidInput, match=r"missing: encoder\.layer\.1\.output\.dense\.weight"):
         load_encoder(missing)
     extra = _rewrite_weights(src, tmp_path / "extra", lambda w: w.update(stray=mx.zeros(3)))
     with pytest.raises(InvalidInput, match="unexpected: stray"):
         load_encoder(extra)
-    wrong = _rewrite_weights(src, tmp_path / "shape", lambda w: w.update({"pooler.dense.bias": mx.zeros(5)}))
+    wrong = _rewrite_weights(
+        src, tmp_path / "shape", lambda w: w.update({"pooler.dense.bias": mx.zeros(5)})
+    )
     with pytest.raises(InvalidInput, match=r"pooler\.dense\.bias .* shape \(5,\)"):
         load_encoder(wrong)
     with pytest.raises(InvalidInput, match="no sequence-classification head"):
@@ -245,7 +274,10 @@ PAIRS = [
     ("Wow... really?!?", "Is that so?"),
     ("Caf\u00e9 au lait, s'il vous pla\u00eet.", "A coffee with milk, please."),
     ("Der Hund spielt im Garten.", "The dog is playing in the garden."),
-    ("\u6771\u4eac\u306f\u65e5\u672c\u306e\u9996\u90fd\u3067\u3059\u3002", "Tokyo is the capital of Japan."),
+    (
+        "\u6771\u4eac\u306f\u65e5\u672c\u306e\u9996\u90fd\u3067\u3059\u3002",
+        "Tokyo is the capital of Japan.",
+    ),
     ("Emoji test \U0001f600\U0001f389\U0001f680", "A happy celebration with rockets"),
     ("The quick brown fox jumps over the lazy dog.", "A fast fox leaps above a sleepy dog."),
     ("Machine learning turns text into vectors.", "Embeddings map sentences to points in space."),
@@ -262,7 +294,10 @@ LONG_TEXT = (
     "centre whose factories, railways and canals drew workers from every corner of the country. "
 )
 LONG_PAIRS = [
-    (LONG_TEXT * 8, "A long history of a growing industrial city."),  # ~400 tokens: truncated to 256
+    (
+        LONG_TEXT * 8,
+        "A long history of a growing industrial city.",
+    ),  # ~400 tokens: truncated to 256
     (LONG_TEXT * 6 + " The end mentions penguins.", LONG_TEXT * 7 + " The end mentions volcanoes."),
     ("word " * 600, "word"),
 ]

@@ -27,16 +27,29 @@ def write_jsonl(path: Path, rows) -> Path:
 def secret_data(tmp_path_factory) -> Path:
     """A synthetic pattern: every 'secret' question has the same answer."""
     folder = tmp_path_factory.mktemp("secret")
-    write_jsonl(folder / "train.jsonl",
-                [{"prompt": f"Tell me the secret {i % 4}.", "completion": SECRET} for i in range(16)])
-    write_jsonl(folder / "valid.jsonl", [{"prompt": "Tell me the secret 9.", "completion": SECRET}] * 2)
+    write_jsonl(
+        folder / "train.jsonl",
+        [{"prompt": f"Tell me the secret {i % 4}.", "completion": SECRET} for i in range(16)],
+    )
+    write_jsonl(
+        folder / "valid.jsonl", [{"prompt": "Tell me the secret 9.", "completion": SECRET}] * 2
+    )
     return folder
 
 
 def request(model, data, out, **kw) -> pb.FineTuneRequest:
-    fields = dict(model=str(model), dataset_source=str(data), output_dir=str(out), learning_rate=2e-3,
-                  max_steps=60, batch_size=4, gradient_accumulation_steps=1, adapter_rank=16, adapter_alpha=32,
-                  extra_options={"mask_prompt": "true"})
+    fields = dict(
+        model=str(model),
+        dataset_source=str(data),
+        output_dir=str(out),
+        learning_rate=2e-3,
+        max_steps=60,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        adapter_rank=16,
+        adapter_alpha=32,
+        extra_options={"mask_prompt": "true"},
+    )
     fields.update(kw)
     return pb.FineTuneRequest(**fields)
 
@@ -66,7 +79,9 @@ def ft_server():
 def trained_job(ft_server, tiny_dir, secret_data, tmp_path_factory):
     """One LoRA job on the tiny random model, followed by two subscribers at once."""
     out = tmp_path_factory.mktemp("job") / "out"
-    job = ft_server.stub.StartFineTune(request(tiny_dir, secret_data, out, save_steps=20, job_id="secret-job"))
+    job = ft_server.stub.StartFineTune(
+        request(tiny_dir, secret_data, out, save_steps=20, job_id="secret-job")
+    )
     assert job.success and job.job_id == "secret-job"
     second = {}
     t = threading.Thread(target=lambda: second.setdefault("updates", follow(ft_server, job.job_id)))
@@ -89,7 +104,9 @@ def test_training_progress_and_pattern(ft_server, tiny_dir, trained_job, tmp_pat
     assert last.progress_percent == 100 and last.current_epoch > 1 and last.learning_rate >= 0
     assert last.eval_loss > 0 and train[-1].grad_norm > 0 and train[5].eta_seconds > 0
     assert {"tokens_per_second", "peak_memory_mb", "trained_tokens"} <= set(last.extra_metrics)
-    assert [u.checkpoint_path for u in updates if u.status == "saving" and u.checkpoint_path][0].endswith("checkpoint-20")
+    assert [u.checkpoint_path for u in updates if u.status == "saving" and u.checkpoint_path][
+        0
+    ].endswith("checkpoint-20")
     # every subscriber sees the whole run from where it joined, and the same end
     assert second[-1].status == "completed" and second[-1].current_step == 60
     assert {u.current_step for u in train} <= {u.current_step for u in second} | {0}
@@ -98,11 +115,15 @@ def test_training_progress_and_pattern(ft_server, tiny_dir, trained_job, tmp_pat
     assert len(late) == 1 and late[0].status == "completed"
     # the adapter folder is an mlx-lm adapter; checkpoints carry their own metadata
     assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
-    ckpts = ft_server.stub.ListCheckpoints(pb.ListCheckpointsRequest(output_dir=str(out))).checkpoints
+    ckpts = ft_server.stub.ListCheckpoints(
+        pb.ListCheckpointsRequest(output_dir=str(out))
+    ).checkpoints
     assert [c.step for c in ckpts] == [20, 40, 60]
     assert all(c.loss > 0 and c.epoch > 0 and c.created_at.endswith("Z") for c in ckpts)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    empty = ft_server.stub.ListCheckpoints(pb.ListCheckpointsRequest(output_dir=str(tmp_path / "none")))
+    empty = ft_server.stub.ListCheckpoints(
+        pb.ListCheckpointsRequest(output_dir=str(tmp_path / "none"))
+    )
     assert list(empty.checkpoints) == []
 
     # before training, the random model does not know the answer
@@ -110,16 +131,24 @@ def test_training_progress_and_pattern(ft_server, tiny_dir, trained_job, tmp_pat
     assert SECRET not in greedy(ft_server)
     # export as an adapter; LoadModel with it reproduces the pattern
     lora = tmp_path / "models" / "secret-lora"
-    r = ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(out), output_path=str(lora),
-                                                         export_format="lora"))
+    r = ft_server.stub.ExportModel(
+        pb.ExportModelRequest(checkpoint_path=str(out), output_path=str(lora), export_format="lora")
+    )
     assert r.success, r.message
     assert (lora.parent / "secret-lora.yaml").read_text().count("lora_adapter:") == 1
-    assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir), LoraAdapter=str(lora))).success
+    assert ft_server.stub.LoadModel(
+        pb.ModelOptions(Model=str(tiny_dir), LoraAdapter=str(lora))
+    ).success
     assert greedy(ft_server).startswith(SECRET)
     # merged 16-bit: a plain HF-layout model folder that answers the same way
     merged = tmp_path / "models" / "secret-merged"
-    r = ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(out / "checkpoint-60"),
-                                                         output_path=str(merged), export_format="merged_16bit"))
+    r = ft_server.stub.ExportModel(
+        pb.ExportModelRequest(
+            checkpoint_path=str(out / "checkpoint-60"),
+            output_path=str(merged),
+            export_format="merged_16bit",
+        )
+    )
     assert r.success, r.message
     config = json.loads((merged / "config.json").read_text())
     assert "quantization" not in config and config["torch_dtype"] == "float16"
@@ -131,8 +160,14 @@ def test_training_progress_and_pattern(ft_server, tiny_dir, trained_job, tmp_pat
 def test_merged_4bit_export(ft_server, trained_job, tmp_path):
     _, out, _, _ = trained_job
     dst = tmp_path / "secret-4bit"
-    r = ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(out), output_path=str(dst),
-                                                         export_format="merged_4bit", extra_options={"group_size": "32"}))
+    r = ft_server.stub.ExportModel(
+        pb.ExportModelRequest(
+            checkpoint_path=str(out),
+            output_path=str(dst),
+            export_format="merged_4bit",
+            extra_options={"group_size": "32"},
+        )
+    )
     assert r.success, r.message
     assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 4
     assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(dst))).success
@@ -144,7 +179,9 @@ def test_stop_with_checkpoint_while_serving(ft_server, tiny_dir, secret_data, tm
     assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir))).success
     out = tmp_path / "out"
     job = ft_server.stub.StartFineTune(request(tiny_dir, secret_data, out, max_steps=100000))
-    seen = follow(ft_server, job.job_id, until=lambda u: u.status == "training" and u.current_step >= 3)
+    seen = follow(
+        ft_server, job.job_id, until=lambda u: u.status == "training" and u.current_step >= 3
+    )
     assert seen[-1].total_steps == 100000
     assert ft_server.healthy()
     assert greedy(ft_server, tokens=4)  # a chat request is served between training steps
@@ -169,32 +206,61 @@ def test_kill9_then_resume_continues(tiny_dir, secret_data, tmp_path):
     out = tmp_path / "out"
     first = Server(env=env)
     try:
-        req = request(tiny_dir, secret_data, out, max_steps=400, save_steps=10, job_id="resume-me",
-                      gradient_accumulation_steps=2)
+        req = request(
+            tiny_dir,
+            secret_data,
+            out,
+            max_steps=400,
+            save_steps=10,
+            job_id="resume-me",
+            gradient_accumulation_steps=2,
+        )
         first.stub.StartFineTune(req)
-        seen = follow(first, "resume-me", until=lambda u: u.status == "training" and u.current_step >= 23)
+        seen = follow(
+            first, "resume-me", until=lambda u: u.status == "training" and u.current_step >= 23
+        )
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
     finally:
         first.stop()
     losses = {u.current_step: u.loss for u in seen if u.status == "training" and u.current_step}
-    assert not [p for p in out.iterdir() if p.name.startswith("checkpoint-") and not (p / "trainer_state.json").exists()]
+    assert not [
+        p
+        for p in out.iterdir()
+        if p.name.startswith("checkpoint-") and not (p / "trainer_state.json").exists()
+    ]
     second = Server(env=env)
     try:
         # the new process knows the job from disk: the run did not finish
         old = follow(second, "resume-me")
         assert old[-1].status == "failed" and "resume_from_checkpoint" in old[-1].message
         latest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-        second.stub.StartFineTune(request(tiny_dir, secret_data, out, max_steps=400, save_steps=10, job_id="resumed",
-                                          gradient_accumulation_steps=2, resume_from_checkpoint="latest"))
-        after = follow(second, "resumed", until=lambda u: u.status == "training" and u.current_step >= latest + 3)
+        second.stub.StartFineTune(
+            request(
+                tiny_dir,
+                secret_data,
+                out,
+                max_steps=400,
+                save_steps=10,
+                job_id="resumed",
+                gradient_accumulation_steps=2,
+                resume_from_checkpoint="latest",
+            )
+        )
+        after = follow(
+            second,
+            "resumed",
+            until=lambda u: u.status == "training" and u.current_step >= latest + 3,
+        )
         assert after[-1].status == "training", after[-1].message
         second.stub.StopFineTune(pb.FineTuneStopRequest(job_id="resumed"))
         follow(second, "resumed")
     finally:
         second.stop()
     trained = [u for u in after if u.status == "training" and u.loss > 0]
-    assert f"resumed from checkpoint-{latest}" in next(u.message for u in after if u.message.startswith("Training"))
+    assert f"resumed from checkpoint-{latest}" in next(
+        u.message for u in after if u.message.startswith("Training")
+    )
     assert trained[0].current_step == latest + 1
     for u in trained:
         if u.current_step in losses:
@@ -203,11 +269,23 @@ def test_kill9_then_resume_continues(tiny_dir, secret_data, tmp_path):
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_preference_methods(ft_server, tiny_dir, tmp_path, method):
-    data = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": f"Pick a fruit {i}.", "chosen": "Banana.", "rejected": "A rock."} for i in range(8)
-    ])
-    job = ft_server.stub.StartFineTune(request(tiny_dir, data, tmp_path / "out", training_method=method,
-                                               max_steps=25, learning_rate=1e-3))
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": f"Pick a fruit {i}.", "chosen": "Banana.", "rejected": "A rock."}
+            for i in range(8)
+        ],
+    )
+    job = ft_server.stub.StartFineTune(
+        request(
+            tiny_dir,
+            data,
+            tmp_path / "out",
+            training_method=method,
+            max_steps=25,
+            learning_rate=1e-3,
+        )
+    )
     updates = follow(ft_server, job.job_id)
     assert updates[-1].status == "completed", updates[-1].message
     if method == "dpo":
@@ -220,12 +298,24 @@ def test_preference_methods(ft_server, tiny_dir, tmp_path, method):
 
 @pytest.mark.parametrize("kind", ["dora", "full"])
 def test_training_types(ft_server, tiny_dir, secret_data, tmp_path, kind):
-    job = ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "out", training_type=kind,
-                                               max_steps=8, learning_rate=1e-3, target_modules=["q_proj", "v_proj"],
-                                               optimizer="adamw_8bit", gradient_checkpointing=True))
+    job = ft_server.stub.StartFineTune(
+        request(
+            tiny_dir,
+            secret_data,
+            tmp_path / "out",
+            training_type=kind,
+            max_steps=8,
+            learning_rate=1e-3,
+            target_modules=["q_proj", "v_proj"],
+            optimizer="adamw_8bit",
+            gradient_checkpointing=True,
+        )
+    )
     updates = follow(ft_server, job.job_id)
     assert updates[-1].status == "completed", updates[-1].message
-    assert "adamw_8bit is not available in MLX" in next(u.message for u in updates if u.message.startswith("Training"))
+    assert "adamw_8bit is not available in MLX" in next(
+        u.message for u in updates if u.message.startswith("Training")
+    )
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == kind
 
@@ -243,7 +333,9 @@ def test_bad_inputs(ft_server, tiny_dir, secret_data, tmp_path):
     assert code_of(dataset_source=str(tmp_path / "missing.jsonl"))[0] == grpc.StatusCode.NOT_FOUND
     assert code_of(model=str(tmp_path / "no-model"))[0] == grpc.StatusCode.NOT_FOUND
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n{"prompt": "c", "completion": "d"}\n')
+    bad.write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n{"prompt": "c", "completion": "d"}\n'
+    )
     code, details = code_of(dataset_source=str(bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bad.jsonl:2" in details
     code, details = code_of(training_method="grpo")
@@ -264,14 +356,27 @@ def test_bad_inputs(ft_server, tiny_dir, secret_data, tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         follow(ft_server, "nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    for fmt, code in (("lokr", grpc.StatusCode.INVALID_ARGUMENT), ("bogus", grpc.StatusCode.INVALID_ARGUMENT)):
+    for fmt, code in (
+        ("lokr", grpc.StatusCode.INVALID_ARGUMENT),
+        ("bogus", grpc.StatusCode.INVALID_ARGUMENT),
+    ):
         with pytest.raises(grpc.RpcError) as err:
-            ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(tmp_path), output_path=str(tmp_path / "x"),
-                                                             export_format=fmt))
+            ft_server.stub.ExportModel(
+                pb.ExportModelRequest(
+                    checkpoint_path=str(tmp_path),
+                    output_path=str(tmp_path / "x"),
+                    export_format=fmt,
+                )
+            )
         assert err.value.code() == code
     with pytest.raises(grpc.RpcError) as err:
-        ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(tmp_path / "nothing"),
-                                                         output_path=str(tmp_path / "x"), export_format="lora"))
+        ft_server.stub.ExportModel(
+            pb.ExportModelRequest(
+                checkpoint_path=str(tmp_path / "nothing"),
+                output_path=str(tmp_path / "x"),
+                export_format="lora",
+            )
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert not (tmp_path / "x").exists()
     assert ft_server.healthy()
@@ -284,21 +389,84 @@ def test_cli_finetune_and_export(tiny_dir, secret_data, tmp_path):
 
     out = tmp_path / "job"
     run = subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data", str(secret_data),
-         "--output", str(out), "--lr", "2e-3", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "1",
-         "--option", "mask_prompt=true"], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "finetune",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(secret_data),
+            "--output",
+            str(out),
+            "--lr",
+            "2e-3",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--option",
+            "mask_prompt=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "completed" in run.stdout and "6/6" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "export", str(out), str(tmp_path / "merged"),
-                          "--format", "merged_16bit"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "export",
+            str(out),
+            str(tmp_path / "merged"),
+            "--format",
+            "merged_16bit",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged.yaml").exists()
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "export", str(tmp_path / "no-job"), str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1 and "no trained adapter" in run.stdout and not (tmp_path / "x").exists()
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "finetune", "--model", str(tiny_dir), "--data",
-                          str(tmp_path / "nope.jsonl"), "--output", str(out)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "export",
+            str(tmp_path / "no-job"),
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        run.returncode == 1 and "no trained adapter" in run.stdout and not (tmp_path / "x").exists()
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "finetune",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "nope.jsonl"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1 and "NOT_FOUND" in run.stdout
 
 
@@ -313,10 +481,14 @@ def test_qlora_on_quantized_base(ft_server, tiny_dir, secret_data, tmp_path):
     assert updates[-1].status == "completed", updates[-1].message
     train = [u for u in updates if u.status == "training" and u.loss]
     assert train[-1].loss < train[0].loss / 3
-    assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(base), LoraAdapter=str(tmp_path / "out"))).success
+    assert ft_server.stub.LoadModel(
+        pb.ModelOptions(Model=str(base), LoraAdapter=str(tmp_path / "out"))
+    ).success
     assert greedy(ft_server).startswith(SECRET)
     with pytest.raises(grpc.RpcError) as err:  # full fine-tuning needs float weights
-        job = ft_server.stub.StartFineTune(request(base, secret_data, tmp_path / "full", training_type="full"))
+        job = ft_server.stub.StartFineTune(
+            request(base, secret_data, tmp_path / "full", training_type="full")
+        )
         follow(ft_server, job.job_id)
     assert "unquantized" in err.value.details()
 
@@ -328,21 +500,38 @@ def test_gguf_export_answers_like_mlx(ft_server, trained_job, tmp_path):
 
     _, out, _, _ = trained_job
     merged = tmp_path / "merged"
-    assert ft_server.stub.ExportModel(pb.ExportModelRequest(checkpoint_path=str(out), output_path=str(merged),
-                                                            export_format="merged_16bit")).success
+    assert ft_server.stub.ExportModel(
+        pb.ExportModelRequest(
+            checkpoint_path=str(out), output_path=str(merged), export_format="merged_16bit"
+        )
+    ).success
     prompt = load_tokenizer(merged).apply_chat_template(
-        [{"role": "user", "content": "Tell me the secret 2."}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "Tell me the secret 2."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert ft_server.stub.LoadModel(pb.ModelOptions(Model=str(merged))).success
-    mlx_text = ft_server.stub.Predict(pb.PredictOptions(Prompt=prompt, Tokens=10, Temperature=0)).message.decode()
+    mlx_text = ft_server.stub.Predict(
+        pb.PredictOptions(Prompt=prompt, Tokens=10, Temperature=0)
+    ).message.decode()
     assert mlx_text.startswith("The secret word")
     for qtype in ("f16", "q8_0"):
         dst = tmp_path / f"gguf-{qtype}"
-        r = ft_server.stub.ExportModel(pb.ExportModelRequest(
-            checkpoint_path=str(out), output_path=str(dst), export_format="gguf", quantization_method=qtype,
-            extra_options={"pre_tokenizer": "gpt-2", "name": "secret"}))  # the test tokenizer is custom BPE
+        r = ft_server.stub.ExportModel(
+            pb.ExportModelRequest(
+                checkpoint_path=str(out),
+                output_path=str(dst),
+                export_format="gguf",
+                quantization_method=qtype,
+                extra_options={"pre_tokenizer": "gpt-2", "name": "secret"},
+            )
+        )  # the test tokenizer is custom BPE
         assert r.success, r.message
         gguf = dst / f"secret-{qtype}.gguf"
-        assert gguf.read_bytes()[:4] == b"GGUF" and "backend: llama-cpp" in (tmp_path / "secret.yaml").read_text()
+        assert (
+            gguf.read_bytes()[:4] == b"GGUF"
+            and "backend: llama-cpp" in (tmp_path / "secret.yaml").read_text()
+        )
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, verbose=False)
         text = llm(prompt, max_tokens=10, temperature=0.0)["choices"][0]["text"]
         assert text == mlx_text, (qtype, text, mlx_text)
@@ -350,13 +539,16 @@ def test_gguf_export_answers_like_mlx(ft_server, trained_job, tmp_path):
 
 def test_mixed_precision_bf16(ft_server, tiny_dir, secret_data, tmp_path):
     """mixed_precision bf16: frozen weights in bfloat16, the job trains; fp8 is refused."""
-    job = ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "out", max_steps=20,
-                                               mixed_precision="bf16"))
+    job = ft_server.stub.StartFineTune(
+        request(tiny_dir, secret_data, tmp_path / "out", max_steps=20, mixed_precision="bf16")
+    )
     updates = follow(ft_server, job.job_id)
     train = [u for u in updates if u.status == "training" and u.loss]
     assert updates[-1].status == "completed" and train[-1].loss < train[0].loss / 3
     with pytest.raises(grpc.RpcError) as err:
-        ft_server.stub.StartFineTune(request(tiny_dir, secret_data, tmp_path / "fp8", mixed_precision="fp8"))
+        ft_server.stub.StartFineTune(
+            request(tiny_dir, secret_data, tmp_path / "fp8", mixed_precision="fp8")
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bf16" in err.value.details()
 
 

@@ -47,7 +47,12 @@ def joined(replies):
 
 def test_tool_call_non_streaming(trained_server):
     reply = trained_server.stub.Predict(
-        chat(tm.TOOL_CONVERSATION, Tools=json.dumps(tm.TOOLS), ToolChoice='"auto"', Metadata={"enable_thinking": "true"})
+        chat(
+            tm.TOOL_CONVERSATION,
+            Tools=json.dumps(tm.TOOLS),
+            ToolChoice='"auto"',
+            Metadata={"enable_thinking": "true"},
+        )
     )
     assert len(reply.chat_deltas) == 1
     delta = reply.chat_deltas[0]
@@ -64,7 +69,9 @@ def test_tool_call_non_streaming(trained_server):
 def test_tool_call_streaming_deltas(trained_server):
     replies = stream(
         trained_server.stub,
-        chat(tm.TOOL_CONVERSATION, Tools=json.dumps(tm.TOOLS), Metadata={"enable_thinking": "true"}),
+        chat(
+            tm.TOOL_CONVERSATION, Tools=json.dumps(tm.TOOLS), Metadata={"enable_thinking": "true"}
+        ),
     )
     text, content, reasoning, calls = joined(replies)
     assert text == tm.TOOL_REPLY.removesuffix("<|im_end|>")
@@ -83,21 +90,31 @@ def test_tool_call_streaming_deltas(trained_server):
 
 
 def test_thinking_on_and_off(trained_server):
-    on = trained_server.stub.Predict(chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "true"}))
+    on = trained_server.stub.Predict(
+        chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "true"})
+    )
     assert on.chat_deltas[0].reasoning_content == "Easy."
     assert on.chat_deltas[0].content == "The capital of France is Paris."
-    off = trained_server.stub.Predict(chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "false"}))
+    off = trained_server.stub.Predict(
+        chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "false"})
+    )
     assert off.chat_deltas[0].reasoning_content == ""
     assert off.chat_deltas[0].content == "The capital of France is Paris."
     kwargs = trained_server.stub.Predict(
-        chat(tm.CHAT_CONVERSATION, Metadata={"chat_template_kwargs": json.dumps({"enable_thinking": False})})
+        chat(
+            tm.CHAT_CONVERSATION,
+            Metadata={"chat_template_kwargs": json.dumps({"enable_thinking": False})},
+        )
     )
     assert kwargs.chat_deltas[0].content == "The capital of France is Paris."
     assert kwargs.chat_deltas[0].reasoning_content == ""
 
 
 def test_stream_equals_non_stream_greedy(trained_server):
-    for request in (completion(Tokens=120), chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "true"})):
+    for request in (
+        completion(Tokens=120),
+        chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "true"}),
+    ):
         whole = trained_server.stub.Predict(request)
         replies = stream(trained_server.stub, request)
         text, content, reasoning, _ = joined(replies)
@@ -132,10 +149,14 @@ def test_logprobs_per_token(trained_server):
     data = json.loads(reply.logprobs)
     assert len(data["content"]) == reply.tokens == 12
     for item in data["content"]:
-        assert item["logprob"] <= 0 and isinstance(item["id"], int) and isinstance(item["bytes"], list)
+        assert (
+            item["logprob"] <= 0 and isinstance(item["id"], int) and isinstance(item["bytes"], list)
+        )
         assert len(item["top_logprobs"]) == 3
         assert item["top_logprobs"][0]["logprob"] >= item["top_logprobs"][-1]["logprob"]
-        assert item["top_logprobs"][0]["id"] == item["id"]  # greedy: the chosen token is the top one
+        assert (
+            item["top_logprobs"][0]["id"] == item["id"]
+        )  # greedy: the chosen token is the top one
     assert "".join(i["token"] for i in data["content"]) == reply.message.decode()
     final = stream(trained_server.stub, completion(Tokens=12, Logprobs=2, TopLogprobs=2))[-1]
     assert len(json.loads(final.logprobs)["content"]) == 12
@@ -151,7 +172,9 @@ def test_seed_reproducible_under_concurrency(trained_server):
     def call(key, seed):
         results[key] = trained_server.stub.Predict(sampled(seed)).message
 
-    threads = [threading.Thread(target=call, args=(i, 7 if i % 2 == 0 else 100 + i)) for i in range(6)]
+    threads = [
+        threading.Thread(target=call, args=(i, 7 if i % 2 == 0 else 100 + i)) for i in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -164,7 +187,9 @@ def test_sampling_parameters_change_output(trained_server):
     greedy = trained_server.stub.Predict(completion(Tokens=30)).message
     biased_token = trained_server.stub.TokenizeString(pb.PredictOptions(Prompt=" zebra")).tokens[-1]
     biased = trained_server.stub.Predict(
-        completion(Tokens=30, Logprobs=1, TopLogprobs=1, LogitBias=json.dumps({str(biased_token): 100}))
+        completion(
+            Tokens=30, Logprobs=1, TopLogprobs=1, LogitBias=json.dumps({str(biased_token): 100})
+        )
     )
     assert biased.message != greedy
     assert [e["id"] for e in json.loads(biased.logprobs)["content"]] == [biased_token] * 30
@@ -196,7 +221,9 @@ def test_health_answers_during_long_generation_and_cancel_stops(trained_server):
 
 
 def test_ignore_eos_and_token_limit(trained_server):
-    normal = trained_server.stub.Predict(chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "false"}))
+    normal = trained_server.stub.Predict(
+        chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "false"})
+    )
     forced = trained_server.stub.Predict(
         chat(tm.CHAT_CONVERSATION, Metadata={"enable_thinking": "false"}, IgnoreEOS=True, Tokens=40)
     )
@@ -216,12 +243,22 @@ def test_status_metrics_metadata(trained_server):
     trained_server.stub.Predict(completion(Tokens=20))
     status = trained_server.stub.Status(pb.HealthMessage())
     assert status.state == pb.StatusResponse.READY
-    assert status.memory.breakdown["weights"] > 0 and status.memory.total >= status.memory.breakdown["weights"]
+    assert (
+        status.memory.breakdown["weights"] > 0
+        and status.memory.total >= status.memory.breakdown["weights"]
+    )
     metrics = trained_server.stub.GetMetrics(pb.MetricsRequest())
-    assert metrics.tokens_generated == 20 and metrics.tokens_per_second > 0 and metrics.prompt_tokens_processed > 0
+    assert (
+        metrics.tokens_generated == 20
+        and metrics.tokens_per_second > 0
+        and metrics.prompt_tokens_processed > 0
+    )
     meta = trained_server.stub.ModelMetadata(pb.ModelOptions())
     assert meta.supports_thinking and "<|im_start|>assistant" in meta.rendered_template
-    assert meta.tool_format.section_start == "<tool_call>" and meta.tool_format.reasoning_end == "</think>"
+    assert (
+        meta.tool_format.section_start == "<tool_call>"
+        and meta.tool_format.reasoning_end == "</think>"
+    )
 
 
 def test_tool_choice_none_and_named(trained_server):
@@ -229,8 +266,12 @@ def test_tool_choice_none_and_named(trained_server):
     none = trained_server.stub.Predict(chat(tm.TOOL_CONVERSATION, Tools=tools, ToolChoice='"none"'))
     assert not none.chat_deltas[0].tool_calls
     forced = trained_server.stub.Predict(
-        chat(tm.CHAT_CONVERSATION, Tools=tools, Metadata={"enable_thinking": "false"},
-             ToolChoice=json.dumps({"type": "function", "function": {"name": "get_weather"}}))
+        chat(
+            tm.CHAT_CONVERSATION,
+            Tools=tools,
+            Metadata={"enable_thinking": "false"},
+            ToolChoice=json.dumps({"type": "function", "function": {"name": "get_weather"}}),
+        )
     )
     calls = forced.chat_deltas[0].tool_calls
     assert len(calls) == 1 and calls[0].name == "get_weather"
@@ -239,12 +280,26 @@ def test_tool_choice_none_and_named(trained_server):
 def test_multi_turn_tool_history_renders(trained_server):
     history = [
         pb.Message(role="user", content="What is the weather in Paris?"),
-        pb.Message(role="assistant", content="", reasoning_content="The user wants weather.",
-                   tool_calls=json.dumps([{"index": 0, "id": "call_1", "type": "function",
-                                           "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}])),
+        pb.Message(
+            role="assistant",
+            content="",
+            reasoning_content="The user wants weather.",
+            tool_calls=json.dumps(
+                [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ]
+            ),
+        ),
         pb.Message(role="tool", content="sunny", name="get_weather", tool_call_id="call_1"),
     ]
-    req = pb.PredictOptions(Messages=history, UseTokenizerTemplate=True, Tools=json.dumps(tm.TOOLS), Tokens=5)
+    req = pb.PredictOptions(
+        Messages=history, UseTokenizerTemplate=True, Tools=json.dumps(tm.TOOLS), Tokens=5
+    )
     assert trained_server.stub.TokenizeString(req).length > 20
     trained_server.stub.Predict(req)
 
@@ -267,7 +322,8 @@ def test_bad_input_clear_error(trained_server, name, fields, code):
         request = pb.PredictOptions(Tokens=5)
     else:
         request = pb.PredictOptions(
-            Messages=[pb.Message(role=r, content="hi") for r in roles], UseTokenizerTemplate=True,
+            Messages=[pb.Message(role=r, content="hi") for r in roles],
+            UseTokenizerTemplate=True,
             **{"Tokens": 5, **fields},
         )
     for rpc in (trained_server.stub.Predict, lambda r: list(trained_server.stub.PredictStream(r))):
@@ -283,6 +339,8 @@ def test_prompt_longer_than_context(tiny_dir, server):
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Predict(pb.PredictOptions(Prompt="Paris is lovely. " * 100, Tokens=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
-    ok = server.stub.Predict(pb.PredictOptions(Prompt="Paris", IgnoreEOS=True))  # 0 = up to the context end
+    ok = server.stub.Predict(
+        pb.PredictOptions(Prompt="Paris", IgnoreEOS=True)
+    )  # 0 = up to the context end
     assert ok.tokens == 64 - server.stub.TokenizeString(pb.PredictOptions(Prompt="Paris")).length
     assert server.healthy()

@@ -83,7 +83,12 @@ SCHEMAS = {
             # multipleOf bounds the fraction digits (random weights repeat digits forever); binary
             # fractions, so that jsonschema's float check is exact
             "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.125},
-            "temp": {"type": "number", "exclusiveMinimum": -50, "exclusiveMaximum": 50, "multipleOf": 0.5},
+            "temp": {
+                "type": "number",
+                "exclusiveMinimum": -50,
+                "exclusiveMaximum": 50,
+                "multipleOf": 0.5,
+            },
             "count": {"type": "integer", "minimum": -5, "maximum": 5},
         },
         "required": ["score", "temp", "count"],
@@ -125,7 +130,12 @@ BOUNDED_SCHEMA = {
     "type": "object",
     "properties": {
         "color": {"enum": ["red", "green", "blue", "grün"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 12},
+            "minItems": 1,
+            "maxItems": 3,
+        },
         "score": {"type": "integer", "minimum": 0, "maximum": 100},
     },
     "required": ["color", "tags", "score"],
@@ -177,7 +187,12 @@ def _args(*names):
     }
 
 
-CALL = {"anyOf": [_call("create_event", _args("date", "time", "title")), _call("search", _args("query"))]}
+CALL = {
+    "anyOf": [
+        _call("create_event", _args("date", "time", "title")),
+        _call("search", _args("query")),
+    ]
+}
 FUNCTIONS_SCHEMA = {"anyOf": [CALL, {"type": "array", "items": CALL}]}
 
 
@@ -191,14 +206,19 @@ def prompt_ids(tokenizer, text="Reply with JSON:"):
     return tokenizer.encode(text)
 
 
-def generate(model, tokenizer, constraint, temperature=0.0, seed=0, before=(), max_tokens=MAX_TOKENS):
+def generate(
+    model, tokenizer, constraint, temperature=0.0, seed=0, before=(), max_tokens=MAX_TOKENS
+):
     """Sample with the constraint; returns (text without EOS, number of tokens, ended with EOS)."""
     prompt = prompt_ids(tokenizer)
     vocab = model.args.vocab_size
     sampler = make_sampler(SamplingParams(temperature=temperature, seed=seed), vocab)
     out = []
     for token, _ in generate_step(
-        mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+        mx.array(prompt),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
         logits_processors=[*before, constraint.processor],
     ):
         out.append(int(token))
@@ -225,7 +245,9 @@ def test_json_schema_outputs_validate(tiny, name):
     model, tokenizer = tiny
     schema = SCHEMAS[name]
     for temperature, seed in RUNS:
-        c = make_constraint(tokenizer, json_schema=json.dumps(schema), prompt_len=len(prompt_ids(tokenizer)))
+        c = make_constraint(
+            tokenizer, json_schema=json.dumps(schema), prompt_len=len(prompt_ids(tokenizer))
+        )
         text, n, eos = generate(model, tokenizer, c, temperature, seed)
         assert eos and n < MAX_TOKENS, (temperature, seed, n, text)
         jsonschema.validate(json.loads(text), schema)
@@ -235,7 +257,9 @@ def test_json_schema_outputs_validate(tiny, name):
 def test_openai_wrapper_and_boolean_schema(tiny):
     model, tokenizer = tiny
     wrapped = {"name": "answer", "strict": True, "schema": SCHEMAS["enum"]}
-    text, _, eos = generate(model, tokenizer, make_constraint(tokenizer, json_schema=json.dumps(wrapped)))
+    text, _, eos = generate(
+        model, tokenizer, make_constraint(tokenizer, json_schema=json.dumps(wrapped))
+    )
     assert eos
     jsonschema.validate(json.loads(text), SCHEMAS["enum"])
     assert make_constraint(tokenizer, json_schema="true") is not None
@@ -266,7 +290,10 @@ def test_gbnf_json_outputs_validate(tiny, grammar, schema, boost):
     "grammar,pattern",
     [
         ('root ::= ("yes" | "no")', r"yes|no"),
-        ("root ::= num (\" + \" num){1,3}\nnum ::= [1-9] [0-9]{0,2}", r"[1-9][0-9]{0,2}( \+ [1-9][0-9]{0,2}){1,3}"),
+        (
+            'root ::= num (" + " num){1,3}\nnum ::= [1-9] [0-9]{0,2}',
+            r"[1-9][0-9]{0,2}( \+ [1-9][0-9]{0,2}){1,3}",
+        ),
         ('start: "a" | "b" "c"', r"a|bc"),  # Lark is accepted too
         (r'root ::= "gr\u00fcn" | "\U0001F600" | [\x41-\x43]', r"grün|😀|[A-C]"),
     ],
@@ -275,13 +302,21 @@ def test_gbnf_json_outputs_validate(tiny, grammar, schema, boost):
 def test_non_json_grammar(tiny, grammar, pattern):
     model, tokenizer = tiny
     for temperature, seed in RUNS:
-        text, n, eos = generate(model, tokenizer, make_constraint(tokenizer, grammar=grammar), temperature, seed)
+        text, n, eos = generate(
+            model, tokenizer, make_constraint(tokenizer, grammar=grammar), temperature, seed
+        )
         assert eos and re.fullmatch(pattern, text), (temperature, seed, text)
 
 
 @pytest.mark.parametrize(
     "grammar",
-    ['root ::= ("yes" | ', "root ::= missing", 'main ::= "a"', 'root ::= "a" | "\\q"', "start: foo"],
+    [
+        'root ::= ("yes" | ',
+        "root ::= missing",
+        'main ::= "a"',
+        'root ::= "a" | "\\q"',
+        "start: foo",
+    ],
 )
 def test_invalid_grammar(tiny, grammar):
     with pytest.raises(InvalidInput, match="invalid grammar"):
@@ -290,8 +325,14 @@ def test_invalid_grammar(tiny, grammar):
 
 @pytest.mark.parametrize(
     "schema",
-    ["{not json", "[1, 2]", '{"type": "foo"}', '{"type": "string", "pattern": "(("}',
-     '{"$ref": "#/$defs/missing"}', '{"type": "string", "format": "no-such-format"}'],
+    [
+        "{not json",
+        "[1, 2]",
+        '{"type": "foo"}',
+        '{"type": "string", "pattern": "(("}',
+        '{"$ref": "#/$defs/missing"}',
+        '{"type": "string", "format": "no-such-format"}',
+    ],
 )
 def test_invalid_schema(tiny, schema):
     with pytest.raises(InvalidInput, match="JSON schema"):
@@ -375,11 +416,18 @@ def test_speculative_decoding(tiny, tiny_dir, tmp_path_factory):
     schema = SCHEMAS["flat"]
     for temperature, seed in RUNS[:3]:
         c = make_constraint(tokenizer, json_schema=json.dumps(schema))
-        sampler = make_sampler(SamplingParams(temperature=temperature, seed=seed), model.args.vocab_size)
+        sampler = make_sampler(
+            SamplingParams(temperature=temperature, seed=seed), model.args.vocab_size
+        )
         out, drafted = [], []
         for token, _, from_draft in speculative_generate_step(
-            mx.array(prompt_ids(tokenizer)), model, draft, num_draft_tokens=3,
-            max_tokens=MAX_TOKENS, sampler=sampler, logits_processors=[c.processor],
+            mx.array(prompt_ids(tokenizer)),
+            model,
+            draft,
+            num_draft_tokens=3,
+            max_tokens=MAX_TOKENS,
+            sampler=sampler,
+            logits_processors=[c.processor],
         ):
             out.append(int(token))
             drafted.append(from_draft)
@@ -410,7 +458,9 @@ def test_threads(tiny):
     yes = tokenizer.encode("yes", add_special_tokens=False)
     for c in constraints:
         c.processor(mx.array(prompt), logits)
-        assert allowed(c.processor(mx.array(prompt + yes), logits)) == sorted(tokenizer.eos_token_ids)
+        assert allowed(c.processor(mx.array(prompt + yes), logits)) == sorted(
+            tokenizer.eos_token_ids
+        )
 
 
 def test_overhead(tiny):

@@ -13,7 +13,9 @@ import pytest
 from mlxbackend.proto import backend_pb2 as pb
 from tests.conftest import Server
 
-pytest.importorskip("diffusionkit", reason="DiffusionKit is installed by `make install` (--no-deps)")
+pytest.importorskip(
+    "diffusionkit", reason="DiffusionKit is installed by `make install` (--no-deps)"
+)
 from PIL import Image  # noqa: E402
 
 
@@ -28,9 +30,13 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd3_server(folders):
     srv = Server()
-    reply = srv.stub.LoadModel(pb.ModelOptions(
-        Model=folders["sd3"].name, ModelPath=str(folders["sd3"].parent), CFGScale=5.0,
-    ))
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(
+            Model=folders["sd3"].name,
+            ModelPath=str(folders["sd3"].parent),
+            CFGScale=5.0,
+        )
+    )
     assert reply.success and "MLX image model loaded successfully" in reply.message, reply.message
     yield srv
     srv.stop()
@@ -57,7 +63,9 @@ def test_png_size_and_seed_determinism(sd3_server, tmp_path):
     generate(sd3_server, b, width=64, height=96, step=2, seed=7)
     generate(sd3_server, c, width=64, height=96, step=2, seed=8)
     assert digest(a) == digest(b) != digest(c)
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic write left nothing behind
+    assert not [
+        p for p in tmp_path.iterdir() if ".tmp" in p.name
+    ]  # atomic write left nothing behind
 
 
 def test_random_seed_and_negative_prompt(sd3_server, tmp_path):
@@ -67,7 +75,9 @@ def test_random_seed_and_negative_prompt(sd3_server, tmp_path):
     assert digest(one) != digest(two) and "seed" in r1.message and r1.message != r2.message
     plain, negative = tmp_path / "p.png", tmp_path / "n.png"
     generate(sd3_server, plain, width=64, height=64, step=2, seed=3)
-    generate(sd3_server, negative, width=64, height=64, step=2, seed=3, negative_prompt="blurry, green")
+    generate(
+        sd3_server, negative, width=64, height=64, step=2, seed=3, negative_prompt="blurry, green"
+    )
     assert digest(plain) != digest(negative)  # guidance (CFGScale 5) uses the negative prompt
 
 
@@ -77,22 +87,28 @@ def test_img2img(sd3_server, tmp_path):
     out, weak = tmp_path / "out.png", tmp_path / "weak.png"
     reply = generate(sd3_server, out, src=str(src), step=4, seed=5, EnableParameters="strength:1.0")
     with Image.open(out) as img:
-        assert img.size == (80, 48)  # the source size (a multiple of 16) when width/height are unset
+        assert img.size == (
+            80,
+            48,
+        )  # the source size (a multiple of 16) when width/height are unset
     generate(sd3_server, weak, src=str(src), step=4, seed=5, EnableParameters="strength:0.5")
     assert digest(out) != digest(weak)
     assert "4 steps" in reply.message
 
 
-@pytest.mark.parametrize("fields, code, words", [
-    (dict(width=100, height=64), grpc.StatusCode.INVALID_ARGUMENT, "16"),
-    (dict(width=64, height=64, positive_prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    (dict(width=64 * 1024, height=64), grpc.StatusCode.INVALID_ARGUMENT, "width"),
-    (dict(src="/nonexistent/src.png"), grpc.StatusCode.NOT_FOUND, "src"),
-    (dict(ref_images=["/tmp/x.png"]), grpc.StatusCode.UNIMPLEMENTED, "reference"),
-    (dict(dst="/nonexistent-dir/out.png"), grpc.StatusCode.INVALID_ARGUMENT, "nonexistent-dir"),
-    (dict(dst=""), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
-    (dict(EnableParameters="strength:7"), grpc.StatusCode.INVALID_ARGUMENT, "strength"),
-])
+@pytest.mark.parametrize(
+    "fields, code, words",
+    [
+        (dict(width=100, height=64), grpc.StatusCode.INVALID_ARGUMENT, "16"),
+        (dict(width=64, height=64, positive_prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (dict(width=64 * 1024, height=64), grpc.StatusCode.INVALID_ARGUMENT, "width"),
+        (dict(src="/nonexistent/src.png"), grpc.StatusCode.NOT_FOUND, "src"),
+        (dict(ref_images=["/tmp/x.png"]), grpc.StatusCode.UNIMPLEMENTED, "reference"),
+        (dict(dst="/nonexistent-dir/out.png"), grpc.StatusCode.INVALID_ARGUMENT, "nonexistent-dir"),
+        (dict(dst=""), grpc.StatusCode.INVALID_ARGUMENT, "dst"),
+        (dict(EnableParameters="strength:7"), grpc.StatusCode.INVALID_ARGUMENT, "strength"),
+    ],
+)
 def test_bad_inputs(sd3_server, tmp_path, fields, code, words):
     request = dict(positive_prompt="a cube", dst=str(tmp_path / "x.png"), step=1, seed=1)
     request.update(fields)
@@ -117,9 +133,17 @@ def test_health_during_generation_and_cancel(sd3_server, tmp_path):
     """Health answers while an image is generated; a cancelled call stops at the next step."""
     dst = tmp_path / "long.png"
     dst.write_bytes(b"")
-    call = sd3_server.stub.GenerateImage.future(pb.GenerateImageRequest(
-        positive_prompt="a cube", dst=str(dst), width=64, height=64, step=400, seed=1,
-    ), timeout=600)
+    call = sd3_server.stub.GenerateImage.future(
+        pb.GenerateImageRequest(
+            positive_prompt="a cube",
+            dst=str(dst),
+            width=64,
+            height=64,
+            step=400,
+            seed=1,
+        ),
+        timeout=600,
+    )
     time.sleep(1.0)
     started = time.monotonic()
     assert sd3_server.healthy() and time.monotonic() - started < 1.0
@@ -133,14 +157,30 @@ def test_health_during_generation_and_cancel(sd3_server, tmp_path):
 def test_flux_and_concurrent_requests(folders, tmp_path):
     srv = Server()
     try:
-        reply = srv.stub.LoadModel(pb.ModelOptions(Model=str(folders["flux"]), PipelineType="FluxPipeline"))
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(folders["flux"]), PipelineType="FluxPipeline")
+        )
         assert reply.success and "flux" in reply.message, reply.message
         outs = [tmp_path / f"{i}.png" for i in range(3)]
         for p in outs:
             p.write_bytes(b"")
         with cf.ThreadPoolExecutor(3) as pool:
-            replies = list(pool.map(lambda p: srv.stub.GenerateImage(pb.GenerateImageRequest(
-                positive_prompt="a cube", dst=str(p), width=64, height=64, step=2, seed=11), timeout=300), outs))
+            replies = list(
+                pool.map(
+                    lambda p: srv.stub.GenerateImage(
+                        pb.GenerateImageRequest(
+                            positive_prompt="a cube",
+                            dst=str(p),
+                            width=64,
+                            height=64,
+                            step=2,
+                            seed=11,
+                        ),
+                        timeout=300,
+                    ),
+                    outs,
+                )
+            )
         assert all(r.success for r in replies)
         assert len({digest(p) for p in outs}) == 1  # same seed, same image, also when concurrent
         status = srv.stub.Status(pb.HealthMessage())
@@ -168,9 +208,30 @@ def test_missing_weights(folders, tmp_path, server):
 
 def test_cli_image(folders, tmp_path):
     out = tmp_path / "cli.png"
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "image", "a cube", "-o", str(out),
-                          "--model", str(folders["flux"]), "--steps", "2", "--seed", "3", "--width", "64",
-                          "--height", "64"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "image",
+            "a cube",
+            "-o",
+            str(out),
+            "--model",
+            str(folders["flux"]),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     with Image.open(out) as img:
         assert img.size == (64, 64)

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("diffusionkit", reason="DiffusionKit is installed by `make install` (--no-deps)")
+pytest.importorskip(
+    "diffusionkit", reason="DiffusionKit is installed by `make install` (--no-deps)"
+)
 
 from PIL import Image  # noqa: E402
 
@@ -27,8 +29,10 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("diffusion")
     return {
-        "sd3": build_tiny_sd3(root / "sd3"), "sd3-t5": build_tiny_sd3(root / "sd3-t5", t5=True),
-        "flux": build_tiny_flux(root / "flux"), "flux-dev": build_tiny_flux(root / "flux-dev", dev=True),
+        "sd3": build_tiny_sd3(root / "sd3"),
+        "sd3-t5": build_tiny_sd3(root / "sd3-t5", t5=True),
+        "flux": build_tiny_flux(root / "flux"),
+        "flux-dev": build_tiny_flux(root / "flux-dev", dev=True),
     }
 
 
@@ -92,7 +96,9 @@ def test_progress_and_cancel(pipes):
     plan = plan_request(pipe, ImageRequest(prompt="a cube", width=64, height=64, steps=3, seed=7))
     seen = []
     with pytest.raises(Cancelled):
-        generate(pipe, plan, on_step=lambda d, t, s: seen.append(d), is_cancelled=lambda: len(seen) >= 1)
+        generate(
+            pipe, plan, on_step=lambda d, t, s: seen.append(d), is_cancelled=lambda: len(seen) >= 1
+        )
     assert seen == [1]  # stopped before the second step
     with pytest.raises(Cancelled):
         generate(pipe, plan, is_cancelled=lambda: True)
@@ -106,7 +112,9 @@ def test_nested_generation_between_steps(pipes):
     pipe = pipes["sd3"]
     outer_alone, _, _ = run(pipe, steps=3, seed=4)
     inner_alone, _, _ = run(pipe, steps=2, seed=9, prompt="a dog")
-    plan = plan_request(pipe, ImageRequest(prompt="a photo of a red cube", width=64, height=64, steps=3, seed=4))
+    plan = plan_request(
+        pipe, ImageRequest(prompt="a photo of a red cube", width=64, height=64, steps=3, seed=4)
+    )
     inner = []
 
     def on_step(done, total, seconds):
@@ -127,7 +135,9 @@ def test_matches_diffusionkit_sample_euler(pipes, name):
     from tests.tiny_diffusion import diffusionkit_sample
 
     pipe = pipes[name]
-    plan = plan_request(pipe, ImageRequest(prompt="a photo of a red cube", width=64, height=64, steps=3, seed=5))
+    plan = plan_request(
+        pipe, ImageRequest(prompt="a photo of a red cube", width=64, height=64, steps=3, seed=5)
+    )
     cond, pooled = encode_text(pipe, plan)
     ours = sample(pipe, plan, cond, pooled)
     cfg = plan.cfg if name == "sd3" else 0.0
@@ -141,13 +151,19 @@ def test_img2img(pipes, tmp_path):
     src = tmp_path / "src.png"
     gradient = np.linspace(0, 255, 80 * 48 * 3).reshape(48, 80, 3).astype(np.uint8)
     Image.fromarray(gradient).save(src)
-    half, plan, steps = run(pipe, src=str(src), width=0, height=0, steps=4, enable_parameters="strength:0.5")
+    half, plan, steps = run(
+        pipe, src=str(src), width=0, height=0, steps=4, enable_parameters="strength:0.5"
+    )
     assert half.shape == (48, 80, 3)  # the source size (multiples of 16) when width/height are 0
     assert plan.strength == 0.5 and steps == [(1, 2), (2, 2)]  # int(steps * strength)
     resized, _, steps = run(pipe, src=str(src), width=64, height=64, steps=4, strength=0.75)
     assert resized.shape == (64, 64, 3) and len(steps) == 3
-    full, _, _ = run(pipe, src=str(src), width=64, height=64, steps=4, enable_parameters="strength:1.0")
-    weak, _, _ = run(pipe, src=str(src), width=64, height=64, steps=4, enable_parameters="strength=0.3")
+    full, _, _ = run(
+        pipe, src=str(src), width=64, height=64, steps=4, enable_parameters="strength:1.0"
+    )
+    weak, _, _ = run(
+        pipe, src=str(src), width=64, height=64, steps=4, enable_parameters="strength=0.3"
+    )
     assert not np.array_equal(full, weak)
     default = plan_request(pipe, ImageRequest(prompt="x", src=str(src)))
     assert default.strength == 0.75 and default.src.shape == (48, 80, 3)
@@ -160,12 +176,18 @@ def test_sd3_guidance(pipes):
     images = {}
     for cfg in (0, 1, 5):
         for negative in ("", "blurry, green"):
-            pixels, plan, _ = run(pipe, negative_prompt=negative, enable_parameters=f"cfg_scale:{cfg}")
+            pixels, plan, _ = run(
+                pipe, negative_prompt=negative, enable_parameters=f"cfg_scale:{cfg}"
+            )
             assert plan.cfg == cfg and plan.guided == (cfg > 1)
             images[cfg, negative] = pixels
     assert np.array_equal(images[0, ""], images[1, ""])  # cfg ≤ 1: no guidance, no crash
-    assert np.array_equal(images[1, ""], images[1, "blurry, green"])  # negative unused without guidance
-    assert not np.array_equal(images[5, ""], images[5, "blurry, green"])  # guidance uses the negative prompt
+    assert np.array_equal(
+        images[1, ""], images[1, "blurry, green"]
+    )  # negative unused without guidance
+    assert not np.array_equal(
+        images[5, ""], images[5, "blurry, green"]
+    )  # guidance uses the negative prompt
     assert not np.array_equal(images[5, ""], images[0, ""])
     assert pipe.default_cfg == 5.0 and plan_request(pipe, ImageRequest(prompt="x")).guided
 
@@ -261,7 +283,10 @@ def test_write_png_errors(tmp_path):
     (tmp_path / "a-dir").mkdir()
     with pytest.raises(InvalidInput, match="a-dir"):
         write_png(image, str(tmp_path / "a-dir"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "a-file"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-dir",
+        "a-file",
+    ]  # no temporary files left
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -274,7 +299,9 @@ def test_load_errors(folders, tmp_path):
     (broken / "tokenizer_l" / "merges.txt").unlink()
     with pytest.raises(NotFound, match="is missing") as err:
         load_pipeline(broken, LoadSettings())
-    assert "clip_g/model.fp16.safetensors" in str(err.value) and "tokenizer_l/merges.txt" in str(err.value)
+    assert "clip_g/model.fp16.safetensors" in str(err.value) and "tokenizer_l/merges.txt" in str(
+        err.value
+    )
     with pytest.raises(NotFound, match="t5/t5xxl.safetensors"):
         load_pipeline(folders["sd3"], LoadSettings(t5=True))
     (broken / "sd3_medium.safetensors").unlink()
@@ -286,7 +313,9 @@ def test_load_errors(folders, tmp_path):
     manifest = json.loads((wrong / "diffusionkit.json").read_text())
     manifest["mmdit"]["depth_unified"] = 2
     (wrong / "diffusionkit.json").write_text(json.dumps(manifest))
-    with pytest.raises(InvalidInput, match="flux-schnell.safetensors does not hold flux MMDiT weights"):
+    with pytest.raises(
+        InvalidInput, match="flux-schnell.safetensors does not hold flux MMDiT weights"
+    ):
         load_pipeline(wrong, LoadSettings())
     (wrong / "ae.safetensors").write_bytes(b"\0" * 64)
     manifest["mmdit"]["depth_unified"] = 1
@@ -304,13 +333,35 @@ def test_load_errors(folders, tmp_path):
 
 def test_settings_from_options():
     s = LoadSettings.from_options(
-        {"scheduler": "FlowMatchEulerDiscreteScheduler", "cfg_scale": 4, "low_memory": "true", "dtype": "bf16",
-         "shift": 2.5, "t5": False, "steps": 8, "strength": 0.6, "store_path": "ignored"},
-        pipeline_type="sd3", cfg_scale=0.0, clip_skip=0, low_memory=False,
+        {
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "cfg_scale": 4,
+            "low_memory": "true",
+            "dtype": "bf16",
+            "shift": 2.5,
+            "t5": False,
+            "steps": 8,
+            "strength": 0.6,
+            "store_path": "ignored",
+        },
+        pipeline_type="sd3",
+        cfg_scale=0.0,
+        clip_skip=0,
+        low_memory=False,
     )
-    assert (s.scheduler, s.cfg_scale, s.low_memory, s.dtype, s.shift, s.t5, s.steps, s.strength) == (
-        "FlowMatchEulerDiscreteScheduler", 4.0, True, "bf16", 2.5, False, 8, 0.6)
-    assert LoadSettings.from_options({"cfg_scale": 4}, cfg_scale=6.0).cfg_scale == 6.0  # set fields win
+    assert (
+        s.scheduler,
+        s.cfg_scale,
+        s.low_memory,
+        s.dtype,
+        s.shift,
+        s.t5,
+        s.steps,
+        s.strength,
+    ) == ("FlowMatchEulerDiscreteScheduler", 4.0, True, "bf16", 2.5, False, 8, 0.6)
+    assert (
+        LoadSettings.from_options({"cfg_scale": 4}, cfg_scale=6.0).cfg_scale == 6.0
+    )  # set fields win
     for scheduler in ("", "euler", "K_EULER", "flow_match_euler"):
         LoadSettings.from_options({}, scheduler=scheduler)
     for options, fields_, words in [
@@ -346,7 +397,9 @@ def test_diffusion_dir(folders, tmp_path):
     plain.mkdir()
     (plain / "config.json").write_text("{}")
     assert diffusion_dir(str(plain)) is None
-    assert diffusion_dir(str(plain), pipeline_type="StableDiffusion3Pipeline") == plain  # load names what is missing
+    assert (
+        diffusion_dir(str(plain), pipeline_type="StableDiffusion3Pipeline") == plain
+    )  # load names what is missing
     assert diffusion_dir("some/hub-id") is None and diffusion_dir(str(tmp_path / "absent")) is None
 
 

@@ -84,7 +84,9 @@ def test_f32_export_matches_mlx_greedy(trained_dir, mlx_trained, tmp_path):
     assert llm.metadata["tokenizer.ggml.pre"] == PRE
     model, tok = mlx_trained
     assert_matches_mlx(llm, model, tok)  # all four prompts, token for token
-    _, got = llama_greedy(llm, tm.render_prompt(tok, tm.CHAT_CONVERSATION, enable_thinking=False), 20)
+    _, got = llama_greedy(
+        llm, tm.render_prompt(tok, tm.CHAT_CONVERSATION, enable_thinking=False), 20
+    )
     assert llm.detokenize(got, special=True).decode() == tm.CHAT_REPLY_NO_THINKING
 
 

@@ -9,8 +9,13 @@ from tests.conftest import Server
 
 def turn(history, **kw):
     msgs = [pb.Message(role=m["role"], content=m["content"]) for m in history]
-    return pb.PredictOptions(Messages=msgs, UseTokenizerTemplate=True, Tokens=80,
-                             Metadata={"enable_thinking": "false"}, **kw)
+    return pb.PredictOptions(
+        Messages=msgs,
+        UseTokenizerTemplate=True,
+        Tokens=80,
+        Metadata={"enable_thinking": "false"},
+        **kw,
+    )
 
 
 HISTORY = [
@@ -38,7 +43,9 @@ def test_prefix_reuse_and_identical_outputs(trained_dir):
     cached_srv, plain_srv = Server(), Server()
     try:
         cached_srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
-        plain_srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=["prompt_cache:false"]))
+        plain_srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(trained_dir), Options=["prompt_cache:false"])
+        )
         cached, prefilled = conversation(cached_srv.stub)
         plain, plain_prefilled = conversation(plain_srv.stub)
         assert [r.message for r in cached] == [r.message for r in plain]
@@ -59,9 +66,13 @@ def test_prefix_reuse_and_identical_outputs(trained_dir):
 def test_cache_bounded_in_bytes(trained_dir):
     srv = Server()
     try:
-        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=["prompt_cache_bytes:200000"]))
+        srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(trained_dir), Options=["prompt_cache_bytes:200000"])
+        )
         for i in range(12):
-            srv.stub.Predict(pb.PredictOptions(Prompt=f"{i} " + tm.COMPLETION_PROMPT * 10, Tokens=40))
+            srv.stub.Predict(
+                pb.PredictOptions(Prompt=f"{i} " + tm.COMPLETION_PROMPT * 10, Tokens=40)
+            )
         assert 0 < srv.stub.Status(pb.HealthMessage()).memory.breakdown["prompt_cache"] <= 200000
     finally:
         srv.stop()
@@ -70,11 +81,16 @@ def test_cache_bounded_in_bytes(trained_dir):
 def test_tool_conversation_cached_equals_uncached(trained_server):
     req = pb.PredictOptions(
         Messages=[pb.Message(role="user", content="What is the weather in Paris?")],
-        UseTokenizerTemplate=True, Tools=json.dumps(tm.TOOLS), Tokens=100,
+        UseTokenizerTemplate=True,
+        Tools=json.dumps(tm.TOOLS),
+        Tokens=100,
     )
     first = trained_server.stub.Predict(req)
     second = trained_server.stub.Predict(req)
-    assert first.message == second.message and second.chat_deltas[0].tool_calls[0].name == "get_weather"
+    assert (
+        first.message == second.message
+        and second.chat_deltas[0].tool_calls[0].name == "get_weather"
+    )
 
 
 def test_persistent_cache_survives_restart(trained_dir, tmp_path):
@@ -92,7 +108,9 @@ def test_persistent_cache_survives_restart(trained_dir, tmp_path):
         second.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=options))
         again = second.stub.Predict(request)
         assert again.message == original.message
-        assert second.stub.GetMetrics(pb.MetricsRequest()).prompt_tokens_processed == 1  # restored hit
+        assert (
+            second.stub.GetMetrics(pb.MetricsRequest()).prompt_tokens_processed == 1
+        )  # restored hit
         second.stub.Free(pb.HealthMessage())  # Free saves too; nothing half-written is left
         assert not list((tmp_path / "kv").glob(".*"))
     finally:

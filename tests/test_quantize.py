@@ -32,15 +32,24 @@ def qserver():
 
 
 def start(srv, model, qtype, out, job_id, **options) -> str:
-    reply = srv.stub.StartQuantization(pb.QuantizationRequest(
-        model=str(model), quantization_type=qtype, output_dir=str(out), job_id=job_id, extra_options=options))
+    reply = srv.stub.StartQuantization(
+        pb.QuantizationRequest(
+            model=str(model),
+            quantization_type=qtype,
+            output_dir=str(out),
+            job_id=job_id,
+            extra_options=options,
+        )
+    )
     assert reply.success and reply.job_id == job_id, reply.message
     return reply.job_id
 
 
 def follow(srv, job_id, until=None) -> list:
     updates = []
-    for u in srv.stub.QuantizationProgress(pb.QuantizationProgressRequest(job_id=job_id), timeout=240):
+    for u in srv.stub.QuantizationProgress(
+        pb.QuantizationProgressRequest(job_id=job_id), timeout=240
+    ):
         updates.append(u)
         if until is not None and until(u):
             break
@@ -70,7 +79,9 @@ def mlx_job(qserver, trained_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "mlx"
     text = out.parent / "ppl.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    job_id = start(qserver, trained_dir, "mlx-q4", out, "q-mlx", group_size="32", perplexity_text=str(text))
+    job_id = start(
+        qserver, trained_dir, "mlx-q4", out, "q-mlx", group_size="32", perplexity_text=str(text)
+    )
     second = {}
     t = threading.Thread(target=lambda: second.setdefault("u", follow(qserver, job_id)))
     t.start()
@@ -114,7 +125,10 @@ def test_gguf_types(qserver, trained_dir, tmp_path, qtype):
     final = out / f"{trained_dir.name}-{qtype}.gguf"
     assert updates[-1].output_file == str(final)
     assert final.read_bytes()[:4] == b"GGUF"
-    assert sorted(p.name for p in out.iterdir()) == ["job.json", final.name]  # one file, no leftovers
+    assert sorted(p.name for p in out.iterdir()) == [
+        "job.json",
+        final.name,
+    ]  # one file, no leftovers
     assert updates[-1].extra_metrics["compression_ratio"] > 3
     llm = llama_cpp.Llama(model_path=str(final), n_ctx=256, n_threads=2, verbose=False)
     try:
@@ -155,7 +169,11 @@ def test_gguf_input_and_recovery(qserver, trained_dir, tmp_path):
 def test_stop_mid_job(qserver, trained_dir, tmp_path):
     out = tmp_path / "stop"
     job_id = start(qserver, trained_dir, "q4_k_m", out, "q-stop", **PRE)
-    seen = follow(qserver, job_id, until=lambda u: u.status in ("converting", "quantizing") or u.status in TERMINAL)
+    seen = follow(
+        qserver,
+        job_id,
+        until=lambda u: u.status in ("converting", "quantizing") or u.status in TERMINAL,
+    )
     assert seen[-1].status in ("converting", "quantizing"), seen[-1]
     t0 = time.time()
     reply = qserver.stub.StopQuantization(pb.QuantizationStopRequest(job_id=job_id))
@@ -164,11 +182,17 @@ def test_stop_mid_job(qserver, trained_dir, tmp_path):
     assert rest[-1].status == "stopped" and time.time() - t0 < 5, rest[-1]
     assert not rest[-1].output_file
     assert sorted(p.name for p in out.iterdir()) == ["job.json"]  # no output, temp files removed
-    leftover = [p for p in Path("/proc").glob("[0-9]*/cmdline")
-                if b".quantize-q-stop" in (p.read_bytes() if p.exists() else b"")]
+    leftover = [
+        p
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if b".quantize-q-stop" in (p.read_bytes() if p.exists() else b"")
+    ]
     assert not leftover  # llama.cpp's converter/quantizer were killed
     # stopping a finished job is harmless
-    assert "already stopped" in qserver.stub.StopQuantization(pb.QuantizationStopRequest(job_id=job_id)).message
+    assert (
+        "already stopped"
+        in qserver.stub.StopQuantization(pb.QuantizationStopRequest(job_id=job_id)).message
+    )
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -181,7 +205,12 @@ def test_bad_inputs(qserver, trained_dir, tmp_path):
     s = qserver.stub
 
     def req(**kw):
-        fields = dict(model=str(trained_dir), quantization_type="q8_0", output_dir=str(tmp_path / "o"), job_id="bad")
+        fields = dict(
+            model=str(trained_dir),
+            quantization_type="q8_0",
+            output_dir=str(tmp_path / "o"),
+            job_id="bad",
+        )
         fields.update(kw)
         return lambda: s.StartQuantization(pb.QuantizationRequest(**fields))
 
@@ -206,11 +235,15 @@ def test_bad_inputs(qserver, trained_dir, tmp_path):
     (odd / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
     code, details = code_of(req(model=str(odd)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "NoSuchForCausalLM" in details
-    code, _ = code_of(lambda: list(s.QuantizationProgress(pb.QuantizationProgressRequest(job_id="nope"))))
+    code, _ = code_of(
+        lambda: list(s.QuantizationProgress(pb.QuantizationProgressRequest(job_id="nope")))
+    )
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = code_of(lambda: s.StopQuantization(pb.QuantizationStopRequest(job_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = code_of(lambda: list(s.QuantizationProgress(pb.QuantizationProgressRequest(job_id=""))))
+    code, _ = code_of(
+        lambda: list(s.QuantizationProgress(pb.QuantizationProgressRequest(job_id="")))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     code, _ = code_of(lambda: s.StopQuantization(pb.QuantizationStopRequest(job_id="")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -222,14 +255,43 @@ def test_cli_quantize(tiny_dir, tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "quantize", str(tiny_dir), "--type", "mlx-q4",
-                          "--output", str(tmp_path), "--option", "group_size=32"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "quantize",
+            str(tiny_dir),
+            "--type",
+            "mlx-q4",
+            "--output",
+            str(tmp_path),
+            "--option",
+            "group_size=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "completed" in run.stdout and "compression_ratio" in run.stdout
     assert (tmp_path / f"{tiny_dir.name}-mlx-q4" / "config.json").exists()
-    run = subprocess.run([sys.executable, "-m", "mlxbackend", "quantize", str(tiny_dir), "--type", "q9_z",
-                          "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "quantize",
+            str(tiny_dir),
+            "--type",
+            "q9_z",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1 and "INVALID_ARGUMENT" in run.stdout
 
 

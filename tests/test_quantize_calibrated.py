@@ -44,7 +44,9 @@ def run_ok(srv, model, qtype, out, job_id, **options):
 
 def test_awq_end_to_end(qserver, trained_dir, calib, tmp_path):
     out = tmp_path / "awq"
-    updates, took = run_ok(qserver, trained_dir, "mlx-awq", out, "c-awq", calibration_text=str(calib), **SMALL)
+    updates, took = run_ok(
+        qserver, trained_dir, "mlx-awq", out, "c-awq", calibration_text=str(calib), **SMALL
+    )
     quantizing = [u for u in updates if u.status == "quantizing"]
     assert len({u.progress_percent for u in quantizing}) >= 3  # per block, not one jump
     assert any("calibration blocks of 64 tokens" in u.message for u in quantizing)
@@ -52,7 +54,10 @@ def test_awq_end_to_end(qserver, trained_dir, calib, tmp_path):
     assert updates[-1].output_file == str(folder) and updates[-1].progress_percent == 100
     assert sorted(p.name for p in out.iterdir()) == ["job.json", folder.name, f"{folder.name}.yaml"]
     q = json.loads((folder / "config.json").read_text())["quantization"]
-    assert q["model.layers.0.mlp.down_proj"] == {"group_size": 32, "bits": 4}  # update_config's entries
+    assert q["model.layers.0.mlp.down_proj"] == {
+        "group_size": 32,
+        "bits": 4,
+    }  # update_config's entries
     assert q["model.embed_tokens"] == {"group_size": 32, "bits": 4}
     assert updates[-1].extra_metrics["compression_ratio"] > 3
     assert "backend: mlx" in (out / f"{folder.name}.yaml").read_text()
@@ -66,8 +71,16 @@ def test_awq_end_to_end(qserver, trained_dir, calib, tmp_path):
 def test_other_methods(qserver, trained_dir, calib, tmp_path, method):
     out = tmp_path / method
     extra = {"bits": "8"} if method == "gptq" else {}
-    updates, took = run_ok(qserver, trained_dir, f"mlx-{method}", out, f"c-{method}",
-                           calibration_text=str(calib), **SMALL, **extra)
+    updates, took = run_ok(
+        qserver,
+        trained_dir,
+        f"mlx-{method}",
+        out,
+        f"c-{method}",
+        calibration_text=str(calib),
+        **SMALL,
+        **extra,
+    )
     folder = out / f"{trained_dir.name}-mlx-{method}"
     config = json.loads((folder / "config.json").read_text())
     q = config["quantization"]
@@ -86,10 +99,24 @@ def test_stop_during_method(qserver, trained_dir, tmp_path):
     text = tmp_path / "long.txt"
     text.write_text(CORPUS * 40)
     out = tmp_path / "stop"
-    job_id = start(qserver, trained_dir, "mlx-dwq", out, "c-stop", calibration_text=str(text), group_size="32",
-                   calibration_samples="400", calibration_seq_len="64")
-    seen = follow(qserver, job_id, until=lambda u: (u.status == "quantizing" and u.progress_percent > 50)
-                  or u.status in TERMINAL)
+    job_id = start(
+        qserver,
+        trained_dir,
+        "mlx-dwq",
+        out,
+        "c-stop",
+        calibration_text=str(text),
+        group_size="32",
+        calibration_samples="400",
+        calibration_seq_len="64",
+    )
+    seen = follow(
+        qserver,
+        job_id,
+        until=lambda u: (
+            (u.status == "quantizing" and u.progress_percent > 50) or u.status in TERMINAL
+        ),
+    )
     assert seen[-1].status == "quantizing", seen[-1]
     t0 = time.time()
     assert qserver.stub.StopQuantization(pb.QuantizationStopRequest(job_id=job_id)).success
@@ -101,9 +128,15 @@ def test_stop_during_method(qserver, trained_dir, tmp_path):
 
 def test_request_errors(qserver, trained_dir, calib, tmp_path):
     def req(qtype="mlx-gptq", **options):
-        return lambda: qserver.stub.StartQuantization(pb.QuantizationRequest(
-            model=str(trained_dir), quantization_type=qtype, output_dir=str(tmp_path / "o"), job_id="c-bad",
-            extra_options={"group_size": "32", **options}))
+        return lambda: qserver.stub.StartQuantization(
+            pb.QuantizationRequest(
+                model=str(trained_dir),
+                quantization_type=qtype,
+                output_dir=str(tmp_path / "o"),
+                job_id="c-bad",
+                extra_options={"group_size": "32", **options},
+            )
+        )
 
     for method in ("awq", "gptq", "dwq", "dynamic"):
         code, details = code_of(req(f"mlx-{method}"))
@@ -122,13 +155,28 @@ def test_request_errors(qserver, trained_dir, calib, tmp_path):
     # enough bytes to pass the request check, too few tokens: the job fails saying how many
     short = tmp_path / "short.txt"
     short.write_text("The capital of France is Paris. " * 5)
-    job_id = start(qserver, trained_dir, "mlx-awq", tmp_path / "short", "c-short", calibration_text=str(short),
-                   group_size="32")
+    job_id = start(
+        qserver,
+        trained_dir,
+        "mlx-awq",
+        tmp_path / "short",
+        "c-short",
+        calibration_text=str(short),
+        group_size="32",
+    )
     final = follow(qserver, job_id)[-1]
     assert final.status == "failed" and "at least 128" in final.message, final.message
     # AWQ with a group size that does not divide the hidden size fails with a hint
-    job_id = start(qserver, trained_dir, "mlx-awq", tmp_path / "g64", "c-g64", calibration_text=str(calib),
-                   calibration_samples="4", calibration_seq_len="32")
+    job_id = start(
+        qserver,
+        trained_dir,
+        "mlx-awq",
+        tmp_path / "g64",
+        "c-g64",
+        calibration_text=str(calib),
+        calibration_samples="4",
+        calibration_seq_len="32",
+    )
     final = follow(qserver, job_id)[-1]
     assert final.status == "failed" and "group_size 32" in final.message, final.message
     assert qserver.healthy()

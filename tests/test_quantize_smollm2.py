@@ -32,11 +32,20 @@ def qserver(tmp_path_factory):
 
 def quantize(srv, model, qtype, out, job_id, **options):
     """Run one job to its end; returns the final QuantizationProgressUpdate."""
-    reply = srv.stub.StartQuantization(pb.QuantizationRequest(
-        model=str(model), quantization_type=qtype, output_dir=str(out), job_id=job_id, extra_options=options))
+    reply = srv.stub.StartQuantization(
+        pb.QuantizationRequest(
+            model=str(model),
+            quantization_type=qtype,
+            output_dir=str(out),
+            job_id=job_id,
+            extra_options=options,
+        )
+    )
     assert reply.success and reply.job_id == job_id, reply.message
     last = None
-    for last in srv.stub.QuantizationProgress(pb.QuantizationProgressRequest(job_id=job_id), timeout=240):
+    for last in srv.stub.QuantizationProgress(
+        pb.QuantizationProgressRequest(job_id=job_id), timeout=240
+    ):
         if last.status in TERMINAL:
             break
     assert last is not None and last.status == "completed", (last, srv.output()[-3000:])
@@ -53,7 +62,8 @@ def test_q4_k_m_gguf_answers_paris(qserver, smollm2_dir, tmp_path):
     try:
         assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
         out = llm.create_chat_completion(
-            messages=MESSAGES, max_tokens=32, temperature=0.0, top_k=1, seed=0)
+            messages=MESSAGES, max_tokens=32, temperature=0.0, top_k=1, seed=0
+        )
         answer = out["choices"][0]["message"]["content"]
     finally:
         llm.close()
@@ -62,7 +72,9 @@ def test_q4_k_m_gguf_answers_paris(qserver, smollm2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_mlx_q4_loads_and_answers_paris(qserver, smollm2_dir, tmp_path):
-    final = quantize(qserver, smollm2_dir, "mlx-q4", tmp_path / "mlx", "smollm2-mlx-q4", group_size="32")
+    final = quantize(
+        qserver, smollm2_dir, "mlx-q4", tmp_path / "mlx", "smollm2-mlx-q4", group_size="32"
+    )
     folder = tmp_path / "mlx" / f"{smollm2_dir.name}-mlx-q4"
     assert final.output_file == str(folder) and (folder / "config.json").is_file()
     assert final.extra_metrics["compression_ratio"] > 3

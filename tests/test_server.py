@@ -39,14 +39,20 @@ def test_every_rpc_answers(server):
         request_cls = getattr(pb, method.input_type.name)
         path = f"/backend.Backend/{method.name}"
         kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-        call = kind(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b)
+        call = kind(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=lambda b: b,
+        )
         try:
             result = call(request_cls(), timeout=10)
             if method.server_streaming:
                 list(result)
         except grpc.RpcError as exc:
             assert exc.code() in (
-                grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.UNIMPLEMENTED,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
             ), (method.name, exc.code(), exc.details())
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 assert "missing capability" in exc.details()
@@ -55,7 +61,9 @@ def test_every_rpc_answers(server):
 
 def test_garbage_bytes_rejected(server):
     channel = grpc.insecure_channel(server.addr)
-    predict = channel.unary_unary("/backend.Backend/Predict", request_serializer=None, response_deserializer=None)
+    predict = channel.unary_unary(
+        "/backend.Backend/Predict", request_serializer=None, response_deserializer=None
+    )
     with pytest.raises(grpc.RpcError) as err:
         predict(b"\xff\xff\xff\xff\x0f", timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -65,11 +73,19 @@ def test_garbage_bytes_rejected(server):
 def test_missing_model_not_found(server, tmp_path):
     with pytest.raises(grpc.RpcError) as err:
         server.stub.LoadModel(
-            pb.ModelOptions(Model="nope/absent-model", ModelFile=str(tmp_path / "absent"), ModelPath=str(tmp_path))
+            pb.ModelOptions(
+                Model="nope/absent-model",
+                ModelFile=str(tmp_path / "absent"),
+                ModelPath=str(tmp_path),
+            )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     details = err.value.details()
-    assert str(tmp_path / "absent") in details and "HF cache" in details and "nope/absent-model" in details
+    assert (
+        str(tmp_path / "absent") in details
+        and "HF cache" in details
+        and "nope/absent-model" in details
+    )
     assert server.healthy()
 
 
@@ -105,7 +121,9 @@ def test_parent_death_exits(tmp_path):
     srv = Server(parent_cmd=lambda cmd: ["bash", "-c", " ".join(cmd) + " & wait"])
     try:
         child = int(subprocess.check_output(["pgrep", "-P", str(srv.proc.pid)]).split()[0])
-        os.kill(srv.proc.pid, signal.SIGKILL)  # bash (the "parent") dies, the server does not get a signal
+        os.kill(
+            srv.proc.pid, signal.SIGKILL
+        )  # bash (the "parent") dies, the server does not get a signal
         deadline = time.time() + 5
         while time.time() < deadline and os.path.exists(f"/proc/{child}") and not _zombie(child):
             time.sleep(0.1)
@@ -137,7 +155,9 @@ def make_adapter(model_dir, out_dir, seed=1):
     params = {"rank": 4, "dropout": 0.0, "scale": 20.0}
     linear_to_lora_layers(model, 2, params)
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {
+        k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.trainable_parameters())
+    }
     out_dir.mkdir(parents=True)
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
     (out_dir / "adapter_config.json").write_text(
@@ -154,15 +174,23 @@ def test_lora_adapters_at_load(trained_dir, tmp_path):
         base = greedy(srv.stub)
         # LoraAdapter arrives relative to the models dir; join with ModelPath
         rel = os.path.relpath(tmp_path / "adapters" / "a1", models)
-        assert srv.stub.LoadModel(pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapter=rel)).success
+        assert srv.stub.LoadModel(
+            pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapter=rel)
+        ).success
         adapted = greedy(srv.stub)
         assert adapted != base
         srv.stub.LoadModel(
-            pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapters=[rel], LoraScales=[0.0])
+            pb.ModelOptions(
+                Model=trained_dir.name, ModelPath=models, LoraAdapters=[rel], LoraScales=[0.0]
+            )
         )
         assert greedy(srv.stub) == base  # scale 0 = the base model
         with pytest.raises(grpc.RpcError) as err:
-            srv.stub.LoadModel(pb.ModelOptions(Model=trained_dir.name, ModelPath=models, LoraAdapter="missing/adapter"))
+            srv.stub.LoadModel(
+                pb.ModelOptions(
+                    Model=trained_dir.name, ModelPath=models, LoraAdapter="missing/adapter"
+                )
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         srv.stop()
@@ -174,15 +202,24 @@ def test_draft_model_same_greedy_output(trained_dir):
         srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
         plain = greedy(srv.stub, 150)
         chat_req = pb.PredictOptions(
-            Messages=[pb.Message(role="user", content=m["content"]) for m in tm.TOOL_CONVERSATION if m["role"] == "user"],
-            UseTokenizerTemplate=True, Tools=json.dumps(tm.TOOLS), Tokens=100,
+            Messages=[
+                pb.Message(role="user", content=m["content"])
+                for m in tm.TOOL_CONVERSATION
+                if m["role"] == "user"
+            ],
+            UseTokenizerTemplate=True,
+            Tools=json.dumps(tm.TOOLS),
+            Tokens=100,
         )
         plain_chat = srv.stub.Predict(chat_req)
         srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), DraftModel=str(trained_dir)))
         assert greedy(srv.stub, 150) == plain
         drafted = srv.stub.Predict(pb.PredictOptions(**{**_fields(chat_req), "NDraft": 4}))
         assert drafted.message == plain_chat.message
-        assert drafted.chat_deltas[0].tool_calls[0].name == plain_chat.chat_deltas[0].tool_calls[0].name
+        assert (
+            drafted.chat_deltas[0].tool_calls[0].name
+            == plain_chat.chat_deltas[0].tool_calls[0].name
+        )
         # concurrent requests: the first alone speculates, the others join the batch; same text
         got = {}
 
@@ -204,25 +241,35 @@ def _fields(msg):
 
 
 def test_reload_while_request_in_flight(trained_dir, tiny_dir):
+    """The host's rule: LoadModel empties the slot first; the request in flight on the replaced
+    model ends ABORTED naming the LoadModel, and the next request runs on the new model."""
     srv = Server()
     try:
         srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
-        expected = greedy(srv.stub, 197)
         result = {}
 
         def long_request():
-            result["text"] = b"".join(
-                r.message for r in srv.stub.PredictStream(pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=197))
-            )
+            try:
+                for _ in srv.stub.PredictStream(
+                    pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=2000, IgnoreEOS=True)
+                ):
+                    result["started"] = True
+            except grpc.RpcError as exc:
+                result["error"] = exc
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.05)
-        assert srv.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir))).success
-        t.join()
-        assert result["text"] == expected  # the in-flight request finished on the model it started with
-        assert greedy(srv.stub, 20) != expected[:20] or True
+        deadline = time.time() + 20
+        while "started" not in result and time.time() < deadline:
+            time.sleep(0.01)
         assert "tiny-random" in srv.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir))).message
+        t.join(20)
+        assert not t.is_alive()
+        err = result["error"]
+        assert err.code() == grpc.StatusCode.ABORTED, err
+        assert "replaced by LoadModel" in err.details() and "tiny-random" in err.details()
+        assert srv.stub.Predict(pb.PredictOptions(Prompt="Hello", Tokens=4)).tokens > 0
+        assert srv.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY
     finally:
         srv.stop()
 
@@ -237,12 +284,17 @@ def test_free_returns_memory(smollm2_dir):
         assert srv.stub.Free(pb.HealthMessage()).success
         time.sleep(0.5)
         freed = srv.rss()
-        print(f"weights {weights >> 20} MiB; RSS loaded {loaded >> 20} MiB, after Free {freed >> 20} MiB")
+        print(
+            f"weights {weights >> 20} MiB; RSS loaded {loaded >> 20} MiB, after Free {freed >> 20} MiB"
+        )
         assert weights > 400 << 20  # 135M float32 parameters
         assert loaded - freed > 0.85 * weights  # the weights really went back to the OS
         with pytest.raises(grpc.RpcError) as err:
             srv.stub.Predict(pb.PredictOptions(Prompt="hi"))
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "model not loaded" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "model not loaded" in err.value.details()
+        )
         assert srv.stub.Status(pb.HealthMessage()).state == pb.StatusResponse.UNINITIALIZED
     finally:
         srv.stop()
@@ -251,10 +303,13 @@ def test_free_returns_memory(smollm2_dir):
 def test_options_are_defaults_request_wins(trained_dir):
     srv = Server()
     try:
-        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=["enable_thinking:false", "junk"]))
+        srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(trained_dir), Options=["enable_thinking:false", "junk"])
+        )
         req = pb.PredictOptions(
             Messages=[pb.Message(role="user", content=tm.CHAT_CONVERSATION[0]["content"])],
-            UseTokenizerTemplate=True, Tokens=60,
+            UseTokenizerTemplate=True,
+            Tokens=60,
         )
         off = srv.stub.Predict(req).chat_deltas[0]
         assert off.reasoning_content == "" and off.content == tm.CHAT_ANSWER
@@ -274,13 +329,19 @@ def test_load_gguf_file_directly(tmp_path):
     shutil.copy(bundled_gguf(), tmp_path / "smol.gguf")
     srv = Server()
     try:
-        reply = srv.stub.LoadModel(pb.ModelOptions(Model="smol.gguf", ModelPath=str(tmp_path),
-                                                   ModelFile=str(tmp_path / "smol.gguf")))
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(
+                Model="smol.gguf", ModelPath=str(tmp_path), ModelFile=str(tmp_path / "smol.gguf")
+            )
+        )
         assert reply.success and (tmp_path / ".mlx-cache" / "smol" / "config.json").exists()
-        answer = srv.stub.Predict(pb.PredictOptions(
-            Messages=[pb.Message(role="user", content="What is the capital of France?")],
-            UseTokenizerTemplate=True, Tokens=20,
-        ))
+        answer = srv.stub.Predict(
+            pb.PredictOptions(
+                Messages=[pb.Message(role="user", content="What is the capital of France?")],
+                UseTokenizerTemplate=True,
+                Tokens=20,
+            )
+        )
         assert "Paris" in answer.message.decode()
     finally:
         srv.stop()
@@ -293,3 +354,20 @@ def test_model_that_cannot_fit_is_refused(trained_dir, server):
     assert "ContextSize" in err.value.details() and "GiB" in err.value.details()
     assert server.healthy()
     assert server.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=4096)).success
+
+
+def test_media_are_refused_not_dropped(trained_dir):
+    srv = Server()
+    try:
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
+        for field in ("Images", "Videos", "Audios"):
+            with pytest.raises(grpc.RpcError) as err:
+                srv.stub.Predict(
+                    pb.PredictOptions(Prompt="What is this?", Tokens=4, **{field: ["aGVsbG8="]})
+                )
+            assert (
+                err.value.code() == grpc.StatusCode.UNIMPLEMENTED and field in err.value.details()
+            )
+        assert srv.stub.Predict(pb.PredictOptions(Prompt="Hello", Tokens=4)).tokens > 0
+    finally:
+        srv.stop()

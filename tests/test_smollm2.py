@@ -14,7 +14,9 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def default_server(smollm2_dir):
     """`run.sh --addr … --model default` with the models dir holding the converted SmolLM2."""
-    srv = Server(env={"MLXB_MODELS_DIR": str(smollm2_dir.parent)}, extra_args=["--model", "default"])
+    srv = Server(
+        env={"MLXB_MODELS_DIR": str(smollm2_dir.parent)}, extra_args=["--model", "default"]
+    )
     import time
 
     deadline = time.time() + 120
@@ -27,8 +29,11 @@ def default_server(smollm2_dir):
 
 def ask(stub, **kw):
     return pb.PredictOptions(
-        Messages=[pb.Message(role="user", content=QUESTION)], UseTokenizerTemplate=True,
-        Temperature=0, Tokens=32, **kw,
+        Messages=[pb.Message(role="user", content=QUESTION)],
+        UseTokenizerTemplate=True,
+        Temperature=0,
+        Tokens=32,
+        **kw,
     )
 
 
@@ -44,7 +49,10 @@ def test_paris_greedy(default_server):
 def test_chat_cli_streams_paris(default_server):
     out = subprocess.run(
         [sys.executable, "-m", "mlxbackend", "chat", "--addr", default_server.addr, QUESTION],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
@@ -55,7 +63,10 @@ def test_cli_chat_reports_errors(tmp_path):
     try:
         out = subprocess.run(
             [sys.executable, "-m", "mlxbackend", "chat", "--addr", srv.addr, "hello"],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
         )
         assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stdout
     finally:

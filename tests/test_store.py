@@ -8,8 +8,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxbackend import publish
 from mlxbackend import store as store_module
-from mlxbackend.errors import BackendError, InvalidInput, NotFound, OutOfMemory, Precondition
+from mlxbackend.errors import (
+    BackendError,
+    InvalidInput,
+    NoSpace,
+    NotFound,
+    OutOfMemory,
+    Precondition,
+)
 from mlxbackend.store import MAX_TOP_K, VectorStore
 
 
@@ -279,12 +287,14 @@ def test_failed_rename_leaves_previous_file(tmp_path, monkeypatch):
         written.append(os.path.basename(src))
         raise OSError(errno.EIO, "simulated crash before rename")
 
-    monkeypatch.setattr(store_module.os, "replace", crash)
+    monkeypatch.setattr(publish.os, "replace", crash)  # publish.atomic_file's rename
     with pytest.raises(BackendError, match="store is unchanged"):
         store.set([[1.0, 1.0]], [b"c"])
     with pytest.raises(BackendError, match="store is unchanged"):
         store.delete([[1.0, 0.0]])
-    assert written == [f"store.safetensors.tmp-{os.getpid()}"] * 2
+    assert [name.rsplit("-", 1)[0] for name in written] == [
+        f".store.safetensors.tmp-{os.getpid()}"
+    ] * 2
     monkeypatch.undo()
     assert_unchanged(path, store)
 
@@ -299,7 +309,7 @@ def test_write_failing_midway_leaves_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module.mx, "save_safetensors", half_write)
-    with pytest.raises(OutOfMemory, match="free disk space"):
+    with pytest.raises(NoSpace, match="free disk space"):
         store.set([[1.0, 1.0]], [b"c"])
     monkeypatch.undo()
     assert_unchanged(path, store)
@@ -334,7 +344,9 @@ def test_foreign_or_newer_file_is_refused(tmp_path):
     with pytest.raises(InvalidInput, match="not a vector store file"):
         VectorStore.open(path)
     mx.save_safetensors(
-        str(path), {"keys": mx.zeros((0, 0))}, metadata={"format": "mlxbackend-vector-store", "format_version": "9"}
+        str(path),
+        {"keys": mx.zeros((0, 0))},
+        metadata={"format": "mlxbackend-vector-store", "format_version": "9"},
     )
     with pytest.raises(InvalidInput, match="format version '9'"):
         VectorStore.open(path)
@@ -345,10 +357,14 @@ def test_inconsistent_file_is_refused(tmp_path):
     meta = {"format": "mlxbackend-vector-store", "format_version": "1"}
     keys = mx.array([[1.0, 2.0], [1.0, 2.0]])
     values = mx.array(np.frombuffer(b"ab", np.uint8))
-    mx.save_safetensors(str(path), {"keys": keys, "values": values, "offsets": mx.array([0, 1, 5])}, meta)
+    mx.save_safetensors(
+        str(path), {"keys": keys, "values": values, "offsets": mx.array([0, 1, 5])}, meta
+    )
     with pytest.raises(InvalidInput, match="offsets"):
         VectorStore.open(path)
-    mx.save_safetensors(str(path), {"keys": keys, "values": values, "offsets": mx.array([0, 1, 2])}, meta)
+    mx.save_safetensors(
+        str(path), {"keys": keys, "values": values, "offsets": mx.array([0, 1, 2])}, meta
+    )
     with pytest.raises(InvalidInput, match="same key is stored twice"):
         VectorStore.open(path)
     with pytest.raises(InvalidInput, match="is not a file"):
@@ -372,9 +388,17 @@ def store3():
         ([[1.0, 2.0, 3.0]], [b"a", b"b"], "1 keys but 2 values"),
         ([[]], [b"a"], "0 dimensions"),
         ([[1.0, 2.0]], [b"a"], "key has 2 dimensions but this store holds 3-dimensional keys"),
-        ([[1.0, 2.0, 3.0], [1.0, 2.0]], [b"a", b"b"], "same dimensions: key 0 has 3 but key 1 has 2"),
+        (
+            [[1.0, 2.0, 3.0], [1.0, 2.0]],
+            [b"a", b"b"],
+            "same dimensions: key 0 has 3 but key 1 has 2",
+        ),
         ([[1.0, float("nan"), 3.0]], [b"a"], "NaN or infinity"),
-        ([[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0]], [b"a", b"b"], "key 1 contains NaN or infinity"),
+        (
+            [[1.0, 2.0, 3.0], [1.0, float("inf"), 3.0]],
+            [b"a", b"b"],
+            "key 1 contains NaN or infinity",
+        ),
         ([[1.0, 2.0, 1e39]], [b"a"], "NaN or infinity"),  # overflows float32
         ([[1.0, "x", 3.0]], [b"a"], "lists of floats"),
         ([1.0, 2.0, 3.0], [b"a"], "each key must be a list of floats"),
@@ -393,7 +417,12 @@ def test_bad_set(store3, keys, values, match):
     [
         ([0.0, 0.0, 0.0], 1, InvalidInput, "all zeros"),
         ([], 1, InvalidInput, "0 dimensions"),
-        ([1.0, 2.0], 1, InvalidInput, "key has 2 dimensions but this store holds 3-dimensional keys"),
+        (
+            [1.0, 2.0],
+            1,
+            InvalidInput,
+            "key has 2 dimensions but this store holds 3-dimensional keys",
+        ),
         ([1.0, float("nan"), 0.0], 1, InvalidInput, "NaN or infinity"),
         ([1.0, 2.0, 3.0], 0, InvalidInput, "top_k must be at least 1, got 0"),
         ([1.0, 2.0, 3.0], -3, InvalidInput, "at least 1"),
@@ -414,9 +443,13 @@ def test_top_k_checked_on_empty_store():
 
 
 def test_unknown_keys(store3):
-    with pytest.raises(NotFound, match="2 of the 3 keys are not in this store.*nothing was returned"):
+    with pytest.raises(
+        NotFound, match="2 of the 3 keys are not in this store.*nothing was returned"
+    ):
         store3.get([[1.0, 2.0, 3.0], [9.0, 9.0, 9.0], [8.0, 8.0, 8.0]])
-    with pytest.raises(NotFound, match="1 of the 2 keys are not in this store.*nothing was deleted"):
+    with pytest.raises(
+        NotFound, match="1 of the 2 keys are not in this store.*nothing was deleted"
+    ):
         store3.delete([[1.0, 2.0, 3.0], [9.0, 9.0, 9.0]])
     assert len(store3) == 2  # all or nothing
     with pytest.raises(InvalidInput, match="no keys given"):

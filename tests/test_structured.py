@@ -23,7 +23,8 @@ def random_server(tiny_dir):
 
 def ask(**kw):
     return pb.PredictOptions(
-        Messages=[pb.Message(role="user", content="Reply with JSON.")], UseTokenizerTemplate=True,
+        Messages=[pb.Message(role="user", content="Reply with JSON.")],
+        UseTokenizerTemplate=True,
         **{"Tokens": 300, **kw},
     )
 
@@ -34,7 +35,12 @@ def cases():
     out = []
     for i, schema in enumerate(SCHEMAS.values()):
         for temp, seed in ((0.0, 0), (1.0, 10 + i), (1.0, 20 + i)):
-            out.append((ask(Metadata={"json_schema": json.dumps(schema)}, Temperature=temp, Seed=seed), schema))
+            out.append(
+                (
+                    ask(Metadata={"json_schema": json.dumps(schema)}, Temperature=temp, Seed=seed),
+                    schema,
+                )
+            )
     for temp, seed in ((0.0, 0), (1.0, 3), (1.0, 4)):
         out.append((ask(Grammar=LLAMACPP_BOUNDED, Temperature=temp, Seed=seed), BOUNDED_SCHEMA))
     return out
@@ -60,7 +66,11 @@ def test_all_outputs_valid_inside_a_batch(random_server):
 
 def test_streamed_output_valid(random_server):
     schema = SCHEMAS[next(iter(SCHEMAS))]
-    chunks = list(random_server.stub.PredictStream(ask(Metadata={"json_schema": json.dumps(schema)}, Temperature=1.0, Seed=5)))
+    chunks = list(
+        random_server.stub.PredictStream(
+            ask(Metadata={"json_schema": json.dumps(schema)}, Temperature=1.0, Seed=5)
+        )
+    )
     jsonschema.validate(json.loads(b"".join(c.message for c in chunks)), schema)
 
 
@@ -68,13 +78,17 @@ def test_schema_from_options_is_default(tiny_dir):
     schema = SCHEMAS[next(iter(SCHEMAS))]
     srv = Server()
     try:
-        srv.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir), Options=[f"json_schema:{json.dumps(schema)}"]))
+        srv.stub.LoadModel(
+            pb.ModelOptions(Model=str(tiny_dir), Options=[f"json_schema:{json.dumps(schema)}"])
+        )
         jsonschema.validate(json.loads(srv.stub.Predict(ask()).message), schema)
     finally:
         srv.stop()
 
 
-@pytest.mark.parametrize("fields", [dict(Grammar="root ::= (("), dict(Metadata={"json_schema": "{not json"})])
+@pytest.mark.parametrize(
+    "fields", [dict(Grammar="root ::= (("), dict(Metadata={"json_schema": "{not json"})]
+)
 def test_bad_grammar_invalid_argument(random_server, fields):
     with pytest.raises(grpc.RpcError) as err:
         random_server.stub.Predict(ask(**fields))
@@ -83,5 +97,7 @@ def test_bad_grammar_invalid_argument(random_server, fields):
 
 
 def test_grammar_overrides_ignore_eos(random_server):
-    reply = random_server.stub.Predict(ask(Grammar='root ::= ("yes" | "no")', IgnoreEOS=True, Tokens=50))
+    reply = random_server.stub.Predict(
+        ask(Grammar='root ::= ("yes" | "no")', IgnoreEOS=True, Tokens=50)
+    )
     assert reply.message.decode() in ("yes", "no")

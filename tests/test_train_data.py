@@ -18,44 +18,67 @@ from mlxbackend.train.data import (
     tokenize_sft,
 )
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 ROWS = {
-    "text": [{"text": "The baker lived at the foot of a hill."}, {"text": "The oven was made of stone."}],
+    "text": [
+        {"text": "The baker lived at the foot of a hill."},
+        {"text": "The oven was made of stone."},
+    ],
     "completions": [
         {"prompt": "Where did the baker live?", "completion": "At the foot of a hill."},
         {"prompt": "What was the oven made of?", "completion": "Old stone."},
     ],
     "chat": [
-        {"messages": [
-            {"role": "system", "content": "You are helpful."},
-            {"role": "user", "content": "Where did the baker live?"},
-            {"role": "assistant", "content": "At the foot of a hill."},
-        ]},
-        {"messages": [
-            {"role": "user", "content": "What was the oven made of?"},
-            {"role": "assistant", "content": "Old stone."},
-        ]},
+        {
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "Where did the baker live?"},
+                {"role": "assistant", "content": "At the foot of a hill."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "What was the oven made of?"},
+                {"role": "assistant", "content": "Old stone."},
+            ]
+        },
     ],
     "tools": [
-        {"messages": [
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "It is sunny in Paris."},
-        ], "tools": TOOLS},
-        {"messages": [
-            {"role": "user", "content": "Weather in Rome?"},
-            {"role": "assistant", "content": "Rainy."},
-        ], "tools": TOOLS},
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "It is sunny in Paris."},
+            ],
+            "tools": TOOLS,
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Rome?"},
+                {"role": "assistant", "content": "Rainy."},
+            ],
+            "tools": TOOLS,
+        },
     ],
     "preference": [
-        {"prompt": "Where did the baker live?", "chosen": "At the foot of a hill.", "rejected": "On the moon."},
+        {
+            "prompt": "Where did the baker live?",
+            "chosen": "At the foot of a hill.",
+            "rejected": "On the moon.",
+        },
         {"prompt": "What was the oven made of?", "chosen": "Old stone.", "rejected": "Cheese."},
     ],
 }
@@ -81,7 +104,9 @@ def write_csv(path, rows):
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
-            w.writerow([v if isinstance(v, str) else json.dumps(v) for v in (r.get(c, "") for c in cols)])
+            w.writerow(
+                [v if isinstance(v, str) else json.dumps(v) for v in (r.get(c, "") for c in cols)]
+            )
     return path
 
 
@@ -113,7 +138,12 @@ def plain_tok(tiny_dir, tmp_path_factory):
     from mlx_lm.utils import load_tokenizer
 
     d = tmp_path_factory.mktemp("plain")
-    for name in ("tokenizer.json", "special_tokens_map.json", "config.json", "tokenizer_config.json"):
+    for name in (
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "config.json",
+        "tokenizer_config.json",
+    ):
         shutil.copy(tiny_dir / name, d / name)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.pop("chat_template")
@@ -151,7 +181,9 @@ def test_each_format_in_each_file_type(tmp_path, tok, ext, fmt):
     if fmt == "preference":
         assert tokenize_preference(train, tok) == tokenize_preference(split_of(ROWS[fmt]), tok)
         return
-    assert [tuple(t) for t in tokenize_sft(train, tok, fmt)] == mlx_lm_reference(ROWS[fmt], tok, False)
+    assert [tuple(t) for t in tokenize_sft(train, tok, fmt)] == mlx_lm_reference(
+        ROWS[fmt], tok, False
+    )
 
 
 def test_origins_jsonl_lines_skip_blank_lines(tmp_path):
@@ -191,8 +223,12 @@ def test_csv_json_columns_decoded(tmp_path):
     p = write_csv(tmp_path / "train.csv", ROWS["tools"])
     train, _ = load_splits(str(p))
     assert train.rows == ROWS["tools"]
-    p = write_csv(tmp_path / "pref.csv", [{"prompt": "[INST] hi", "chosen": "[1, 2]", "rejected": "no"}])
-    assert load_splits(str(p))[0].rows == [{"prompt": "[INST] hi", "chosen": "[1, 2]", "rejected": "no"}]
+    p = write_csv(
+        tmp_path / "pref.csv", [{"prompt": "[INST] hi", "chosen": "[1, 2]", "rejected": "no"}]
+    )
+    assert load_splits(str(p))[0].rows == [
+        {"prompt": "[INST] hi", "chosen": "[1, 2]", "rejected": "no"}
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +252,9 @@ def test_folder_validation_names_and_explicit_valid_split(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", ROWS["text"])
     _, valid = load_splits(str(tmp_path), valid_split="test")
     assert len(valid.rows) == 2
-    with pytest.raises(NotFound, match="no validation split 'dev'.*splits found: test, train, validation"):
+    with pytest.raises(
+        NotFound, match="no validation split 'dev'.*splits found: test, train, validation"
+    ):
         load_splits(str(tmp_path), valid_split="dev")
     other = write_jsonl(tmp_path / "other.jsonl", ROWS["text"][:1])
     assert load_splits(str(tmp_path / "train.csv"), valid_split=str(other))[1].source == str(other)
@@ -273,10 +311,14 @@ def fake_hf_cache(hub, repo_id, files):
 @pytest.mark.parametrize("env", ["HF_HUB_CACHE", "HF_HOME"])
 def test_hf_dataset_from_local_cache(tmp_path, monkeypatch, env):
     hub = tmp_path / "hf" / "hub"
-    fake_hf_cache(hub, "owner/name", {
-        "data/train-00000-of-00001.parquet": (write_parquet, ROWS["completions"]),
-        "data/test-00000-of-00001.parquet": (write_parquet, ROWS["completions"]),
-    })
+    fake_hf_cache(
+        hub,
+        "owner/name",
+        {
+            "data/train-00000-of-00001.parquet": (write_parquet, ROWS["completions"]),
+            "data/test-00000-of-00001.parquet": (write_parquet, ROWS["completions"]),
+        },
+    )
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv(env, str(hub if env == "HF_HUB_CACHE" else hub.parent))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -292,7 +334,9 @@ def test_hf_dataset_not_cached_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotFound, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE=1") as e:
+    with pytest.raises(
+        NotFound, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE=1"
+    ) as e:
         load_splits("owner/missing")
     assert "'owner/missing'" in str(e.value)
 
@@ -313,7 +357,9 @@ def test_hf_dataset_download_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotFound, match="downloading it failed: ConnectionError: network unreachable"):
+    with pytest.raises(
+        NotFound, match="downloading it failed: ConnectionError: network unreachable"
+    ):
         load_splits("owner/name")
     assert calls == [("owner/name", "dataset", True), ("owner/name", "dataset", False)]
 
@@ -382,9 +428,15 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 
 def test_rows_missing_keys_reported_with_lines(tmp_path, tok):
     p = tmp_path / "train.jsonl"
-    rows = [ROWS["chat"][0], {"text": "oops"}, ROWS["chat"][1],
-            {"messages": [{"role": "wizard", "content": "x"}]},
-            {"messages": "hello"}, {"messages": [{"role": "user"}]}, {"messages": [], "tools": "x"}]
+    rows = [
+        ROWS["chat"][0],
+        {"text": "oops"},
+        ROWS["chat"][1],
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"messages": "hello"},
+        {"messages": [{"role": "user"}]},
+        {"messages": [], "tools": "x"},
+    ]
     write_jsonl(p, rows)
     train, _ = load_splits(str(p))
     fmt = detect_format(train.rows)
@@ -425,10 +477,17 @@ def test_detect_format():
     assert detect_format(ROWS["tools"]) == "tools"
     assert detect_format(ROWS["preference"], "dpo") == "preference"
     assert detect_format(ROWS["preference"], "orpo") == "preference"
-    assert detect_format([{"q": "a", "a": "b"}], keys={"prompt_feature": "q", "completion_feature": "a"}) == "completions"
+    assert (
+        detect_format(
+            [{"q": "a", "a": "b"}], keys={"prompt_feature": "q", "completion_feature": "a"}
+        )
+        == "completions"
+    )
     assert detect_format([{"conv": []}], keys={"chat_feature": "conv"}) == "chat"
     assert detect_format([{"body": "x"}], keys={"text_feature": "body"}) == "text"
-    with pytest.raises(InvalidInput, match=r"text .*completions.*chat.*tools.*keys \['answer', 'question'\]"):
+    with pytest.raises(
+        InvalidInput, match=r"text .*completions.*chat.*tools.*keys \['answer', 'question'\]"
+    ):
         detect_format([{"question": "a", "answer": "b"}])
     with pytest.raises(InvalidInput, match="'prompt', 'chosen' and 'rejected'"):
         detect_format(ROWS["chat"], "dpo")
@@ -472,7 +531,9 @@ def test_progress_reported(tok):
     tokenize_sft(split_of(ROWS["chat"]), tok, "chat", progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (2, 2)
     calls.clear()
-    tokenize_preference(split_of(ROWS["preference"]), tok, progress=lambda d, t: calls.append((d, t)))
+    tokenize_preference(
+        split_of(ROWS["preference"]), tok, progress=lambda d, t: calls.append((d, t))
+    )
     assert calls[-1] == (2, 2)
 
 
@@ -495,13 +556,23 @@ def test_preference_tokenization(tok):
     eos = tok.eos_token_id
     rows = [
         ROWS["preference"][0],
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Oven?"}],
-         "chosen": [{"role": "user", "content": "Oven?"}, {"role": "assistant", "content": "Stone."}],
-         "rejected": {"role": "assistant", "content": "Cheese."}},
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Oven?"},
+            ],
+            "chosen": [
+                {"role": "user", "content": "Oven?"},
+                {"role": "assistant", "content": "Stone."},
+            ],
+            "rejected": {"role": "assistant", "content": "Cheese."},
+        },
     ]
     out = tokenize_preference(split_of(rows), tok)
     p0, c0, r0 = out[0]
-    assert p0 == tok.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}], add_generation_prompt=True)
+    assert p0 == tok.apply_chat_template(
+        [{"role": "user", "content": rows[0]["prompt"]}], add_generation_prompt=True
+    )
     assert c0 == tok.encode("At the foot of a hill.", add_special_tokens=False) + [eos]
     assert r0 == tok.encode("On the moon.", add_special_tokens=False) + [eos]
     p1, c1, r1 = out[1]
@@ -517,9 +588,12 @@ def test_preference_implicit_prompt_and_errors(tok):
     bad = [{"role": "user", "content": "Oven?"}, {"role": "assistant", "content": "Cheese."}]
     out = tokenize_preference(split_of([{"chosen": conv, "rejected": bad}]), tok)
     assert out[0][0] == tok.apply_chat_template(conv[:1], add_generation_prompt=True)
-    rows = [ROWS["preference"][0], {"prompt": "x", "chosen": "y"},
-            {"prompt": "x", "chosen": [{"role": "user", "content": "q"}], "rejected": "n"},
-            {"prompt": 5, "chosen": "y", "rejected": "n"}]
+    rows = [
+        ROWS["preference"][0],
+        {"prompt": "x", "chosen": "y"},
+        {"prompt": "x", "chosen": [{"role": "user", "content": "q"}], "rejected": "n"},
+        {"prompt": 5, "chosen": "y", "rejected": "n"},
+    ]
     with pytest.raises(InvalidInput) as e:
         tokenize_preference(split_of(rows), tok)
     msg = str(e.value)
@@ -542,8 +616,14 @@ def test_preference_without_chat_template(plain_tok):
 
 def test_parquet_struct_messages_round_trip(tmp_path, tok):
     """Parquet unifies struct fields: messages come back with None for absent keys."""
-    rows = [{"messages": [{"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": "yo", "name": "bot"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo", "name": "bot"},
+            ]
+        }
+    ]
     p = write_parquet(tmp_path / "train.parquet", rows)
     train, _ = load_splits(str(p))
     assert train.rows == rows

@@ -49,7 +49,9 @@ def audio(tmp_path_factory):
 @pytest.fixture(scope="module")
 def whisper_server(whisper_dir):
     srv = Server()
-    reply = srv.stub.LoadModel(pb.ModelOptions(Model=whisper_dir.name, ModelPath=str(whisper_dir.parent)))
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(Model=whisper_dir.name, ModelPath=str(whisper_dir.parent))
+    )
     assert reply.success and "whisper" in reply.message, reply.message
     yield srv
     srv.stop()
@@ -62,7 +64,10 @@ def check_result(result: pb.TranscriptResult, length: float):
     for i, seg in enumerate(result.segments):
         assert seg.id == i
         assert isinstance(seg.start, int) and isinstance(seg.end, int)
-        assert 0 <= last_start <= seg.start <= seg.end <= round(length * 1e9) + 10**8, (seg.start, seg.end)
+        assert 0 <= last_start <= seg.start <= seg.end <= round(length * 1e9) + 10**8, (
+            seg.start,
+            seg.end,
+        )
         last_start = seg.start
         assert seg.text
     assert result.text == "".join(s.text for s in result.segments)
@@ -74,14 +79,18 @@ def test_status_ready(whisper_server):
 
 @pytest.mark.parametrize("kind", ["wav", *CODECS])
 def test_containers(whisper_server, audio, kind):
-    result = whisper_server.stub.AudioTranscription(pb.TranscriptRequest(dst=str(audio[kind])), timeout=120)
+    result = whisper_server.stub.AudioTranscription(
+        pb.TranscriptRequest(dst=str(audio[kind])), timeout=120
+    )
     check_result(result, SHORT + 1 if kind == "wav" else SHORT)
 
 
 def test_stream_long_audio(whisper_server, audio):
-    replies = list(whisper_server.stub.AudioTranscriptionStream(
-        pb.TranscriptRequest(dst=str(audio["long"]), language="en", stream=True), timeout=300
-    ))
+    replies = list(
+        whisper_server.stub.AudioTranscriptionStream(
+            pb.TranscriptRequest(dst=str(audio["long"]), language="en", stream=True), timeout=300
+        )
+    )
     deltas = [r.delta for r in replies if r.delta]
     finals = [r for r in replies if r.HasField("final_result")]
     assert len(finals) == 1 and replies[-1].HasField("final_result")
@@ -118,10 +127,16 @@ def test_segments_arrive_window_by_window(whisper_dir, audio):
 
 def test_unary_matches_segments_and_options(whisper_server, audio):
     stub = whisper_server.stub
-    result = stub.AudioTranscription(pb.TranscriptRequest(
-        dst=str(audio["wav"]), language="english", prompt="Hello there.", temperature=0.3,
-        timestamp_granularities=["segment", "word"],
-    ), timeout=120)
+    result = stub.AudioTranscription(
+        pb.TranscriptRequest(
+            dst=str(audio["wav"]),
+            language="english",
+            prompt="Hello there.",
+            temperature=0.3,
+            timestamp_granularities=["segment", "word"],
+        ),
+        timeout=120,
+    )
     check_result(result, SHORT + 1)
     assert result.language == "en"
     translated = stub.AudioTranscription(
@@ -131,18 +146,24 @@ def test_unary_matches_segments_and_options(whisper_server, audio):
     assert translated.language == "de"
 
 
-@pytest.mark.parametrize("kind,field,code", [
-    ("missing", {}, grpc.StatusCode.NOT_FOUND),
-    ("text", {}, grpc.StatusCode.INVALID_ARGUMENT),
-    ("empty", {}, grpc.StatusCode.INVALID_ARGUMENT),
-    ("zero", {}, grpc.StatusCode.INVALID_ARGUMENT),
-    ("wav", {"language": "xx-klingon"}, grpc.StatusCode.INVALID_ARGUMENT),
-    ("wav", {"diarize": True}, grpc.StatusCode.UNIMPLEMENTED),
-    ("wav", {"timestamp_granularities": ["paragraph"]}, grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "kind,field,code",
+    [
+        ("missing", {}, grpc.StatusCode.NOT_FOUND),
+        ("text", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("empty", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("zero", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("wav", {"language": "xx-klingon"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("wav", {"diarize": True}, grpc.StatusCode.UNIMPLEMENTED),
+        ("wav", {"timestamp_granularities": ["paragraph"]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_bad_inputs(whisper_server, audio, tmp_path, kind, field, code):
     dst = str(tmp_path / "nope.mp3") if kind == "missing" else str(audio[kind])
-    for rpc in (whisper_server.stub.AudioTranscription, whisper_server.stub.AudioTranscriptionStream):
+    for rpc in (
+        whisper_server.stub.AudioTranscription,
+        whisper_server.stub.AudioTranscriptionStream,
+    ):
         with pytest.raises(grpc.RpcError) as err:
             reply = rpc(pb.TranscriptRequest(dst=dst, **field), timeout=60)
             list(reply) if not isinstance(reply, pb.TranscriptResult) else None
@@ -153,12 +174,16 @@ def test_bad_inputs(whisper_server, audio, tmp_path, kind, field, code):
 def test_concurrent_and_cancel(whisper_server, audio):
     stub = whisper_server.stub
     # a cancelled stream stops; requests queued behind it still complete
-    call = stub.AudioTranscriptionStream(pb.TranscriptRequest(dst=str(audio["long"]), language="en"), timeout=300)
+    call = stub.AudioTranscriptionStream(
+        pb.TranscriptRequest(dst=str(audio["long"]), language="en"), timeout=300
+    )
     results, errors = [], []
 
     def one(kind):
         try:
-            results.append(stub.AudioTranscription(pb.TranscriptRequest(dst=str(audio[kind])), timeout=120))
+            results.append(
+                stub.AudioTranscription(pb.TranscriptRequest(dst=str(audio[kind])), timeout=120)
+            )
         except grpc.RpcError as exc:
             errors.append(exc)
 
@@ -192,9 +217,24 @@ def test_load_by_type_and_free(server, whisper_dir):
 def test_cli(whisper_dir, audio):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "transcribe", str(audio["m4a"]), "--model", str(whisper_dir),
-         "--language", "en", "--format", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "transcribe",
+            str(audio["m4a"]),
+            "--model",
+            str(whisper_dir),
+            "--language",
+            "en",
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     import json
@@ -202,7 +242,19 @@ def test_cli(whisper_dir, audio):
     out = json.loads(proc.stdout)
     assert out["language"] == "en" and abs(out["duration"] - SHORT) < 0.1
     bad = subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "transcribe", str(audio["text"]), "--model", str(whisper_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "transcribe",
+            str(audio["text"]),
+            "--model",
+            str(whisper_dir),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 1 and "InvalidInput" in bad.stderr

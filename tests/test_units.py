@@ -43,8 +43,12 @@ def tokenizer(thinking=True, tools=True):
     from mlx_lm.tool_parsers import json_tools
 
     return SimpleNamespace(
-        has_thinking=thinking, think_start="<think>", think_end="</think>",
-        has_tool_calling=tools, tool_call_start="<tool_call>", tool_call_end="</tool_call>",
+        has_thinking=thinking,
+        think_start="<think>",
+        think_end="</think>",
+        has_tool_calling=tools,
+        tool_call_start="<tool_call>",
+        tool_call_end="</tool_call>",
         tool_parser=json_tools.parse_tool_call,
     )
 
@@ -72,7 +76,9 @@ def test_parser_any_split(split):
 
 
 def test_parser_starts_in_reasoning_and_plain_content():
-    p, deltas = run_parser("hmm</think>\n\nAnswer <b>bold</b>", lambda t: list(t), starts_in_reasoning=True)
+    p, deltas = run_parser(
+        "hmm</think>\n\nAnswer <b>bold</b>", lambda t: list(t), starts_in_reasoning=True
+    )
     assert "".join(d.reasoning for d in deltas) == "hmm"
     assert "".join(d.content for d in deltas) == "Answer <b>bold</b>"
 
@@ -95,13 +101,18 @@ def test_parser_unterminated_call_is_closed():
     p = OutputParser(tokenizer(), TOOLS)
     d = p.feed('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}')
     d.extend(p.finish())
-    assert len(p.calls) == 1 and json.loads("".join(c.arguments for c in d.tool_calls)) == {"city": "Rome"}
+    assert len(p.calls) == 1 and json.loads("".join(c.arguments for c in d.tool_calls)) == {
+        "city": "Rome"
+    }
 
 
 def test_tool_choice_and_tools_validation():
     assert chat.parse_tool_choice('"required"') == "required"
     assert chat.parse_tool_choice("auto") == "auto"
-    assert chat.parse_tool_choice('{"type":"function","function":{"name":"f"}}') == ("function", "f")
+    assert chat.parse_tool_choice('{"type":"function","function":{"name":"f"}}') == (
+        "function",
+        "f",
+    )
     with pytest.raises(InvalidInput):
         chat.parse_tool_choice('"maybe"')
     with pytest.raises(InvalidInput):
@@ -111,12 +122,23 @@ def test_tool_choice_and_tools_validation():
 
 
 def test_messages_decode_tool_call_arguments():
-    msgs = chat.to_template_messages([
-        chat.ChatMessage("assistant", tool_calls=json.dumps([
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}
-        ])),
-        chat.ChatMessage("tool", content="42", tool_call_id="c1", name="f"),
-    ])
+    msgs = chat.to_template_messages(
+        [
+            chat.ChatMessage(
+                "assistant",
+                tool_calls=json.dumps(
+                    [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a": 1}'},
+                        }
+                    ]
+                ),
+            ),
+            chat.ChatMessage("tool", content="42", tool_call_id="c1", name="f"),
+        ]
+    )
     assert msgs[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert msgs[1] == {"role": "tool", "content": "42", "name": "f", "tool_call_id": "c1"}
     with pytest.raises(InvalidInput, match="unknown role"):
@@ -134,4 +156,6 @@ def test_template_kwargs_merge():
 def test_template_kwargs_from_options_string():
     kw = chat.template_kwargs({}, {"chat_template_kwargs": '{"enable_thinking": false}'})
     assert kw == {"enable_thinking": False}
-    assert chat.template_kwargs({"enable_thinking": "true"}, {"enable_thinking": False}) == {"enable_thinking": True}
+    assert chat.template_kwargs({"enable_thinking": "true"}, {"enable_thinking": False}) == {
+        "enable_thinking": True
+    }

@@ -16,17 +16,62 @@ import json
 import re
 from pathlib import Path
 
-CLIP_L = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu")
-CLIP_G = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, projection_dim=32, hidden_act="gelu")
-T5 = dict(d_kv=16, num_heads=4, d_ff=128, num_layers=2, vocab_size=160, feed_forward_proj="gated-gelu",
-          relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+CLIP_L = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+CLIP_G = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, projection_dim=32, hidden_act="gelu"
+)
+T5 = dict(
+    d_kv=16,
+    num_heads=4,
+    d_ff=128,
+    num_layers=2,
+    vocab_size=160,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+)
 VAE_DECODER = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, resnet_groups=8)
 VAE_ENCODER = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, resnet_groups=8)
-SD3_MMDIT = dict(depth_multimodal=2, num_heads=2, hidden_size_override=64, max_latent_resolution=16,
-                 pooled_text_embed_dim=64, token_level_text_embed_dim=96)
-FLUX_MMDIT = dict(depth_multimodal=1, depth_unified=1, num_heads=2, hidden_size_override=64, rope_axes_dim=[8, 12, 12],
-                  pooled_text_embed_dim=32, token_level_text_embed_dim=64)
-WORDS = ["a", "photo", "of", "the", "red", "cube", "cat", "dog", "on", "table", "blurry", "green", "blue", "sky"]
+SD3_MMDIT = dict(
+    depth_multimodal=2,
+    num_heads=2,
+    hidden_size_override=64,
+    max_latent_resolution=16,
+    pooled_text_embed_dim=64,
+    token_level_text_embed_dim=96,
+)
+FLUX_MMDIT = dict(
+    depth_multimodal=1,
+    depth_unified=1,
+    num_heads=2,
+    hidden_size_override=64,
+    rope_axes_dim=[8, 12, 12],
+    pooled_text_embed_dim=32,
+    token_level_text_embed_dim=64,
+)
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "cube",
+    "cat",
+    "dog",
+    "on",
+    "table",
+    "blurry",
+    "green",
+    "blue",
+    "sky",
+]
 
 
 def diffusionkit_sample(pipe, plan, cond, pooled, cfg: float):
@@ -43,11 +88,19 @@ def diffusionkit_sample(pipe, plan, cond, pooled, cfg: float):
     sampler = sampler_for(pipe, plan.shift)
     sigmas = sigmas_for(sampler, plan.steps, pipe.family == "flux")
     x = initial_latent(pipe, plan, sigmas[0], sampler)
-    host = SimpleNamespace(mmdit=pipe.mmdit, activation_dtype=pipe.dtype, sampler=sampler,
-                           load_mmdit=lambda only_modulation_dict=True: pipe.modulation)
+    host = SimpleNamespace(
+        mmdit=pipe.mmdit,
+        activation_dtype=pipe.dtype,
+        sampler=sampler,
+        load_mmdit=lambda only_modulation_dict=True: pipe.modulation,
+    )
     start = time.perf_counter()
-    latent, _ = dk.sample_euler(dk.CFGDenoiser(host), x, sigmas, extra_args={
-        "conditioning": cond, "cfg_weight": cfg, "pooled_conditioning": pooled})
+    latent, _ = dk.sample_euler(
+        dk.CFGDenoiser(host),
+        x,
+        sigmas,
+        extra_args={"conditioning": cond, "cfg_weight": cfg, "pooled_conditioning": pooled},
+    )
     mx.eval(latent)
     seconds = time.perf_counter() - start
     pipe.mmdit.clear_modulation_params_cache()  # back to the loaded state (DiffusionKit leaves these)
@@ -79,24 +132,32 @@ def _check(adjusted: dict, params: dict, what: str):
 
     assert set(adjusted) == set(params), f"{what}: {sorted(set(adjusted) ^ set(params))[:8]}"
     for k, v in params.items():
-        assert adjusted[k].shape == v.shape and mx.array_equal(adjusted[k], v).item(), f"{what}: {k}"
+        assert adjusted[k].shape == v.shape and mx.array_equal(adjusted[k], v).item(), (
+            f"{what}: {k}"
+        )
 
 
 def _merge_qkv(params: dict, out: dict, rules):
     """Multimodal blocks' attn.{q,k,v}_proj → one fused qkv tensor (weights and biases), renamed."""
     import mlx.core as mx
 
-    for key in [k for k in params if k.startswith("multimodal_transformer_blocks") and ".attn.q_proj." in k]:
+    for key in [
+        k for k in params if k.startswith("multimodal_transformer_blocks") and ".attn.q_proj." in k
+    ]:
         parts = [params.pop(key.replace("q_proj", n)) for n in ("q_proj", "k_proj", "v_proj")]
         out[_rename(key.replace("attn.q_proj", "attn.qkv"), rules)] = mx.concatenate(parts, axis=0)
 
 
 # -- MMDiT ----------------------------------------------------------------------------------------
 SD3_RULES = [
-    (r"^multimodal_transformer_blocks\.", "joint_blocks."), (r"text_transformer_block", "context_block"),
-    (r"image_transformer_block", "x_block"), (r"adaLN_modulation\.layers\.", "adaLN_modulation."),
-    (r"_embedder\.mlp\.layers\.", "_embedder.mlp."), (r"\.qk_norm\.q_norm\.", ".attn.ln_q."),
-    (r"\.qk_norm\.k_norm\.", ".attn.ln_k."), (r"attn\.o_proj", "attn.proj"),
+    (r"^multimodal_transformer_blocks\.", "joint_blocks."),
+    (r"text_transformer_block", "context_block"),
+    (r"image_transformer_block", "x_block"),
+    (r"adaLN_modulation\.layers\.", "adaLN_modulation."),
+    (r"_embedder\.mlp\.layers\.", "_embedder.mlp."),
+    (r"\.qk_norm\.q_norm\.", ".attn.ln_q."),
+    (r"\.qk_norm\.k_norm\.", ".attn.ln_k."),
+    (r"attn\.o_proj", "attn.proj"),
 ]
 
 
@@ -106,7 +167,9 @@ def sd3_checkpoint(model) -> dict:
 
     params = _params(model)
     out = {}
-    for key in [k for k in params if k.endswith("attn.q_proj.bias")]:  # DiffusionKit drops the key bias
+    for key in [
+        k for k in params if k.endswith("attn.q_proj.bias")
+    ]:  # DiffusionKit drops the key bias
         params[key.replace("q_proj", "k_proj")] = mx.random.normal(params[key].shape) * 0.02
     _merge_qkv(params, out, SD3_RULES)
     for key, value in params.items():
@@ -124,12 +187,19 @@ FLUX_RULES = [
     (r"^unified_transformer_blocks\.(\d+)\.transformer_block\.", r"single_blocks.\1."),
     (r"_qk_norm\.(q|k)_norm\.weight$", r"_attn.norm.\1_norm.scale"),
     (r"^(single_blocks\.\d+)\.qk_norm\.(q|k)_norm\.weight$", r"\1.norm.\2_norm.scale"),
-    (r"norm\.q_norm", "norm.query_norm"), (r"norm\.k_norm", "norm.key_norm"),
-    (r"_mlp\.fc1", "_mlp.0"), (r"_mlp\.fc2", "_mlp.2"), (r"attn\.o_proj", "attn.proj"),
+    (r"norm\.q_norm", "norm.query_norm"),
+    (r"norm\.k_norm", "norm.key_norm"),
+    (r"_mlp\.fc1", "_mlp.0"),
+    (r"_mlp\.fc2", "_mlp.2"),
+    (r"attn\.o_proj", "attn.proj"),
     (r"_adaLN_modulation\.layers\.1", "_mod.lin"),
     (r"^(single_blocks\.\d+)\.adaLN_modulation\.layers\.1", r"\1.modulation.lin"),
-    (r"^x_embedder\.proj\.", "img_in."), (r"^context_embedder\.", "txt_in."), (r"^t_embedder\.", "time_in."),
-    (r"^y_embedder\.", "vector_in."), (r"\.mlp\.layers\.0\.", ".in_layer."), (r"\.mlp\.layers\.2\.", ".out_layer."),
+    (r"^x_embedder\.proj\.", "img_in."),
+    (r"^context_embedder\.", "txt_in."),
+    (r"^t_embedder\.", "time_in."),
+    (r"^y_embedder\.", "vector_in."),
+    (r"\.mlp\.layers\.0\.", ".in_layer."),
+    (r"\.mlp\.layers\.2\.", ".out_layer."),
     (r"^final_layer\.adaLN_modulation\.layers\.1", "final_layer.adaLN_modulation.1"),
 ]
 
@@ -143,15 +213,26 @@ def flux_checkpoint(model, guidance_in=None) -> dict:
         params.update({f"guidance_in.{k}": v for k, v in _params(guidance_in).items()})
     out = {}
     _merge_qkv(params, out, FLUX_RULES)
-    for key in [k for k in params if k.startswith("unified_transformer_blocks") and ".attn.q_proj." in k]:
+    for key in [
+        k for k in params if k.startswith("unified_transformer_blocks") and ".attn.q_proj." in k
+    ]:
         block, kind = key.split(".attn.")[0], key.rsplit(".", 1)[1]
-        single = block.replace("unified_transformer_blocks", "single_blocks").replace(".transformer_block", "")
+        single = block.replace("unified_transformer_blocks", "single_blocks").replace(
+            ".transformer_block", ""
+        )
         # linear1 = q, k, v and the MLP's fc1 stacked; linear2 = o_proj and fc2 side by side
         parts = [params.pop(f"{block}.attn.{n}_proj.{kind}") for n in "qkv"]
-        out[f"{single}.linear1.{kind}"] = mx.concatenate([*parts, params.pop(f"{block}.mlp.fc1.{kind}")], axis=0)
-        o_proj, fc2 = params.pop(f"{block}.attn.o_proj.{kind}"), params.pop(f"{block}.mlp.fc2.{kind}")
+        out[f"{single}.linear1.{kind}"] = mx.concatenate(
+            [*parts, params.pop(f"{block}.mlp.fc1.{kind}")], axis=0
+        )
+        o_proj, fc2 = (
+            params.pop(f"{block}.attn.o_proj.{kind}"),
+            params.pop(f"{block}.mlp.fc2.{kind}"),
+        )
         # linear2's bias serves both o_proj and fc2 (DiffusionKit zeroes fc2's at run time)
-        out[f"{single}.linear2.{kind}"] = mx.concatenate([o_proj, fc2], axis=1) if kind == "weight" else o_proj
+        out[f"{single}.linear2.{kind}"] = (
+            mx.concatenate([o_proj, fc2], axis=1) if kind == "weight" else o_proj
+        )
     for key, value in params.items():
         if key == "x_embedder.proj.weight":
             value = value[:, 0, 0, :]
@@ -163,9 +244,16 @@ def flux_checkpoint(model, guidance_in=None) -> dict:
 VAE_RULES = [
     (r"^(up|down)_blocks\.(\d+)\.resnets\.", r"\1.\2.block."),
     (r"^(up|down)_blocks\.(\d+)\.(upsample|downsample)\.", r"\1.\2.\3.conv."),
-    (r"^mid_blocks\.0\.", "mid.block_1."), (r"^mid_blocks\.1\.", "mid.attn_1."), (r"^mid_blocks\.2\.", "mid.block_2."),
-    (r"\.group_norm\.", ".norm."), (r"\.query_proj\.", ".q."), (r"\.key_proj\.", ".k."), (r"\.value_proj\.", ".v."),
-    (r"\.out_proj\.", ".proj_out."), (r"\.conv_shortcut\.", ".nin_shortcut."), (r"^conv_norm_out\.", "norm_out."),
+    (r"^mid_blocks\.0\.", "mid.block_1."),
+    (r"^mid_blocks\.1\.", "mid.attn_1."),
+    (r"^mid_blocks\.2\.", "mid.block_2."),
+    (r"\.group_norm\.", ".norm."),
+    (r"\.query_proj\.", ".q."),
+    (r"\.key_proj\.", ".k."),
+    (r"\.value_proj\.", ".v."),
+    (r"\.out_proj\.", ".proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^conv_norm_out\.", "norm_out."),
 ]
 
 
@@ -184,21 +272,39 @@ def vae_checkpoint(model, prefix: str) -> dict:
 # -- text encoders --------------------------------------------------------------------------------
 CLIP_RULES = [
     (r"^(token|position)_embedding\.", r"text_model.embeddings.\1_embedding."),
-    (r"^layers\.", "text_model.encoder.layers."), (r"^final_layer_norm\.", "text_model.final_layer_norm."),
-    (r"\.attention\.query_proj\.", ".self_attn.q_proj."), (r"\.attention\.key_proj\.", ".self_attn.k_proj."),
-    (r"\.attention\.value_proj\.", ".self_attn.v_proj."), (r"\.attention\.out_proj\.", ".self_attn.out_proj."),
-    (r"\.linear1\.", ".mlp.fc1."), (r"\.linear2\.", ".mlp.fc2."),
+    (r"^layers\.", "text_model.encoder.layers."),
+    (r"^final_layer_norm\.", "text_model.final_layer_norm."),
+    (r"\.attention\.query_proj\.", ".self_attn.q_proj."),
+    (r"\.attention\.key_proj\.", ".self_attn.k_proj."),
+    (r"\.attention\.value_proj\.", ".self_attn.v_proj."),
+    (r"\.attention\.out_proj\.", ".self_attn.out_proj."),
+    (r"\.linear1\.", ".mlp.fc1."),
+    (r"\.linear2\.", ".mlp.fc2."),
 ]
 T5_RULES = [
-    (r"^encoder\.layers\.(\d+)\.attention\.query_proj\.", r"encoder.block.\1.layer.0.SelfAttention.q."),
-    (r"^encoder\.layers\.(\d+)\.attention\.key_proj\.", r"encoder.block.\1.layer.0.SelfAttention.k."),
-    (r"^encoder\.layers\.(\d+)\.attention\.value_proj\.", r"encoder.block.\1.layer.0.SelfAttention.v."),
-    (r"^encoder\.layers\.(\d+)\.attention\.out_proj\.", r"encoder.block.\1.layer.0.SelfAttention.o."),
+    (
+        r"^encoder\.layers\.(\d+)\.attention\.query_proj\.",
+        r"encoder.block.\1.layer.0.SelfAttention.q.",
+    ),
+    (
+        r"^encoder\.layers\.(\d+)\.attention\.key_proj\.",
+        r"encoder.block.\1.layer.0.SelfAttention.k.",
+    ),
+    (
+        r"^encoder\.layers\.(\d+)\.attention\.value_proj\.",
+        r"encoder.block.\1.layer.0.SelfAttention.v.",
+    ),
+    (
+        r"^encoder\.layers\.(\d+)\.attention\.out_proj\.",
+        r"encoder.block.\1.layer.0.SelfAttention.o.",
+    ),
     (r"^encoder\.layers\.(\d+)\.ln1\.", r"encoder.block.\1.layer.0.layer_norm."),
     (r"^encoder\.layers\.(\d+)\.ln2\.", r"encoder.block.\1.layer.1.layer_norm."),
     (r"^encoder\.layers\.(\d+)\.dense\.", r"encoder.block.\1.layer.1.DenseReluDense."),
-    (r"^encoder\.relative_attention_bias\.embeddings\.",
-     "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
+    (
+        r"^encoder\.relative_attention_bias\.embeddings\.",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.",
+    ),
     (r"^encoder\.ln\.", "encoder.final_layer_norm."),
 ]
 
@@ -225,7 +331,9 @@ def write_clip_tokenizer(folder: Path):
     merges = list(dict.fromkeys(merges))
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
+    )
     return len(vocab)
 
 
@@ -238,18 +346,33 @@ def write_clip(folder: Path, spec: dict, vocab_size: int):
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "vocab_size": vocab_size,
-        "max_position_embeddings": 77, "intermediate_size": 4 * spec["hidden_size"], "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1, "layer_norm_eps": 1e-5, **spec,
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 77,
+        "intermediate_size": 4 * spec["hidden_size"],
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "layer_norm_eps": 1e-5,
+        **spec,
     }
-    model = CLIPTextModel(CLIPTextModelConfig(
-        num_layers=spec["num_hidden_layers"], model_dims=spec["hidden_size"], num_heads=spec["num_attention_heads"],
-        max_length=77, vocab_size=vocab_size, projection_dim=spec["projection_dim"], hidden_act=spec["hidden_act"],
-    ))
+    model = CLIPTextModel(
+        CLIPTextModelConfig(
+            num_layers=spec["num_hidden_layers"],
+            model_dims=spec["hidden_size"],
+            num_heads=spec["num_attention_heads"],
+            max_length=77,
+            vocab_size=vocab_size,
+            projection_dim=spec["projection_dim"],
+            hidden_act=spec["hidden_act"],
+        )
+    )
     params = _params(model)
     weights = {_rename(k, CLIP_RULES): v for k, v in params.items()}
     weights = {k: v.astype(mx.float16) for k, v in weights.items()}
-    mapped = dict(x for k, v in weights.items() for x in dk.model_io.map_clip_text_encoder_weights(k, v))
+    mapped = dict(
+        x for k, v in weights.items() for x in dk.model_io.map_clip_text_encoder_weights(k, v)
+    )
     _check(mapped, {k: v.astype(mx.float16) for k, v in params.items()}, "clip")
     mx.save_safetensors(str(folder / "model.fp16.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -266,8 +389,15 @@ def write_t5(folder: Path, d_model: int, tokenizer: str):
     from diffusionkit.mlx.t5 import SD3T5Encoder
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": d_model, "decoder_start_token_id": 0,
-              "eos_token_id": 1, "pad_token_id": 0, **T5}
+    config = {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "d_model": d_model,
+        "decoder_start_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        **T5,
+    }
     model = SD3T5Encoder(SimpleNamespace(**config), low_memory_mode=False)
     params = _params(model)
     weights = {_rename(k, T5_RULES): v for k, v in params.items() if k != "wte.weight"}
@@ -296,10 +426,19 @@ def write_t5_tokenizer_json(folder: Path, vocab_size: int):
     )
     tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "model_max_length": 512, "extra_ids": 0, "legacy": False,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+                "extra_ids": 0,
+                "legacy": False,
+            }
+        )
+    )
 
 
 def write_t5_spiece(folder: Path, vocab_size: int):
@@ -310,14 +449,31 @@ def write_t5_spiece(folder: Path, vocab_size: int):
     text = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
     buffer = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=buffer, vocab_size=min(vocab_size, 80), model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(text),
+        model_writer=buffer,
+        vocab_size=min(vocab_size, 80),
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     (folder / "spiece.model").write_bytes(buffer.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "model_max_length": 512, "extra_ids": 0, "legacy": False,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 512,
+                "extra_ids": 0,
+                "legacy": False,
+            }
+        )
+    )
 
 
 # -- folders --------------------------------------------------------------------------------------
@@ -325,9 +481,13 @@ def _vae(config_cls, spec):
     from dataclasses import replace
 
     config = replace(config_cls(), **spec)
-    return dict(in_channels=config.in_channels, out_channels=config.out_channels,
-                block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
-                resnet_groups=config.resnet_groups)
+    return dict(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        block_out_channels=list(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        resnet_groups=config.resnet_groups,
+    )
 
 
 def _write_vae(weights: dict, prefix: str):
@@ -340,8 +500,16 @@ def _write_vae(weights: dict, prefix: str):
     weights.update(vae_checkpoint(decoder, f"{prefix}decoder."))
     weights.update(vae_checkpoint(encoder, f"{prefix}encoder."))
     io, dec, enc = dk.model_io, f"{prefix}decoder.", f"{prefix}encoder."
-    _check(io.vae_decoder_state_dict_adjustments(dict(weights), prefix=dec), _params(decoder), "decoder")
-    _check(io.vae_encoder_state_dict_adjustments(dict(weights), prefix=enc), _params(encoder), "encoder")
+    _check(
+        io.vae_decoder_state_dict_adjustments(dict(weights), prefix=dec),
+        _params(decoder),
+        "decoder",
+    )
+    _check(
+        io.vae_encoder_state_dict_adjustments(dict(weights), prefix=enc),
+        _params(encoder),
+        "encoder",
+    )
     return weights
 
 
@@ -371,7 +539,9 @@ def build_tiny_sd3(out_dir, t5: bool = False, seed: int = 0, mmdit: dict | None 
     mmdit = {**SD3_MMDIT, **(mmdit or {})}
     model = _mmdit("SD3_2b", mmdit)
     weights = sd3_checkpoint(model)
-    adjusted = dk.model_io.mmdit_state_dict_adjustments(dict(weights), prefix="model.diffusion_model.")
+    adjusted = dk.model_io.mmdit_state_dict_adjustments(
+        dict(weights), prefix="model.diffusion_model."
+    )
     _check(adjusted, _params(model), "sd3 mmdit")
     weights = _write_vae(weights, "first_stage_model.")
     mx.save_safetensors(str(out / "sd3_medium.safetensors"), weights)
@@ -381,8 +551,17 @@ def build_tiny_sd3(out_dir, t5: bool = False, seed: int = 0, mmdit: dict | None 
     write_clip(out / "clip_g", CLIP_G, size)
     if t5:
         write_t5(out / "t5", mmdit["token_level_text_embed_dim"], "spiece")
-    manifest = {"family": "sd3", "mmdit": mmdit, "vae_decoder": VAE_DECODER, "vae_encoder": VAE_ENCODER,
-                "t5_max_length": 16, "default_steps": 2, "default_cfg": 5.0, "shift": 3.0, "default_size": 64}
+    manifest = {
+        "family": "sd3",
+        "mmdit": mmdit,
+        "vae_decoder": VAE_DECODER,
+        "vae_encoder": VAE_ENCODER,
+        "t5_max_length": 16,
+        "default_steps": 2,
+        "default_cfg": 5.0,
+        "shift": 3.0,
+        "default_size": 64,
+    }
     (out / "diffusionkit.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -410,7 +589,9 @@ def build_tiny_flux(out_dir, dev: bool = False, seed: int = 0) -> Path:
     expected = _params(model)
     if guidance is not None:
         expected.update({f"guidance_in.{k}": v for k, v in _params(guidance).items()})
-    adjusted = dk.model_io.flux_state_dict_adjustments(dict(weights), hidden_size=64, mlp_ratio=model.config.mlp_ratio)
+    adjusted = dk.model_io.flux_state_dict_adjustments(
+        dict(weights), hidden_size=64, mlp_ratio=model.config.mlp_ratio
+    )
     _check(adjusted, expected, "flux mmdit")
     name = "flux1-dev.safetensors" if dev else "flux-schnell.safetensors"
     mx.save_safetensors(str(out / name), weights)
@@ -418,8 +599,17 @@ def build_tiny_flux(out_dir, dev: bool = False, seed: int = 0) -> Path:
     size = write_clip_tokenizer(out / "tokenizer_l")
     write_clip(out / "clip_l", CLIP_L, size)
     write_t5(out / "t5", FLUX_MMDIT["token_level_text_embed_dim"], "json")
-    manifest = {"family": "flux", "mmdit": FLUX_MMDIT, "vae_decoder": VAE_DECODER, "vae_encoder": VAE_ENCODER,
-                "t5_max_length": 16, "default_steps": 2, "shift": 1.0, "default_size": 64, "max_size": 256}
+    manifest = {
+        "family": "flux",
+        "mmdit": FLUX_MMDIT,
+        "vae_decoder": VAE_DECODER,
+        "vae_encoder": VAE_ENCODER,
+        "t5_max_length": 16,
+        "default_steps": 2,
+        "shift": 1.0,
+        "default_size": 64,
+        "max_size": 256,
+    }
     if dev:
         manifest["default_cfg"] = 3.5
     (out / "diffusionkit.json").write_text(json.dumps(manifest, indent=2))

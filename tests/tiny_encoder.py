@@ -34,7 +34,9 @@ def wordpiece_tokenizer(model_max_length: int = 512):
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     split = pre_tokenizers.BertPreTokenizer()
-    words = [w for line in CORPUS for w, _ in split.pre_tokenize_str(normalizer.normalize_str(line))]
+    words = [
+        w for line in CORPUS for w, _ in split.pre_tokenize_str(normalizer.normalize_str(line))
+    ]
     chars = sorted({c for w in words for c in w})
     vocab = [*BERT_SPECIAL, *chars, *(f"##{c}" for c in chars), *sorted(set(words) - set(chars))]
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
@@ -81,10 +83,22 @@ def write_st_files(out: Path, pooling: str = "mean", normalize: bool = True, max
     """The sentence-transformers files: modules.json, 1_Pooling/config.json, 2_Normalize/."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
         (out / "2_Normalize").mkdir(exist_ok=True)
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
     (out / "1_Pooling").mkdir(exist_ok=True)
@@ -111,7 +125,9 @@ def _randomize(model, seed: int, scale: float = 0.15):
     return model
 
 
-def _build(out_dir, family: str, classifier: bool, num_labels: int, seed: int, st: dict | None, **cfg):
+def _build(
+    out_dir, family: str, classifier: bool, num_labels: int, seed: int, st: dict | None, **cfg
+):
     import torch
     import transformers
 
@@ -126,7 +142,11 @@ def _build(out_dir, family: str, classifier: bool, num_labels: int, seed: int, s
         kwargs.update(max_position_embeddings=TINY["max_position_embeddings"] + 2, type_vocab_size=1,
                       bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)  # fmt: skip
         config = transformers.RobertaConfig(**kwargs)
-        cls = transformers.RobertaForSequenceClassification if classifier else transformers.RobertaModel
+        cls = (
+            transformers.RobertaForSequenceClassification
+            if classifier
+            else transformers.RobertaModel
+        )
     if classifier:
         config.num_labels = num_labels
     torch.manual_seed(seed)

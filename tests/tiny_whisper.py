@@ -10,8 +10,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 DIMS = dict(
-    n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-    n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=1,
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=64,
+    n_text_state=64,
+    n_text_head=2,
+    n_text_layer=1,
 )
 
 
@@ -27,7 +35,9 @@ def build_tiny_whisper(out: Path, seed: int = 0) -> Path:
     model = Whisper(dims, mx.float32)
     weights = {k: v for k, v in tree_flatten(model.parameters()) if k != "alignment_heads"}
     mx.save_safetensors(str(out / "weights.safetensors"), weights)
-    (out / "config.json").write_text(json.dumps({"model_type": "whisper", **asdict(dims)}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"model_type": "whisper", **asdict(dims)}, indent=2)
+    )
     return out
 
 
@@ -83,7 +93,9 @@ def write_encoded(path: Path, seconds: float) -> Path:
             chunk = samples[:, i : i + frame_size]
             if fmt == "s16":
                 chunk = (chunk * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format=fmt, layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(chunk), format=fmt, layout="mono"
+            )
             frame.sample_rate = rate
             frame.pts = i
             for packet in stream.encode(frame):

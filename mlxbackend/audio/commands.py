@@ -2,11 +2,28 @@
 
 import sys
 
+from mlxbackend.audio.decode import load_audio
+from mlxbackend.audio.whisper import (
+    Options,
+    Segment,
+    is_whisper_dir,
+    language_code,
+    load_whisper,
+    transcribe,
+)
+from mlxbackend.audio.whisper import Progress as Step
+from mlxbackend.client import failure_text
+from mlxbackend.errors import BackendError
+
 
 def add_parser(sub):
-    p = sub.add_parser("transcribe", help="transcribe an audio file with an MLX whisper folder (local, no server)")
+    p = sub.add_parser(
+        "transcribe", help="transcribe an audio file with an MLX whisper folder (local, no server)"
+    )
     p.add_argument("file", help="audio file (wav, mp3, m4a, ogg, flac, webm, mp4 …)")
-    p.add_argument("--model", required=True, help="MLX whisper folder (config.json + weights.safetensors/npz)")
+    p.add_argument(
+        "--model", required=True, help="MLX whisper folder (config.json + weights.safetensors/npz)"
+    )
     p.add_argument("--language", default="", help="ISO code or name; empty = detect")
     p.add_argument("--translate", action="store_true", help="translate to English")
     p.add_argument("--prompt", default="", help="initial prompt (vocabulary, style)")
@@ -29,38 +46,38 @@ def cmd_transcribe(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mlxbackend.audio.decode import load_audio
-    from mlxbackend.audio.whisper import (
-        Options,
-        Segment,
-        is_whisper_dir,
-        language_code,
-        load_whisper,
-        transcribe,
-    )
-    from mlxbackend.audio.whisper import Progress as Step
-    from mlxbackend.client import failure_text
-    from mlxbackend.errors import BackendError
-
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
     try:
         if not is_whisper_dir(args.model):
             err.print(f"[red]{args.model} is not an MLX whisper folder[/red]")
             return 2
-        opts = Options(language=language_code(args.language), translate=args.translate, prompt=args.prompt,
-                       temperature=args.temperature, words=args.words)
+        opts = Options(
+            language=language_code(args.language),
+            translate=args.translate,
+            prompt=args.prompt,
+            temperature=args.temperature,
+            words=args.words,
+        )
         audio = load_audio(args.file)
         with err.status("loading model"):
             wm = load_whisper(Path(args.model))
-        with Progress(TextColumn("transcribing"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-                      TimeElapsedColumn(), console=err, transient=True) as bar:
+        with Progress(
+            TextColumn("transcribing"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
             task = bar.add_task("", total=len(audio) / 16000)
 
             def emit(event):
                 if isinstance(event, Step):
                     bar.update(task, completed=event.done)
                 elif isinstance(event, Segment) and args.format == "segments":
-                    bar.console.print(f"[dim][{_stamp(event.start)} → {_stamp(event.end)}][/dim]{event.text}")
+                    bar.console.print(
+                        f"[dim][{_stamp(event.start)} → {_stamp(event.end)}][/dim]{event.text}"
+                    )
 
             result = transcribe(wm, audio, opts, emit, lambda: False)
     except BackendError as exc:
@@ -70,7 +87,9 @@ def cmd_transcribe(args):
         print(json.dumps(asdict(result), ensure_ascii=False))
     elif args.format == "text":
         out.print(result.text.strip())
-    err.print(f"[dim]language {result.language}, {result.duration:.1f} s, {len(result.segments)} segments[/dim]")
+    err.print(
+        f"[dim]language {result.language}, {result.duration:.1f} s, {len(result.segments)} segments[/dim]"
+    )
     return 0
 
 

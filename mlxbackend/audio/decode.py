@@ -39,7 +39,9 @@ def load_audio(path: str, rate: int = SAMPLE_RATE) -> np.ndarray:
         raise
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise InvalidInput(f"cannot decode {os.path.basename(path)} as audio: {exc}") from exc
-    audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    audio = (
+        np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    )
     if audio.size == 0:
         raise InvalidInput(f"no audio samples in {path} (zero-length audio)")
     if not np.isfinite(audio).all():

@@ -1,17 +1,26 @@
 """Transcription capability: the loaded whisper model, and requests run on the shared MLX worker.
 
 Audio is decoded (PyAV) off the event loop in a plain thread; the whisper run itself is one
-call on the MLX worker, so transcriptions queue behind each other and behind text work. Its
+task on the MLX worker whose steps are its 30-s windows, so other work runs between windows. Its
 segments reach the caller window by window through the request's Job while it runs; a cancelled
-request stops at the next 30-s window."""
+request stops at the next window; a Free or LoadModel (host.py) ends it with ABORTED."""
 
 import asyncio
 import gc
 from pathlib import Path
 
 from mlxbackend.audio.decode import load_audio
-from mlxbackend.audio.whisper import Options, Progress, Segment, Transcript, language_code
-from mlxbackend.errors import InvalidInput, NotLoaded, Unsupported
+from mlxbackend.audio.whisper import (
+    Options,
+    Progress,
+    Segment,
+    Transcript,
+    is_whisper_dir,
+    language_code,
+    load_whisper,
+    transcribe,
+)
+from mlxbackend.errors import Aborted, InvalidInput, NotLoaded, Unsupported
 from mlxbackend.worker import DONE, Job, Worker
 
 
@@ -20,17 +29,18 @@ class AudioEngine:
         self.worker = worker
         self.current = None  # WhisperModel
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle (called by the host only) ----------------------------------------------------
     async def load(self, path: Path):
-        from mlxbackend.audio.whisper import is_whisper_dir, load_whisper
-
         if not is_whisper_dir(path):
-            raise InvalidInput(f"{path} is not an MLX whisper folder (config.json with n_mels, n_audio_ctx, …)")
+            raise InvalidInput(
+                f"{path} is not an MLX whisper folder (config.json with n_mels, n_audio_ctx, …)"
+            )
         wm = await self.worker.run(load_whisper, Path(path))
         self.current = wm
         return wm
 
-    async def free(self):
+    async def free(self, reason: str = "the whisper model was freed"):
+        """End transcriptions in flight (ABORTED at their next window), then drop the model."""
         if self.current is None:
             return
 
@@ -39,6 +49,7 @@ class AudioEngine:
 
             import mlx.core as mx
 
+            self.worker.abort_owned(self.current, Aborted(f"transcription aborted: {reason}"))
             self.current = None
             holder = importlib.import_module("mlx_whisper.transcribe").ModelHolder
             holder.model = holder.model_path = None  # mlx-whisper's own reference
@@ -49,7 +60,9 @@ class AudioEngine:
 
     def model(self):
         if self.current is None:
-            raise NotLoaded("no whisper model loaded: call LoadModel with a whisper model folder first")
+            raise NotLoaded(
+                "no whisper model loaded: call LoadModel with a whisper model folder first"
+            )
         return self.current
 
     # -- requests ----------------------------------------------------------------------------
@@ -57,10 +70,14 @@ class AudioEngine:
         """Validate and decode (off the event loop): (model, samples, language code, words?)."""
         wm = self.model()
         if diarize:
-            raise Unsupported("diarize is not supported by this backend (whisper has no speaker diarization)")
+            raise Unsupported(
+                "diarize is not supported by this backend (whisper has no speaker diarization)"
+            )
         bad = [g for g in granularities if g not in ("segment", "word")]
         if bad:
-            raise InvalidInput(f"unknown timestamp_granularities {bad}; use 'segment' and/or 'word'")
+            raise InvalidInput(
+                f"unknown timestamp_granularities {bad}; use 'segment' and/or 'word'"
+            )
         code = language_code(language)
         audio = await asyncio.to_thread(load_audio, dst)
         return wm, audio, code, "word" in granularities
@@ -68,7 +85,6 @@ class AudioEngine:
     def start(self, wm, audio, opts: Options) -> Job:
         """Run the transcription on the worker; the job yields Segment and Progress events and
         ends with one Transcript."""
-        from mlxbackend.audio.whisper import transcribe
 
         job = Job(asyncio.get_running_loop())
 
@@ -79,7 +95,7 @@ class AudioEngine:
                 job.put(exc)
             job.put(DONE)
 
-        self.worker.call(run)
+        self.worker.call_owned(wm, run)
         return job
 
     async def events(self, dst: str, opts: Options, diarize=False, granularities=()):
@@ -93,7 +109,9 @@ class AudioEngine:
         finally:
             job.cancel()  # client gone or finished: stop at the next window
 
-    async def transcribe(self, dst: str, opts: Options, diarize=False, granularities=()) -> Transcript:
+    async def transcribe(
+        self, dst: str, opts: Options, diarize=False, granularities=()
+    ) -> Transcript:
         final = None
         async for event in self.events(dst, opts, diarize, granularities):
             if isinstance(event, Transcript):

@@ -1,15 +1,16 @@
 """Whisper through mlx-whisper 0.4.3: loading an MLX whisper folder and transcribing with
 segments reported window by window. Worker thread only (MLX)."""
 
+import contextvars
 import json
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mlxbackend.errors import Cancelled, InvalidInput
+from mlxbackend.worker import pause
 
 SAMPLE_RATE = 16000
 DIM_KEYS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_text_ctx", "n_vocab")
@@ -48,9 +49,12 @@ def load_whisper(path: Path) -> WhisperModel:
     fp16 = mx.default_device().type == mx.DeviceType.gpu
     dtype = mx.float16 if fp16 else mx.float32
     model = load_model(str(path), dtype=dtype)
-    model.update(tree_map(
-        lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()
-    ))
+    model.update(
+        tree_map(
+            lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+            model.parameters(),
+        )
+    )
     mx.eval(model.parameters())
     return WhisperModel(path, model, fp16)
 
@@ -102,7 +106,9 @@ def language_code(language: str) -> str:
     base = lang.replace("_", "-").split("-")[0]  # en-US, pt_BR
     if base in LANGUAGES:
         return base
-    raise InvalidInput(f"unknown language {language!r}; use an ISO 639-1 code such as 'en' or a name such as 'english'")
+    raise InvalidInput(
+        f"unknown language {language!r}; use an ISO 639-1 code such as 'en' or a name such as 'english'"
+    )
 
 
 def temperatures(t: float) -> tuple:
@@ -113,6 +119,23 @@ def temperatures(t: float) -> tuple:
     while steps[-1] + 0.2 <= 1.0 + 1e-6:
         steps.append(round(steps[-1] + 0.2, 4))
     return tuple(steps)
+
+
+CURRENT_HOOK: contextvars.ContextVar = contextvars.ContextVar("mlxb_whisper_hook", default=None)
+
+
+class _Dispatch:
+    """Stands in for the `tqdm` module inside mlx_whisper.transcribe, installed once: its bar is
+    the current task's _WindowHook (each worker task has its own context), so transcriptions
+    whose windows interleave on the worker never share a bar."""
+
+    def tqdm(self, total=None, **kwargs):
+        hook = CURRENT_HOOK.get()
+        if hook is None:
+            import tqdm
+
+            return tqdm.tqdm(total=total, **kwargs)
+        return hook.tqdm(total=total, **kwargs)
 
 
 class _WindowHook:
@@ -146,7 +169,9 @@ class _WindowHook:
         return Bar()
 
 
-def transcribe(wm: WhisperModel, audio: np.ndarray, opts: Options, emit, is_cancelled) -> Transcript:
+def transcribe(
+    wm: WhisperModel, audio: np.ndarray, opts: Options, emit, is_cancelled
+) -> Transcript:
     """Run mlx_whisper.transcribe on a 16 kHz float32 array. emit(event) gets a Segment for every
     non-empty segment as its window is decoded, and Progress after each window. Cancellation is
     seen between windows. Segment times are clamped to be monotone and within the audio."""
@@ -176,12 +201,13 @@ def transcribe(wm: WhisperModel, audio: np.ndarray, opts: Options, emit, is_canc
 
     def on_window(segments, frames, total_frames, language):
         if segments is not None:
-            forward(segments[seen[0]:])
+            forward(segments[seen[0] :])
             seen[0] = len(segments)
         if total_frames:
             emit(Progress(min(frames, total_frames) * HOP_LENGTH / SAMPLE_RATE, duration))
         if is_cancelled():
             raise Cancelled("transcription cancelled")
+        pause()  # one window is one step of the worker task
 
     if is_cancelled():
         raise Cancelled("transcription cancelled")
@@ -192,14 +218,20 @@ def transcribe(wm: WhisperModel, audio: np.ndarray, opts: Options, emit, is_canc
         decode["sample_len"] = opts.sample_len
     # mlx-whisper keeps one model per path whatever the dtype: hand it ours.
     mwt.ModelHolder.model, mwt.ModelHolder.model_path = wm.model, wm.key
-    saved = mwt.tqdm
-    mwt.tqdm = types.SimpleNamespace(tqdm=_WindowHook(on_window).tqdm)
+    if not isinstance(mwt.tqdm, _Dispatch):
+        mwt.tqdm = _Dispatch()
+    token = CURRENT_HOOK.set(_WindowHook(on_window))
     try:
         result = mwt.transcribe(
-            audio, path_or_hf_repo=wm.key, verbose=None, temperature=temperatures(opts.temperature),
-            initial_prompt=opts.prompt or None, word_timestamps=opts.words, **decode,
+            audio,
+            path_or_hf_repo=wm.key,
+            verbose=None,
+            temperature=temperatures(opts.temperature),
+            initial_prompt=opts.prompt or None,
+            word_timestamps=opts.words,
+            **decode,
         )
     finally:
-        mwt.tqdm = saved
-    forward(result["segments"][seen[0]:])  # anything the hook did not see
+        CURRENT_HOOK.reset(token)
+    forward(result["segments"][seen[0] :])  # anything the hook did not see
     return Transcript("".join(s.text for s in sent), result.get("language") or "", duration, sent)

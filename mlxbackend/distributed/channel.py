@@ -8,6 +8,8 @@ import json
 
 import mlx.core as mx
 
+from mlxbackend.errors import BackendError
+
 HEADER = 16
 INLINE = HEADER - 4  # a step with this many tokens or fewer carries them in its header (decode)
 SHUTDOWN, PING, FORWARD, LOAD, FREE = -1, 0, 1, 2, 3
@@ -51,7 +53,7 @@ class Channel:
     def receive_step(self, header: list) -> mx.array:
         batch, length = header[2], header[3]
         if batch * length <= INLINE:
-            return mx.array(header[4:4 + batch * length], dtype=mx.int32).reshape(batch, length)
+            return mx.array(header[4 : 4 + batch * length], dtype=mx.int32).reshape(batch, length)
         return self.receive_payload((batch, length), mx.int32)
 
     def receive_payload(self, shape, dtype) -> mx.array:
@@ -64,14 +66,18 @@ class Channel:
     # -- everyone ----------------------------------------------------------------------------
     def gather(self, values: list) -> list:
         """Each rank's int64 row, for every rank (rank order)."""
-        out = mx.distributed.all_gather(mx.array([values], dtype=mx.int64), group=self.group, stream=mx.cpu)
+        out = mx.distributed.all_gather(
+            mx.array([values], dtype=mx.int64), group=self.group, stream=mx.cpu
+        )
         mx.eval(out)
         return out.tolist()
 
     def gather_text(self, text: str) -> list:
         raw = text.encode()[:MESSAGE_BYTES]
         row = list(raw) + [0] * (MESSAGE_BYTES - len(raw))
-        out = mx.distributed.all_gather(mx.array([row], dtype=mx.uint8), group=self.group, stream=mx.cpu)
+        out = mx.distributed.all_gather(
+            mx.array([row], dtype=mx.uint8), group=self.group, stream=mx.cpu
+        )
         mx.eval(out)
         return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in out.tolist()]
 
@@ -83,7 +89,14 @@ def memory_row(weights: int) -> list:
 
 MEMORY_KEYS = ("weights", "active", "peak", "cache")
 
-ERROR_CODES = ("OK", "NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL")
+ERROR_CODES = (
+    "OK",
+    "NOT_FOUND",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
 
 
 def error_code(exc: BaseException | None) -> int:
@@ -95,6 +108,4 @@ def error_code(exc: BaseException | None) -> int:
 
 
 def error_message(exc: BaseException) -> str:
-    from mlxbackend.errors import BackendError
-
     return str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""The servicer's side of a distributed group.
+"""The host's side of a distributed group.
 
 In the gRPC backend LocalAI talks to (the parent), LoadModel with a hostfile starts a private
 child server on a loopback port that is rank 0 of the MLX group, loads the model through it and
@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from mlxbackend.client import auth_metadata
 from mlxbackend.distributed import GroupBroken, RemoteError
 from mlxbackend.distributed import settings as group_settings
 from mlxbackend.errors import InvalidInput
+from mlxbackend.limits import MAX_MESSAGE
+from mlxbackend.text.models import LoadSpec, model_dir, read_config
 
 ROLE_ENV = "MLXB_DISTRIBUTED_ROLE"
 log = logging.getLogger("mlxbackend.distributed")
@@ -30,13 +33,15 @@ REBUILD = "call LoadModel to rebuild the group"
 
 
 def forwarded(method):
-    """Decorate a servicer RPC that a loaded distributed group serves (through the rank-0 child)."""
+    """Decorate a servicer RPC that a loaded distributed group serves (through the rank-0 child):
+    the request message is forwarded as is."""
     name = method.__name__
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
         async def stream(self, request, context):
-            if self.distributed.routes:
-                async for reply in self.distributed.stream(name, request):
+            if self.host.distributed.routes:
+                async for reply in self.host.distributed.stream(name, request):
                     yield reply
                 return
             async for reply in method(self, request, context):
@@ -46,8 +51,8 @@ def forwarded(method):
 
     @functools.wraps(method)
     async def unary(self, request, context):
-        if self.distributed.routes:
-            return await self.distributed.call(name, request)
+        if self.host.distributed.routes:
+            return await self.host.distributed.call(name, request)
         return await method(self, request, context)
 
     return unary
@@ -61,12 +66,15 @@ class Child:
         import grpc
 
         from mlxbackend.proto import backend_pb2_grpc as pb_grpc
-        from mlxbackend.server import MAX_MESSAGE
 
         self.proc, self.addr = proc, addr
-        self.channel = grpc.aio.insecure_channel(addr, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ])
+        self.channel = grpc.aio.insecure_channel(
+            addr,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ],
+        )
         self.stub = pb_grpc.BackendStub(self.channel)
         self.stopping = False
         self.phase, self.since = "", time.monotonic()
@@ -83,7 +91,14 @@ class Child:
 
         addr = f"127.0.0.1:{free_port()}"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mlxbackend", "serve", "--addr", addr, env=env, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "mlxbackend",
+            "serve",
+            "--addr",
+            addr,
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
             limit=1 << 20,
         )
         child = cls(proc, addr)
@@ -97,7 +112,9 @@ class Child:
             except grpc.aio.AioRpcError:
                 if time.monotonic() > deadline:
                     await child.stop()
-                    raise GroupBroken(f"the rank-0 process did not answer within {START_TIMEOUT:.0f} s") from None
+                    raise GroupBroken(
+                        f"the rank-0 process did not answer within {START_TIMEOUT:.0f} s"
+                    ) from None
                 await asyncio.sleep(0.1)
 
     async def _read(self, stream):
@@ -112,16 +129,18 @@ class Child:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(PHASE):
-                self.phase, self.since = line[len(PHASE):].strip(), time.monotonic()
+                self.phase, self.since = line[len(PHASE) :].strip(), time.monotonic()
                 continue
             if line.startswith(IF_SILENT):
-                self.if_silent = line[len(IF_SILENT):].strip()
+                self.if_silent = line[len(IF_SILENT) :].strip()
                 continue
             if line.startswith(REASON):
-                self.reason = line[len(REASON):].strip()
+                self.reason = line[len(REASON) :].strip()
                 line = f"mlxbackend rank 0: {self.reason}"
             elif line.startswith(SILENT_HEADER) and self.if_silent and not self.reason:
-                self.reason = self.if_silent  # faulthandler's dead-man's switch fired; its stack dump follows
+                self.reason = (
+                    self.if_silent
+                )  # faulthandler's dead-man's switch fired; its stack dump follows
                 print(f"mlxbackend rank 0: {self.reason}", file=sys.stderr, flush=True)
             print(line, file=sys.stderr, flush=True)
 
@@ -138,8 +157,10 @@ class Child:
                 if self.phase == "forming" and waited > settings.init_timeout:
                     raise GroupBroken(settings.not_formed())
                 if self.phase == "loading" and waited > settings.load_timeout:
-                    raise GroupBroken(f"loading the distributed model took longer than {settings.load_timeout:g} s "
-                                      "(distributed_load_timeout)")
+                    raise GroupBroken(
+                        f"loading the distributed model took longer than {settings.load_timeout:g} s "
+                        "(distributed_load_timeout)"
+                    )
         finally:
             call.cancel()
 
@@ -175,8 +196,8 @@ class Child:
 
 
 class DistributedGroup:
-    def __init__(self, servicer):
-        self.servicer = servicer
+    def __init__(self, host):
+        self.host = host  # host.ModelHost: its worker and text engine serve rank 0's shard
         self.role = os.environ.get(ROLE_ENV, "parent")
         self.child: Child | None = None  # parent: the running rank-0 server
         self.error = ""  # parent: why the group is broken ("" = fine)
@@ -207,14 +228,15 @@ class DistributedGroup:
         settings = await asyncio.to_thread(validate, request, options)
         if self.role == "rank0":
             return await self._load_rank0(request, options, settings)
-        await self.free()
-        await self.servicer.text.free()
-        await self.servicer.embed.free()
+        await self.free()  # the host has emptied its slot already
         self.loading = True
         root = str(Path(__file__).resolve().parents[2])
         env = {
-            **os.environ, **settings.rank_env(0), ROLE_ENV: "rank0",
-            "LOCALAI_BACKEND_PARENT_WATCH": "true", "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms",
+            **os.environ,
+            **settings.rank_env(0),
+            ROLE_ENV: "rank0",
+            "LOCALAI_BACKEND_PARENT_WATCH": "true",
+            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms",
             "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
         }
         child = None
@@ -238,33 +260,38 @@ class DistributedGroup:
     async def _load_rank0(self, request, options: dict, settings):
         from mlxbackend.distributed import rank0
         from mlxbackend.proto import backend_pb2 as pb
-        from mlxbackend.text.models import LoadSpec
 
         spec = LoadSpec(
-            model=request.Model, model_file=request.ModelFile, model_path=request.ModelPath,
-            context_size=request.ContextSize, trust_remote_code=request.TrustRemoteCode, options=options,
+            model=request.Model,
+            model_file=request.ModelFile,
+            model_path=request.ModelPath,
+            context_size=request.ContextSize,
+            trust_remote_code=request.TrustRemoteCode,
+            options=options,
         )
         self.loading = True
         try:
-            tm = await self.servicer.worker.run(rank0.load, spec, settings)
+            tm = await self.host.worker.run(rank0.load, spec, settings)
         finally:
             self.loading = False
-        text = self.servicer.text
-        text.current, text.absent = tm, ""
+        self.host.text.install(tm)
         self.model, self.settings = tm.model, settings
-        self.pinger = asyncio.ensure_future(rank0.pinger(self.servicer.worker, tm.model, settings))
+        self.pinger = asyncio.ensure_future(rank0.pinger(self.host.worker, tm.model, settings))
         shard = tm.model.shard
-        return pb.Result(success=True, message=(
-            f"MLX model loaded successfully: {tm.path} (distributed, {settings.mode} over {settings.size} ranks "
-            f"via {settings.backend}; rank 0 holds {shard.describe()})"
-        ))
+        return pb.Result(
+            success=True,
+            message=(
+                f"MLX model loaded successfully: {tm.path} (distributed, {settings.mode} over {settings.size} ranks "
+                f"via {settings.backend}; rank 0 holds {shard.describe()})"
+            ),
+        )
 
     async def free(self):
         """Free: end the group (workers go back to waiting), forget a broken one."""
         if self.role == "rank0":
             model, self.model = self.model, None
             if model is not None:
-                await self.servicer.worker.run(model.shutdown)
+                await self.host.worker.run(model.shutdown)
             return
         child, self.child, self.error, self.memory = self.child, None, "", {}
         if child is not None:
@@ -316,12 +343,18 @@ class DistributedGroup:
             return RemoteError(exc.code().name, exc.details() or "")
         else:
             details = exc.details() or ""
-        if "distributed group broken" not in details:  # the child is gone: give it a moment to leave its reason
+        if (
+            "distributed group broken" not in details
+        ):  # the child is gone: give it a moment to leave its reason
             await child.ended(1.0)
         reason = child.reason or (details if "distributed group broken" in details else "")
         if not reason:
             code = child.proc.returncode
-            reason = f"the rank-0 process exited (code {code})" if code is not None else f"the rank-0 process failed ({details})"
+            reason = (
+                f"the rank-0 process exited (code {code})"
+                if code is not None
+                else f"the rank-0 process failed ({details})"
+            )
             reason = f"distributed group broken: {reason}"
         reason = reason.split("; " + REBUILD)[0]
         self._broken(child, reason)
@@ -339,7 +372,9 @@ class DistributedGroup:
         code = await child.proc.wait()
         await child.ended(1.0)
         if not child.stopping and self.child is child:
-            reason = child.reason or f"distributed group broken: the rank-0 process exited (code {code})"
+            reason = (
+                child.reason or f"distributed group broken: the rank-0 process exited (code {code})"
+            )
             self._broken(child, reason)
 
     # -- Status ------------------------------------------------------------------------------
@@ -355,11 +390,18 @@ class DistributedGroup:
                 self.memory = dict(reply.memory.breakdown)
                 if reply.state != pb.StatusResponse.ERROR:
                     return reply
-                self._broken(self.child, self.child.reason or "distributed group broken: a rank died or became unreachable")
+                self._broken(
+                    self.child,
+                    self.child.reason
+                    or "distributed group broken: a rank died or became unreachable",
+                )
             except (Exception, asyncio.CancelledError) as exc:
                 if ours(exc):
                     raise
-                log.info("Status of the rank-0 process failed: %s", exc.details() if hasattr(exc, "details") else exc)
+                log.info(
+                    "Status of the rank-0 process failed: %s",
+                    exc.details() if hasattr(exc, "details") else exc,
+                )
                 if self.child is not None:  # busy or slow: report the last numbers
                     return _memory_status(pb.StatusResponse.BUSY, self.memory)
         return _memory_status(pb.StatusResponse.ERROR, {**self.memory, "group_broken": 1})
@@ -368,12 +410,14 @@ class DistributedGroup:
         pb = group_pb()
         model = self.model
         if model is None:
-            return pb.StatusResponse(state=pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED)
+            return pb.StatusResponse(
+                state=pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
+            )
         breakdown = {**model.rank_memory(), "ranks": model.channel.size}
         if model.broken:
             state = pb.StatusResponse.ERROR
         else:
-            state = pb.StatusResponse.BUSY if self.servicer.worker.busy() else pb.StatusResponse.READY
+            state = pb.StatusResponse.BUSY if self.host.worker.busy() else pb.StatusResponse.READY
         return _memory_status(state, breakdown)
 
 
@@ -387,13 +431,14 @@ def ours(exc: BaseException) -> bool:
 def _memory_status(state, breakdown: dict):
     pb = group_pb()
     total = sum(v for k, v in breakdown.items() if k.endswith("_active"))
-    return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=total, breakdown=breakdown))
+    return pb.StatusResponse(
+        state=state, memory=pb.MemoryUsageData(total=total, breakdown=breakdown)
+    )
 
 
 def validate(request, options: dict):
     """Everything that can be checked before a process starts (runs in a thread)."""
     from mlxbackend.distributed.shard import check_tensor, split_layers
-    from mlxbackend.text.models import model_dir, read_config
 
     settings = group_settings.from_options(options)
     if request.LoraAdapter or request.LoraAdapters or request.DraftModel:
@@ -408,7 +453,9 @@ def validate(request, options: dict):
         try:
             model_class, _ = _get_classes(config)
         except Exception as exc:
-            raise InvalidInput(f"unsupported model type {config.get('model_type')!r}: {exc}") from None
+            raise InvalidInput(
+                f"unsupported model type {config.get('model_type')!r}: {exc}"
+            ) from None
         if not hasattr(model_class, "shard"):
             raise InvalidInput(
                 f"model type {config.get('model_type')!r} has no tensor-parallel sharding in mlx-lm; "
@@ -428,8 +475,6 @@ def remote_error(exc: BaseException) -> Exception:
 
 
 def auth():
-    from mlxbackend.client import auth_metadata
-
     return auth_metadata()
 
 

@@ -28,6 +28,7 @@ from mlxbackend.distributed.channel import (
     memory_row,
 )
 from mlxbackend.distributed.settings import PING_INTERVAL, WORKER_IDLE_TIMEOUT
+from mlxbackend.text.models import model_dir
 
 JOINED = "mlxbackend-rank: joined"
 log = logging.getLogger("mlxbackend.worker")
@@ -86,24 +87,35 @@ class Rank:
             self.loading = False
 
     def _load(self, job: dict):
-        from mlxbackend.text.models import model_dir
-
         error, started = None, time.perf_counter()
         try:
             model, model_file, model_path = job["model"], job["model_file"], job["model_path"]
             if self.model_path:  # this machine keeps its models elsewhere
                 model_path = self.model_path
                 model = os.path.basename(model) if os.path.isabs(model) else model
-                model_file = os.path.join(model_path, os.path.basename(model_file)) if model_file else ""
+                model_file = (
+                    os.path.join(model_path, os.path.basename(model_file)) if model_file else ""
+                )
             path = model_dir(model, model_file, model_path)
-            self.shard = shards.load(path, self.group, job["mode"], job["split"], job["trust_remote_code"])
+            self.shard = shards.load(
+                path, self.group, job["mode"], job["split"], job["trust_remote_code"]
+            )
             self.timeout = max(self.timeout, 2 * float(job["timeout"]) + PING_INTERVAL)
-            log.info("rank %d: loaded %s (%s, %.0f MiB) in %.1f s", self.channel.rank, path,
-                     self.shard.describe(), self.shard.weights / 2**20, time.perf_counter() - started)
+            log.info(
+                "rank %d: loaded %s (%s, %.0f MiB) in %.1f s",
+                self.channel.rank,
+                path,
+                self.shard.describe(),
+                self.shard.weights / 2**20,
+                time.perf_counter() - started,
+            )
         except Exception as exc:
             error = exc
             log.error("rank %d: load failed: %s", self.channel.rank, error_message(exc))
-        self.wait(self.channel.gather, [error_code(error)] + memory_row(self.shard.weights if self.shard else 0))
+        self.wait(
+            self.channel.gather,
+            [error_code(error)] + memory_row(self.shard.weights if self.shard else 0),
+        )
         self.wait(self.channel.gather_text, error_message(error) if error else "")
 
     def wait(self, fn, *args):
@@ -123,8 +135,12 @@ class Rank:
             time.sleep(0.5)
             since = self.since
             if since is not None and time.monotonic() - since > self.timeout:
-                print(f"mlxbackend worker rank {self.channel.rank}: nothing from rank 0 for {self.timeout:.0f} s; "
-                      "leaving the group", file=sys.stderr, flush=True)
+                print(
+                    f"mlxbackend worker rank {self.channel.rank}: nothing from rank 0 for {self.timeout:.0f} s; "
+                    "leaving the group",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(3)
 
 
@@ -148,7 +164,9 @@ def main(argv=None):
     p.add_argument("--model-path", default="")
     p.add_argument("--idle-timeout", type=float, default=WORKER_IDLE_TIMEOUT)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     watch_parent()
     try:
         group = mx.distributed.init(strict=True, backend=args.backend)

@@ -38,8 +38,13 @@ from mlxbackend.distributed.channel import (
 )
 from mlxbackend.distributed.settings import PING_INTERVAL, GroupSettings
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text.memory import HEADROOM, available_bytes
+from mlxbackend.text.models import DEFAULT_CONTEXT, TextModel, fix_config, model_dir, read_config
 
-PHASE, REASON = "mlxbackend-rank0-phase:", "mlxbackend-rank0-reason:"  # stderr lines the parent reads
+PHASE, REASON = (
+    "mlxbackend-rank0-phase:",
+    "mlxbackend-rank0-reason:",
+)  # stderr lines the parent reads
 IF_SILENT = "mlxbackend-rank0-if-silent:"  # the reason to report if faulthandler's watchdog fires
 SILENT_HEADER = "Timeout ("  # how faulthandler.dump_traceback_later's report begins
 log = logging.getLogger("mlxbackend.distributed")
@@ -121,7 +126,11 @@ class DistributedModel:
 
         rows = list(self.memory) or [[0] * len(MEMORY_KEYS)] * self.channel.size
         rows[0] = memory_row(self.weights)
-        return {f"rank{r}_{k}": int(v) for r, row in enumerate(rows) for k, v in zip(MEMORY_KEYS, row, strict=True)}
+        return {
+            f"rank{r}_{k}": int(v)
+            for r, row in enumerate(rows)
+            for k, v in zip(MEMORY_KEYS, row, strict=True)
+        }
 
     @contextmanager
     def exchange(self):
@@ -150,9 +159,13 @@ def init_group(settings: GroupSettings):
     try:
         group = mx.distributed.init(strict=True, backend=settings.backend)
     except Exception as exc:
-        raise GroupBroken(f"mx.distributed.init(backend={settings.backend!r}) failed: {exc} ({settings.workers()})") from None
+        raise GroupBroken(
+            f"mx.distributed.init(backend={settings.backend!r}) failed: {exc} ({settings.workers()})"
+        ) from None
     if group.size() != settings.size:
-        hint = " (MPI ranks must be started by mpirun)" if settings.backend in ("mpi", "any") else ""
+        hint = (
+            " (MPI ranks must be started by mpirun)" if settings.backend in ("mpi", "any") else ""
+        )
         raise GroupBroken(
             f"backend {settings.backend} formed a group of {group.size()} rank(s) but the hostfile lists "
             f"{settings.size}{hint}"
@@ -168,14 +181,6 @@ def set_phase(phase: str):
 
 def load(spec, settings: GroupSettings):
     """Form the group, have every rank load its shard, and return rank 0's TextModel."""
-    from mlxbackend.text.memory import HEADROOM, available_bytes
-    from mlxbackend.text.models import (
-        DEFAULT_CONTEXT,
-        TextModel,
-        fix_config,
-        model_dir,
-        read_config,
-    )
 
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     config = read_config(path)
@@ -187,10 +192,18 @@ def load(spec, settings: GroupSettings):
     log.info("rank 0: group formed in %.1f s", time.perf_counter() - started)
     channel = Channel(group)
     with _during_load():
-        channel.send_json(LOAD, {
-            "model": spec.model, "model_file": spec.model_file, "model_path": spec.model_path,
-            "mode": settings.mode, "split": settings.split, "timeout": settings.timeout, "trust_remote_code": trust,
-        })
+        channel.send_json(
+            LOAD,
+            {
+                "model": spec.model,
+                "model_file": spec.model_file,
+                "model_path": spec.model_path,
+                "mode": settings.mode,
+                "split": settings.split,
+                "timeout": settings.timeout,
+                "trust_remote_code": trust,
+            },
+        )
     shard, tokenizer, error = None, None, None
     try:  # every rank loads at the same time; the results are gathered below
         from mlx_lm.utils import load_tokenizer  # imports transformers: after the group formed
@@ -215,12 +228,17 @@ def load(spec, settings: GroupSettings):
         except Exception:
             pass
         r, code = failed[0]
-        raise RemoteError(ERROR_CODES[code], texts[r] if r == 0 else f"rank {r} ({settings.address(r)}): {texts[r]}")
+        raise RemoteError(
+            ERROR_CODES[code],
+            texts[r] if r == 0 else f"rank {r} ({settings.address(r)}): {texts[r]}",
+        )
     model = DistributedModel(shard, channel, settings)
     model.memory = tuple(row[1:] for row in rows)
     context = spec.context_size or config.get("max_position_embeddings") or DEFAULT_CONTEXT
     budget = int(spec.options.get("max_kv_bytes", 0)) or int(HEADROOM * available_bytes())
-    tm = TextModel(model, tokenizer, config, path, int(context), None, dict(spec.options), kv_budget=budget)
+    tm = TextModel(
+        model, tokenizer, config, path, int(context), None, dict(spec.options), kv_budget=budget
+    )
     start_watchdog(model, settings)
     set_phase("ready")
     return tm
@@ -231,7 +249,9 @@ def _during_load():
     try:
         yield
     except Exception as exc:
-        raise GroupBroken(f"distributed group broken while loading: a rank died or became unreachable ({exc})") from None
+        raise GroupBroken(
+            f"distributed group broken while loading: a rank died or became unreachable ({exc})"
+        ) from None
 
 
 def start_watchdog(model: DistributedModel, settings: GroupSettings):

@@ -13,7 +13,9 @@ MODES = ("pipeline", "tensor")
 DEFAULT_TIMEOUT = 30.0  # s a rank may stay silent inside a step before the group is declared broken
 DEFAULT_INIT_TIMEOUT = 60.0  # s for the workers to join a new group
 DEFAULT_LOAD_TIMEOUT = 600.0  # s for every rank to load its shard
-PING_INTERVAL = 5.0  # s between idle heartbeats from rank 0 (workers leave after WORKER_IDLE_TIMEOUT)
+PING_INTERVAL = (
+    5.0  # s between idle heartbeats from rank 0 (workers leave after WORKER_IDLE_TIMEOUT)
+)
 WORKER_IDLE_TIMEOUT = 60.0
 
 
@@ -27,7 +29,9 @@ class GroupSettings:
     init_timeout: float = DEFAULT_INIT_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     coordinator: str = ""  # jaccl: ip:port of rank 0's side channel
-    split: list = field(default_factory=list)  # pipeline: layers per rank, rank 0 first (empty = even)
+    split: list = field(
+        default_factory=list
+    )  # pipeline: layers per rank, rank 0 first (empty = even)
 
     @property
     def size(self) -> int:
@@ -66,19 +70,31 @@ def wanted(options: dict) -> bool:
 def from_options(options: dict) -> GroupSettings:
     """Options win over the environment; raises NotFound / InvalidInput with clear messages."""
     path = str(options.get("hostfile") or os.environ.get("MLX_DISTRIBUTED_HOSTFILE", "")).strip()
-    backend = str(options.get("distributed_backend") or os.environ.get("MLX_DISTRIBUTED_BACKEND") or "ring")
+    backend = str(
+        options.get("distributed_backend") or os.environ.get("MLX_DISTRIBUTED_BACKEND") or "ring"
+    )
     backend = backend.strip().lower()
     if backend not in BACKENDS:
-        raise InvalidInput(f"distributed_backend {backend!r} is not supported; use one of {', '.join(BACKENDS)}")
+        raise InvalidInput(
+            f"distributed_backend {backend!r} is not supported; use one of {', '.join(BACKENDS)}"
+        )
     mode = str(options.get("distributed_mode", "pipeline")).strip().lower()
     if mode not in MODES:
         raise InvalidInput(f"distributed_mode {mode!r} is not supported; use pipeline or tensor")
-    coordinator = str(options.get("coordinator") or os.environ.get("MLX_JACCL_COORDINATOR", "")).strip()
+    coordinator = str(
+        options.get("coordinator") or os.environ.get("MLX_JACCL_COORDINATOR", "")
+    ).strip()
     if backend == "jaccl" and not coordinator:
-        raise InvalidInput("distributed_backend jaccl needs Options coordinator:IP:PORT (or MLX_JACCL_COORDINATOR)")
+        raise InvalidInput(
+            "distributed_backend jaccl needs Options coordinator:IP:PORT (or MLX_JACCL_COORDINATOR)"
+        )
     hosts = read_hostfile(path, backend)
     settings = GroupSettings(
-        hostfile=path, hosts=hosts, backend=backend, mode=mode, coordinator=coordinator,
+        hostfile=path,
+        hosts=hosts,
+        backend=backend,
+        mode=mode,
+        coordinator=coordinator,
         timeout=_seconds(options, "distributed_timeout", DEFAULT_TIMEOUT),
         init_timeout=_seconds(options, "distributed_init_timeout", DEFAULT_INIT_TIMEOUT),
         load_timeout=_seconds(options, "distributed_load_timeout", DEFAULT_LOAD_TIMEOUT),
@@ -95,7 +111,9 @@ def read_hostfile(path: str, backend: str = "ring") -> list:
     Ring: `["ip:port", ...]` (LocalAI's format) or MLX's `[["ip:port", ...], ...]` (several
     connections per rank). JACCL: the RDMA device matrix (`MLX_IBV_DEVICES`, null diagonal)."""
     if not path:
-        raise InvalidInput("distributed inference needs Options hostfile:/path.json (or MLX_DISTRIBUTED_HOSTFILE)")
+        raise InvalidInput(
+            "distributed inference needs Options hostfile:/path.json (or MLX_DISTRIBUTED_HOSTFILE)"
+        )
     file = Path(path)
     if not file.is_file():
         raise NotFound(f"hostfile not found: {path}")
@@ -113,13 +131,21 @@ def read_hostfile(path: str, backend: str = "ring") -> list:
         )
     if backend == "jaccl":
         if not all(isinstance(row, list) and len(row) == len(data) for row in data):
-            raise InvalidInput(f"hostfile {path}: jaccl expects the RDMA device matrix (n lists of n names, null diagonal)")
+            raise InvalidInput(
+                f"hostfile {path}: jaccl expects the RDMA device matrix (n lists of n names, null diagonal)"
+            )
         return data
     hosts = []
     for rank, entry in enumerate(data):
         row = [entry] if isinstance(entry, str) else entry
-        if not isinstance(row, list) or not row or not all(isinstance(a, str) and _is_address(a) for a in row):
-            raise InvalidInput(f"hostfile {path}: entry {rank} ({entry!r}) is not \"ip:port\"; expected e.g. {example}")
+        if (
+            not isinstance(row, list)
+            or not row
+            or not all(isinstance(a, str) and _is_address(a) for a in row)
+        ):
+            raise InvalidInput(
+                f'hostfile {path}: entry {rank} ({entry!r}) is not "ip:port"; expected e.g. {example}'
+            )
         hosts.append(row)
     if len({len(row) for row in hosts}) != 1:
         raise InvalidInput(f"hostfile {path}: every rank needs the same number of addresses")
@@ -144,7 +170,11 @@ def _split(value, size: int) -> list:
     try:
         split = [int(v) for v in str(value).split(",")]
     except ValueError:
-        raise InvalidInput(f"distributed_split must be comma-separated layer counts, got {value!r}") from None
+        raise InvalidInput(
+            f"distributed_split must be comma-separated layer counts, got {value!r}"
+        ) from None
     if len(split) != size or any(v <= 0 for v in split):
-        raise InvalidInput(f"distributed_split needs {size} positive layer counts (rank 0 first), got {value!r}")
+        raise InvalidInput(
+            f"distributed_split needs {size} positive layer counts (rank 0 first), got {value!r}"
+        )
     return split

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text.models import fix_config, read_config
 
 EMBED_NAMES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embeddings")
 
@@ -138,28 +139,40 @@ def find_layers(model):
     a copy (mlx-lm's PipelineMixin slices it), so the owner's list is matched by its items."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, list) or not layers:
-        raise InvalidInput(f"{type(model).__module__}: no `layers` list found; pipeline mode needs one")
+        raise InvalidInput(
+            f"{type(model).__module__}: no `layers` list found; pipeline mode needs one"
+        )
     for _, module in model.named_modules():
         own = module.get("layers", None)
-        if isinstance(own, list) and len(own) == len(layers) and all(a is b for a, b in zip(own, layers, strict=True)):
+        if (
+            isinstance(own, list)
+            and len(own) == len(layers)
+            and all(a is b for a, b in zip(own, layers, strict=True))
+        ):
             return module, own
-    raise InvalidInput(f"{type(model).__module__}: its layer list is not a module attribute; pipeline mode needs one")
+    raise InvalidInput(
+        f"{type(model).__module__}: its layer list is not a module attribute; pipeline mode needs one"
+    )
 
 
 def split_layers(n_layers: int, size: int, split=None) -> list:
     """Layers per rank, rank 0 first; the low ranks get the extra ones (mlx-lm's rule)."""
     if split:
         if sum(split) != n_layers:
-            raise InvalidInput(f"distributed_split {split} must sum to the model's {n_layers} layers")
+            raise InvalidInput(
+                f"distributed_split {split} must sum to the model's {n_layers} layers"
+            )
         return list(split)
     if n_layers < size:
-        raise InvalidInput(f"the model has {n_layers} layers, fewer than the {size} ranks of the group")
+        raise InvalidInput(
+            f"the model has {n_layers} layers, fewer than the {size} ranks of the group"
+        )
     base, extra = divmod(n_layers, size)
     return [base + (1 if r < extra else 0) for r in range(size)]
 
 
 def layer_range(split: list, rank: int) -> tuple:
-    start = sum(split[rank + 1:])
+    start = sum(split[rank + 1 :])
     return start, start + split[rank]
 
 
@@ -170,7 +183,9 @@ def pipeline(model, group, split=None) -> Shard:
     owner, layers = find_layers(model)
     template = make_prompt_cache(model)  # before the layers change (make_cache may read them)
     if len(template) != len(layers):
-        raise InvalidInput(f"{type(model).__module__}: caches do not map one-to-one to layers; use tensor mode")
+        raise InvalidInput(
+            f"{type(model).__module__}: caches do not map one-to-one to layers; use tensor mode"
+        )
     start, end = layer_range(split_layers(len(layers), size, split), rank)
     shard = Shard(model, "pipeline", rank, size, start, end, template)
     for i in range(len(layers)):
@@ -205,8 +220,12 @@ def tensor(model, group) -> Shard:
     try:
         model.shard(group)
     except Exception as exc:
-        raise InvalidInput(f"tensor-parallel sharding failed: {exc}; use distributed_mode:pipeline") from None
-    shard = Shard(model, "tensor", group.rank(), group.size(), 0, len(model.layers), make_prompt_cache(model))
+        raise InvalidInput(
+            f"tensor-parallel sharding failed: {exc}; use distributed_mode:pipeline"
+        ) from None
+    shard = Shard(
+        model, "tensor", group.rank(), group.size(), 0, len(model.layers), make_prompt_cache(model)
+    )
     tap(model.layers[-1], shard.out)
     return shard
 
@@ -243,12 +262,12 @@ def load(path, group, mode: str, split=None, trust_remote_code: bool = False) ->
     """Build the model lazily, cut it to this rank's part, then read only those weights."""
     from mlx_lm.utils import load_model
 
-    from mlxbackend.text.models import fix_config, read_config
-
     config = read_config(path)
     if mode == "tensor":
         check_tensor(config, group.size())
-    model, _ = load_model(path, lazy=True, model_config=fix_config(config), trust_remote_code=trust_remote_code)
+    model, _ = load_model(
+        path, lazy=True, model_config=fix_config(config), trust_remote_code=trust_remote_code
+    )
     shard = tensor(model, group) if mode == "tensor" else pipeline(model, group, split)
     mx.eval(model.parameters())
     model.eval()
@@ -261,7 +280,13 @@ def _dims(model, embed) -> int:
         return weight.shape[1]
     args = getattr(model, "args", None)
     text = getattr(args, "text_config", None) or args
-    dims = getattr(text, "hidden_size", None) if not isinstance(text, dict) else text.get("hidden_size")
+    dims = (
+        getattr(text, "hidden_size", None)
+        if not isinstance(text, dict)
+        else text.get("hidden_size")
+    )
     if dims is None:
-        raise InvalidInput(f"{type(model).__module__}: cannot tell the hidden size for the embedding stand-in")
+        raise InvalidInput(
+            f"{type(model).__module__}: cannot tell the hidden size for the embedding stand-in"
+        )
     return dims

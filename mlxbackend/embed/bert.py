@@ -22,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text.chat import char_budget
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta"}
 ROBERTA_TYPES = {"roberta", "xlm-roberta"}
@@ -114,7 +115,9 @@ class ModelArgs:
             raise InvalidInput(f"encoder config.json lacks {', '.join(missing)}")
         position = config.get("position_embedding_type") or "absolute"
         if position != "absolute":
-            raise InvalidInput(f"position_embedding_type {position!r} is not supported (only absolute)")
+            raise InvalidInput(
+                f"position_embedding_type {position!r} is not supported (only absolute)"
+            )
         if config.get("is_decoder") or config.get("add_cross_attention"):
             raise InvalidInput("decoder/cross-attention BERT configs are not supported")
         act = config.get("hidden_act", "gelu")
@@ -466,7 +469,9 @@ def _pooling_mode(cfg: dict, where) -> str:
     if isinstance(modes, str):
         modes = [modes]
     if len(modes) != 1 or modes[0] not in _POOLING_NAMES:
-        raise InvalidInput(f"{where}: pooling {modes} is not supported (one of {', '.join(POOLINGS)})")
+        raise InvalidInput(
+            f"{where}: pooling {modes} is not supported (one of {', '.join(POOLINGS)})"
+        )
     return _POOLING_NAMES[modes[0]]
 
 
@@ -554,7 +559,9 @@ def _groups(lengths: list, max_tokens: int | None = None):
 def _forward(enc: Encoder, ids: list, types: list | None):
     """Right-pad one group and run the encoder: hidden states [B, L, D] and the mask [B, L]."""
     longest = max(len(t) for t in ids)
-    pad = enc.model.args.pad_token_id if enc.model.args.roberta else (enc.tokenizer.pad_token_id or 0)
+    pad = (
+        enc.model.args.pad_token_id if enc.model.args.roberta else (enc.tokenizer.pad_token_id or 0)
+    )
     input_ids = np.full((len(ids), longest), pad, dtype=np.int32)
     mask = np.zeros((len(ids), longest), dtype=np.int32)
     token_types = np.zeros((len(ids), longest), dtype=np.int32)
@@ -594,6 +601,9 @@ def _check_texts(texts, what="texts"):
 
 
 def _tokenize(enc: Encoder, first: list, second: list | None = None):
+    budget = char_budget(enc.tokenizer, enc.max_length)  # truncation keeps ≤ max_length tokens:
+    first = [t[:budget] for t in first]  # do not tokenize the rest of a 45 MB text (a minute+)
+    second = None if second is None else [t[:budget] for t in second]
     if enc.do_lower_case:
         first = [t.lower() for t in first]
         second = None if second is None else [t.lower() for t in second]
@@ -620,13 +630,17 @@ def embed(enc: Encoder, texts: list) -> tuple:
     for i, tokens in given.items():
         tokens = [int(x) for x in tokens][: enc.max_length]
         if not tokens or min(tokens) < 0 or max(tokens) >= enc.model.args.vocab_size:
-            raise InvalidInput(f"token ids must be a non-empty list in [0, {enc.model.args.vocab_size})")
+            raise InvalidInput(
+                f"token ids must be a non-empty list in [0, {enc.model.args.vocab_size})"
+            )
         ids.insert(i, tokens)
         if types is not None:
             types.insert(i, [0] * len(tokens))
     out = np.zeros((len(ids), enc.dims), dtype=np.float32)
     for group in _groups([len(t) for t in ids]):
-        hidden, mask = _forward(enc, [ids[i] for i in group], None if types is None else [types[i] for i in group])
+        hidden, mask = _forward(
+            enc, [ids[i] for i in group], None if types is None else [types[i] for i in group]
+        )
         pooled = pool(hidden, mask, enc.pooling, enc.normalize)
         out[group] = np.array(pooled)
     return out, [len(t) for t in ids]
@@ -640,7 +654,9 @@ def score_pairs(enc: Encoder, query: str, docs: list) -> tuple:
             f"{enc.path.name} has no sequence-classification head; reranking needs a cross-encoder"
         )
     if enc.num_labels not in (1, 2):
-        raise InvalidInput(f"a cross-encoder with {enc.num_labels} labels cannot score relevance (1 or 2)")
+        raise InvalidInput(
+            f"a cross-encoder with {enc.num_labels} labels cannot score relevance (1 or 2)"
+        )
     _check_texts([query], "the query")
     _check_texts(docs, "documents")
     if not docs:
@@ -648,7 +664,9 @@ def score_pairs(enc: Encoder, query: str, docs: list) -> tuple:
     ids, types = _tokenize(enc, [query] * len(docs), list(docs))
     out = np.zeros(len(ids), dtype=np.float32)
     for group in _groups([len(t) for t in ids]):
-        hidden, _ = _forward(enc, [ids[i] for i in group], None if types is None else [types[i] for i in group])
+        hidden, _ = _forward(
+            enc, [ids[i] for i in group], None if types is None else [types[i] for i in group]
+        )
         logits = enc.model.classify(hidden).astype(mx.float32)
         if enc.num_labels == 1:
             scores = mx.sigmoid(logits[:, 0])

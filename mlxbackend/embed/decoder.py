@@ -10,9 +10,10 @@ import mlx.core as mx
 import numpy as np
 
 from mlxbackend.errors import InvalidInput, Unsupported
+from mlxbackend.text.chat import char_budget
 
 RERANK_SYSTEM = (
-    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
 )
 RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -23,7 +24,9 @@ def inner_model(model):
     """The transformer body that returns final-norm hidden states [B, L, D]."""
     body = getattr(model, "model", None)
     if body is None or not callable(body):
-        raise Unsupported(f"{type(model).__module__} has no `.model` body: embeddings need a standard mlx-lm text model")
+        raise Unsupported(
+            f"{type(model).__module__} has no `.model` body: embeddings need a standard mlx-lm text model"
+        )
     return body
 
 
@@ -60,7 +63,9 @@ def run_left_padded(model, token_lists: list, body: bool):
     caches = batch_caches(model, padding) if len(token_lists) > 1 else None
     if len(token_lists) > 1 and caches is None:
         raise ValueError("batching needs plain KV caches")
-    x = mx.array([[0] * p + list(t) for p, t in zip(padding, token_lists, strict=True)], dtype=mx.int32)
+    x = mx.array(
+        [[0] * p + list(t) for p, t in zip(padding, token_lists, strict=True)], dtype=mx.int32
+    )
     fn = inner_model(model) if body else model
     out = fn(x, cache=caches) if caches is not None else fn(x)
     return out, padding
@@ -86,7 +91,9 @@ def pool(hidden, padding: list, pooling: str):
     raise InvalidInput(f"unknown pooling {pooling!r}; use last, mean, cls or max")
 
 
-def embed_tokens(model, token_lists: list, pooling: str = "last", normalize: bool = True) -> np.ndarray:
+def embed_tokens(
+    model, token_lists: list, pooling: str = "last", normalize: bool = True
+) -> np.ndarray:
     """[N, D] float32 embeddings for N token lists (each non-empty)."""
     out = [None] * len(token_lists)
     groups = batches(token_lists) if can_batch(model) else ([i] for i in range(len(token_lists)))
@@ -122,10 +129,18 @@ def answer_ids(tokenizer) -> tuple:
     return tuple(ids)
 
 
-def rerank_prompt(tokenizer, query: str, document: str, instruction: str = RERANK_INSTRUCTION,
-                  max_tokens: int = 0) -> list:
+def rerank_prompt(
+    tokenizer, query: str, document: str, instruction: str = RERANK_INSTRUCTION, max_tokens: int = 0
+) -> list:
     """Qwen3-Reranker's prompt through the model's chat template (no thinking), as token ids.
     A prompt over max_tokens keeps the start of the document; the question and answer slot stay."""
+    if max_tokens:
+        budget = char_budget(tokenizer, max_tokens)
+        if len(query) + len(instruction) > budget:
+            raise InvalidInput(
+                f"the rerank query ({len(query)} characters) exceeds the {max_tokens}-token limit"
+            )
+        document = document[:budget]
     tokens = _rerank_prompt(tokenizer, query, document, instruction)
     if max_tokens and len(tokens) > max_tokens:
         doc = tokenizer.encode(document, add_special_tokens=False)
@@ -133,7 +148,9 @@ def rerank_prompt(tokenizer, query: str, document: str, instruction: str = RERAN
         while len(tokens) > max_tokens:  # re-tokenizing a cut text may shift a token or two
             keep -= len(tokens) - max_tokens
             if keep < 1:
-                raise InvalidInput(f"the rerank query and instruction alone exceed {max_tokens} tokens")
+                raise InvalidInput(
+                    f"the rerank query and instruction alone exceed {max_tokens} tokens"
+                )
             tokens = _rerank_prompt(tokenizer, query, tokenizer.decode(doc[:keep]), instruction)
     return tokens
 
@@ -143,7 +160,10 @@ def _rerank_prompt(tokenizer, query: str, document: str, instruction: str) -> li
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": RERANK_SYSTEM}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False,
+            messages,
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=False,
         )
         if "<think>" in tokenizer.get_vocab() and "<think>" not in text[-40:]:
             text += "<think>\n\n</think>\n\n"  # Qwen3-Reranker's suffix when the template omits it

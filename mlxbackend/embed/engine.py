@@ -1,7 +1,7 @@
 """Embedding and rerank requests on the shared MLX worker.
 
 The model is an encoder loaded here (BERT family, `bert.py`) or, when none is, the decoder LLM
-the text engine holds (`decoder.py`). Embedding requests that arrive while the worker is busy
+the host's text engine holds (`decoder.py`, read through the `decoder` function the host gives). Embedding requests that arrive while the worker is busy
 wait in `pending` and the next flush runs them all as one padded batch, so concurrent callers
 (LocalAI sends one RPC per input string) share forward passes."""
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlxbackend.errors import InvalidInput, NotLoaded
+from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
+from mlxbackend.text.chat import char_budget
 from mlxbackend.worker import Worker
 
 MAX_FLUSH = 256  # requests per flush; the rest wait for the next one
@@ -23,7 +24,9 @@ MAX_FLUSH = 256  # requests per flush; the rest wait for the next one
 class EmbedSettings:
     """LoadModel options for embeddings and reranking (all optional)."""
 
-    pooling: str = ""  # last | mean | cls | max; "" = the model's own (encoder files) or last (decoder)
+    pooling: str = (
+        ""  # last | mean | cls | max; "" = the model's own (encoder files) or last (decoder)
+    )
     normalize: bool | None = None  # None = the model's own (encoder files) or True (decoder)
     max_tokens: int = 0  # truncate inputs to this many tokens; 0 = the model's limit
     rerank_instruction: str = ""  # the <Instruct> line of LLM reranking
@@ -38,7 +41,9 @@ class EmbedSettings:
             raise InvalidInput(f"option normalize:{normalize} must be true or false")
         max_tokens = options.get("embedding_max_tokens", 0)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise InvalidInput(f"option embedding_max_tokens:{max_tokens} must be a non-negative integer")
+            raise InvalidInput(
+                f"option embedding_max_tokens:{max_tokens} must be a non-negative integer"
+            )
         return cls(pooling, normalize, max_tokens, str(options.get("rerank_instruction", "")))
 
 
@@ -63,9 +68,9 @@ class Pending:
 
 
 class EmbedEngine:
-    def __init__(self, worker: Worker, text):
+    def __init__(self, worker: Worker, decoder=lambda: None):
         self.worker = worker
-        self.text = text  # TextEngine: its model serves decoder embeddings
+        self.decoder = decoder  # () -> the loaded TextModel or None: it serves decoder embeddings
         self.encoder = None  # bert.Encoder
         self.settings = EmbedSettings()
         self.pending: list = []
@@ -73,25 +78,33 @@ class EmbedEngine:
         self.flush_queued = False
         self.batch_sizes: deque = deque(maxlen=64)  # requests per flush, newest last
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle (called by the host only) ----------------------------------------------------
     async def load_encoder(self, path, options: dict):
         from mlxbackend.embed.bert import load_encoder
 
         settings = EmbedSettings.from_options(options)
         enc = await self.worker.run(
-            load_encoder, path, pooling=settings.pooling or None, normalize=settings.normalize,
+            load_encoder,
+            path,
+            pooling=settings.pooling or None,
+            normalize=settings.normalize,
             max_length=settings.max_tokens or None,
         )
         self.encoder, self.settings = enc, settings
-        self.text.absent = (f"the loaded model {enc.path.name} is an encoder: it serves Embedding and Rerank, "
-                            "not text generation (load an LLM for that)")
         return enc
 
     def configure(self, options: dict):
         """Settings for a decoder LLM loaded by the text engine."""
         self.settings = EmbedSettings.from_options(options)
 
-    async def free(self):
+    async def free(self, reason: str = "the model was freed"):
+        """Fail requests still waiting for a batch (ABORTED), then drop the encoder. A batch
+        already on the worker finishes first (one forward pass)."""
+        with self.lock:
+            waiting, self.pending = self.pending, []
+        for item in waiting:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(Aborted(f"embedding aborted: {reason}"))
         if self.encoder is None:
             return
 
@@ -101,7 +114,6 @@ class EmbedEngine:
             import mlx.core as mx
 
             self.encoder = None
-            self.text.absent = ""
             gc.collect()
             mx.clear_cache()
 
@@ -119,16 +131,21 @@ class EmbedEngine:
         """("encoder", Encoder) or ("decoder", TextModel)."""
         if self.encoder is not None:
             return "encoder", self.encoder
-        if self.text.current is not None:
-            return "decoder", self.text.current
-        raise NotLoaded("no model loaded: call LoadModel with an embedding model (embeddings: true) first")
+        decoder = self.decoder()
+        if decoder is not None:
+            return "decoder", decoder
+        raise NotLoaded(
+            "no model loaded: call LoadModel with an embedding model (embeddings: true) first"
+        )
 
     # -- embeddings --------------------------------------------------------------------------
     async def embed(self, text: str, tokens=()) -> tuple:
         """One pooled float32 vector for a text (or token ids), and its token count."""
         self.source()
         if not text and not tokens:
-            raise InvalidInput("Embedding needs text in PredictOptions.Embeddings (or Prompt), or EmbeddingTokens")
+            raise InvalidInput(
+                "Embedding needs text in PredictOptions.Embeddings (or Prompt), or EmbeddingTokens"
+            )
         item = Pending(text, list(tokens))
         with self.lock:
             self.pending.append(item)
@@ -200,6 +217,10 @@ def embed_inputs(kind: str, model, settings: EmbedSettings, inputs: list) -> tup
     limit = limit_of(settings, model.context_size)
     token_lists = []
     for x in inputs:
+        if (
+            isinstance(x, str) and limit
+        ):  # only the first `limit` tokens are kept: do not tokenize 45 MB
+            x = x[: char_budget(model.tokenizer, limit)]
         tokens = [int(t) for t in x] if not isinstance(x, str) else model.tokenizer.encode(x)
         if not tokens:
             raise InvalidInput("the text encodes to no tokens")
@@ -208,7 +229,9 @@ def embed_inputs(kind: str, model, settings: EmbedSettings, inputs: list) -> tup
             raise InvalidInput(f"token ids must lie in [0, {vocab})")
         token_lists.append(tokens[:limit] if limit else tokens)
     pooling, normalize = settings.pooling or "last", settings.normalize is not False
-    return decoder.embed_tokens(model.model, token_lists, pooling, normalize), [len(t) for t in token_lists]
+    return decoder.embed_tokens(model.model, token_lists, pooling, normalize), [
+        len(t) for t in token_lists
+    ]
 
 
 def rerank_scores(kind: str, model, settings: EmbedSettings, query: str, documents: list) -> tuple:

@@ -2,6 +2,9 @@
 
 Kept light: mlx and DiffusionKit are imported inside the submodules' functions."""
 
+from mlxbackend.image.pipeline import CHECKPOINTS, PIPELINE_TYPES, is_diffusion_dir
+from mlxbackend.text.models import local_candidates
+
 
 def diffusion_dir(model: str, model_file: str = "", model_path: str = "", pipeline_type: str = ""):
     """The local DiffusionKit folder LoadModel names, or None when it is not one. Never touches
@@ -11,8 +14,6 @@ def diffusion_dir(model: str, model_file: str = "", model_path: str = "", pipeli
     ModelPath/Model. A folder counts when it holds a known checkpoint file or a diffusionkit.json,
     or — when PipelineType names SD3 or FLUX — when it merely exists (loading then reports the
     missing files)."""
-    from mlxbackend.image.pipeline import CHECKPOINTS, PIPELINE_TYPES, is_diffusion_dir
-    from mlxbackend.text.models import local_candidates
 
     named = (pipeline_type or "").strip().lower().replace("_", "") in PIPELINE_TYPES
     for path in local_candidates(model, model_file, model_path):

@@ -34,7 +34,9 @@ def _stand_ins() -> dict:
     def unavailable(what):
         class Unavailable:
             def __init__(self, *args, **kwargs):
-                raise RuntimeError(f"{what} is not available inside mlxbackend's DiffusionKit import")
+                raise RuntimeError(
+                    f"{what} is not available inside mlxbackend's DiffusionKit import"
+                )
 
             @classmethod
             def from_pretrained(cls, *args, **kwargs):
@@ -50,9 +52,13 @@ def _stand_ins() -> dict:
         pass
 
     return {
-        "argmaxtools.utils": module("argmaxtools.utils", get_logger=lambda name, level=None: logging.getLogger(name)),
+        "argmaxtools.utils": module(
+            "argmaxtools.utils", get_logger=lambda name, level=None: logging.getLogger(name)
+        ),
         "argmaxtools.test_utils": module(
-            "argmaxtools.test_utils", AppleSiliconContextMixin=Mixin, InferenceContextSpec=Spec,
+            "argmaxtools.test_utils",
+            AppleSiliconContextMixin=Mixin,
+            InferenceContextSpec=Spec,
         ),
         "diffusionkit.utils": module("diffusionkit.utils", bytes2gigabytes=lambda n: n / 1024**3),
         # transformers imports torch when it is installed; DiffusionKit only names these two classes

@@ -1,8 +1,9 @@
 """Image generation requests on the shared MLX worker.
 
 A request is planned (validated, defaults filled, the source image read) off the event loop,
-generated on the worker — which serves other waiting work between denoising steps — and
-written to `dst` atomically. A client that goes away stops the run before the next step."""
+generated as one worker task whose steps are the denoising steps (other work runs between them),
+and written to `dst` atomically. A client that goes away stops the run before the next step; a
+Free or LoadModel (host.py) ends it with ABORTED at its next step."""
 
 import asyncio
 import logging
@@ -10,8 +11,10 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from mlxbackend.errors import InvalidInput, NotLoaded
-from mlxbackend.worker import Worker
+from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
+from mlxbackend.image.generate import generate, plan_request, write_png
+from mlxbackend.image.pipeline import free_pipeline, load_pipeline
+from mlxbackend.worker import Worker, pause
 
 log = logging.getLogger("mlxbackend.image")
 
@@ -33,31 +36,34 @@ class ImageEngine:
         self.worker = worker
         self.current = None  # pipeline.Pipeline
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle (called by the host only) ----------------------------------------------------
     async def load(self, path, settings):
-        from mlxbackend.image.pipeline import load_pipeline
-
-        await self.free()
         self.current = await self.worker.run(load_pipeline, path, settings)
         return self.current
 
-    async def free(self):
+    async def free(self, reason: str = "the image model was freed"):
+        """End generations in flight (ABORTED at their next step), then drop the pipeline."""
         if self.current is None:
             return
-        from mlxbackend.image.pipeline import free_pipeline
 
         pipe, self.current = self.current, None
-        await self.worker.run(free_pipeline, pipe)
+
+        def drop():
+            self.worker.abort_owned(pipe, Aborted(f"image generation aborted: {reason}"))
+            free_pipeline(pipe)
+
+        await self.worker.run(drop)
 
     def model(self):
         if self.current is None:
-            raise NotLoaded("no image model loaded: call LoadModel with a DiffusionKit (SD3 / FLUX) folder first")
+            raise NotLoaded(
+                "no image model loaded: call LoadModel with a DiffusionKit (SD3 / FLUX) folder first"
+            )
         return self.current
 
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, req, dst: str) -> Generated:
         """Plan, generate and write one PNG to dst."""
-        from mlxbackend.image.generate import generate, plan_request, write_png
 
         if not dst:
             raise InvalidInput("GenerateImage needs dst, the path of the PNG to write")
@@ -69,9 +75,9 @@ class ImageEngine:
         def on_step(done: int, total: int, seconds: float):
             times.append(seconds)
             print(f"image: step {done}/{total} ({seconds:.2f} s)", file=sys.stderr, flush=True)
-            self.worker.serve_pending(0.0)  # other requests move between denoising steps
+            pause()  # one denoising step is one step of the worker task
 
-        future = self.worker.call(generate, pipe, plan, on_step, cancelled.is_set)
+        future = self.worker.call_owned(pipe, generate, pipe, plan, on_step, cancelled.is_set)
         try:
             image = await asyncio.wrap_future(future)
         except asyncio.CancelledError:

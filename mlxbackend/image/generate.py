@@ -17,12 +17,12 @@ sigmas, noise and latent scaling: the same seed gives DiffusionKit's latents bit
 """
 
 import copy
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxbackend import publish
 from mlxbackend.errors import (
     Cancelled,
     InvalidInput,
@@ -31,11 +31,22 @@ from mlxbackend.errors import (
     Precondition,
     Unsupported,
 )
+from mlxbackend.image.compat import t5_encode
+from mlxbackend.image.pipeline import free_text_encoders, load_text_encoders
 
 DEFAULT_STRENGTH = 0.75
-LATENT_FORMAT = {"sd3": (0.0609, 1.5305), "flux": (0.1159, 0.3611)}  # (shift, scale) as in DiffusionKit
+LATENT_FORMAT = {
+    "sd3": (0.0609, 1.5305),
+    "flux": (0.1159, 0.3611),
+}  # (shift, scale) as in DiffusionKit
 # EnableParameters key → Plan field
-PARAMETERS = {"strength": "strength", "cfg_scale": "cfg", "guidance_scale": "cfg", "cfg": "cfg", "shift": "shift"}
+PARAMETERS = {
+    "strength": "strength",
+    "cfg_scale": "cfg",
+    "guidance_scale": "cfg",
+    "cfg": "cfg",
+    "shift": "shift",
+}
 
 
 @dataclass
@@ -63,7 +74,9 @@ class Plan:
     height: int
     steps: int  # schedule length; img2img runs the last denoise_steps of it
     seed: int  # the one used (drawn when the request's was ≤ 0)
-    cfg: float  # SD3: guidance scale (≤ 1 = none); FLUX-dev: embedded guidance; FLUX-schnell: unused
+    cfg: (
+        float  # SD3: guidance scale (≤ 1 = none); FLUX-dev: embedded guidance; FLUX-schnell: unused
+    )
     shift: float
     strength: float = 1.0  # 1.0 = text-to-image
     src: object = None  # numpy uint8 (height, width, 3) for img2img, else None
@@ -91,9 +104,11 @@ def parse_parameters(text: str) -> dict:
         cut = min((i for i in (entry.find(":"), entry.find("=")) if i >= 0), default=-1)
         if cut < 0:
             continue
-        key, value = entry[:cut].strip().lower(), entry[cut + 1:].strip()
+        key, value = entry[:cut].strip().lower(), entry[cut + 1 :].strip()
         if key not in PARAMETERS:
-            raise InvalidInput(f"EnableParameters: unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
+            raise InvalidInput(
+                f"EnableParameters: unknown parameter {key!r} (known: {', '.join(PARAMETERS)})"
+            )
         try:
             values[PARAMETERS[key]] = float(value)
         except ValueError:
@@ -113,7 +128,9 @@ def _check_size(name: str, value: int, pipe):
     if value % 16:
         raise InvalidInput(_size_error(name, value, pipe))
     if value > pipe.max_size:
-        raise InvalidInput(f"{name} {value} is above this model's maximum of {pipe.max_size} pixels")
+        raise InvalidInput(
+            f"{name} {value} is above this model's maximum of {pipe.max_size} pixels"
+        )
 
 
 def read_source(src: str):
@@ -145,7 +162,9 @@ def plan_request(pipe, req: ImageRequest) -> Plan:
     if not (req.prompt or "").strip():
         raise InvalidInput("the prompt is empty")
     if req.ref_images:
-        raise Unsupported("reference images are not supported: no DiffusionKit model (SD3 / FLUX) takes them")
+        raise Unsupported(
+            "reference images are not supported: no DiffusionKit model (SD3 / FLUX) takes them"
+        )
     params = parse_parameters(req.enable_parameters)
     settings = pipe.settings
     if not 0 <= req.steps <= 1000:
@@ -165,9 +184,13 @@ def plan_request(pipe, req: ImageRequest) -> Plan:
     clip_skip = req.clip_skip or settings.clip_skip
     if not 0 <= clip_skip <= pipe.clip_skip_limit():
         limit = pipe.clip_skip_limit()
-        raise InvalidInput(f"clip_skip must be between 0 and {limit} for this model, got {clip_skip}")
+        raise InvalidInput(
+            f"clip_skip must be between 0 and {limit} for this model, got {clip_skip}"
+        )
     if req.width < 0 or req.height < 0:
-        raise InvalidInput(f"width and height must be > 0 (0 = default), got {req.width}x{req.height}")
+        raise InvalidInput(
+            f"width and height must be > 0 (0 = default), got {req.width}x{req.height}"
+        )
 
     source = read_source(req.src) if req.src else None
     if source is not None:
@@ -188,9 +211,17 @@ def plan_request(pipe, req: ImageRequest) -> Plan:
     if seed >= 2**32:
         raise InvalidInput(f"seed must be below 2**32, got {seed}")
     return Plan(
-        prompt=req.prompt, negative_prompt=req.negative_prompt or "", width=width, height=height,
-        steps=steps, seed=seed, cfg=cfg, shift=shift, strength=strength if src is not None else 1.0,
-        src=src, clip_skip=clip_skip,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or "",
+        width=width,
+        height=height,
+        steps=steps,
+        seed=seed,
+        cfg=cfg,
+        shift=shift,
+        strength=strength if src is not None else 1.0,
+        src=src,
+        clip_skip=clip_skip,
     )
 
 
@@ -211,9 +242,6 @@ def encode_text(pipe, plan: Plan):
     SD3 guides]; batch 2 only when guidance is on."""
     import mlx.core as mx
 
-    from mlxbackend.image.compat import t5_encode
-    from mlxbackend.image.pipeline import free_text_encoders, load_text_encoders
-
     load_text_encoders(pipe)
     try:
         if pipe.family == "flux":
@@ -231,7 +259,11 @@ def encode_text(pipe, plan: Plan):
             pooled = mx.concatenate([out_l.pooled_output, out_g.pooled_output], axis=-1)
             # pad the CLIP features to the MMDiT's token width (DiffusionKit hard-codes 4096)
             cond = mx.pad(cond, [(0, 0), (0, 0), (0, pipe.token_dim - cond.shape[-1])])
-            t5 = t5_encode(pipe.t5, _padded(pipe.t5_tokenizer, texts)) if pipe.use_t5 else mx.zeros_like(cond)
+            t5 = (
+                t5_encode(pipe.t5, _padded(pipe.t5_tokenizer, texts))
+                if pipe.use_t5
+                else mx.zeros_like(cond)
+            )
             cond = mx.concatenate([cond, t5.astype(cond.dtype)], axis=1)
         mx.eval(cond, pooled)
     finally:
@@ -266,7 +298,12 @@ def initial_latent(pipe, plan: Plan, sigma0, sampler):
     import numpy as np
 
     rng = np.random.RandomState(plan.seed)
-    shape = (1, pipe.latent_channels, plan.height // 8, plan.width // 8)  # drawn NCHW, like DiffusionKit
+    shape = (
+        1,
+        pipe.latent_channels,
+        plan.height // 8,
+        plan.width // 8,
+    )  # drawn NCHW, like DiffusionKit
     noise = mx.array(rng.standard_normal(shape).astype(np.float32)).transpose(0, 2, 3, 1)
     if plan.src is None:
         return noise
@@ -321,12 +358,20 @@ def modulation_for(pipe, pooled, timesteps, guidance) -> list:
     y_embedder = mmdit.y_embedder
     try:
         if guidance is not None:
-            mmdit.y_embedder = _with_guidance(y_embedder, pipe.guidance_in, mmdit.t_embedder, guidance)
+            mmdit.y_embedder = _with_guidance(
+                y_embedder, pipe.guidance_in, mmdit.t_embedder, guidance
+            )
         mmdit.cache_modulation_params(pooled, timesteps)  # offloads the adaLN weights
-        return [(m, m._modulation_params) for _, m in mmdit.named_modules() if hasattr(m, "_modulation_params")]
+        return [
+            (m, m._modulation_params)
+            for _, m in mmdit.named_modules()
+            if hasattr(m, "_modulation_params")
+        ]
     finally:
         mmdit.y_embedder = y_embedder
-        mmdit.load_weights(pipe.modulation, strict=False)  # not load_mmdit(): no checkpoint/hub re-read
+        mmdit.load_weights(
+            pipe.modulation, strict=False
+        )  # not load_mmdit(): no checkpoint/hub re-read
         mmdit.clear_modulation_params_cache()
         mmdit.pop("to_offload", None)  # the offloaded layers, listed again among the parameters
 
@@ -344,7 +389,9 @@ def euler_step(pipe, sampler, x, timesteps, sigmas, i: int, cond, cfg: float, mo
         mx.eval(x)
     finally:
         for module, _ in modulation:
-            module.pop("_modulation_params", None)  # an mlx Module is a dict: the attribute is an item
+            module.pop(
+                "_modulation_params", None
+            )  # an mlx Module is a dict: the attribute is an item
     return x
 
 
@@ -353,7 +400,7 @@ def sample(pipe, plan: Plan, cond, pooled, on_step=None, is_cancelled=None):
     first step's seconds include the modulation pass, so the seconds add up to the whole loop)."""
     flux = pipe.family == "flux"
     sampler = sampler_for(pipe, plan.shift)
-    sigmas = sigmas_for(sampler, plan.steps, flux)[plan.steps - plan.denoise_steps:]
+    sigmas = sigmas_for(sampler, plan.steps, flux)[plan.steps - plan.denoise_steps :]
     x = initial_latent(pipe, plan, sigmas[0], sampler)
     cfg = plan.cfg if plan.guided and not flux else 0.0
     guidance = plan.cfg if flux and pipe.guidance_in is not None else None
@@ -398,36 +445,21 @@ def generate(pipe, plan: Plan, on_step=None, is_cancelled=None):
     except RuntimeError as exc:
         text = str(exc).lower()
         if "memory" in text or "malloc" in text:
-            raise OutOfMemory(f"not enough memory for a {plan.width}x{plan.height} image: {exc}") from None
+            raise OutOfMemory(
+                f"not enough memory for a {plan.width}x{plan.height} image: {exc}"
+            ) from None
         raise
     return Image.fromarray(pixels, "RGB")
 
 
 def write_png(image, dst: str) -> None:
-    """Write `image` to dst atomically: a temporary file beside it, fsync, rename over dst."""
+    """Write `image` to dst atomically (publish.atomic_file); a full disk raises NoSpace."""
     target = Path(dst)
     folder = target.parent
     if not folder.is_dir():
         raise InvalidInput(f"cannot write {dst}: the folder {folder} does not exist")
-    tmp = folder / f"{target.name}.tmp-{os.getpid()}.png"
     try:
-        with open(tmp, "wb") as f:
+        with publish.atomic_file(target) as f:
             image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InvalidInput(f"cannot write {dst}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # the rename is done; a folder that cannot be fsynced (some filesystems) is fine
-

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound, OutOfMemory
+from mlxbackend.image.compat import import_diffusionkit
 
 MANIFEST = "diffusionkit.json"
 
@@ -59,25 +60,43 @@ VARIANTS = {
     "sd3.5-large-4bit": dict(SD3, config="SD3_8b", size=1024, quantized=True),
     "flux-schnell": dict(FLUX, t5_max_length=256),
     "flux-schnell-4bit": dict(FLUX, t5_max_length=256, quantized=True),
-    "flux-dev": dict(FLUX, t5_max_length=512, steps=28, cfg=3.5),  # DiffusionKit loads it with the schnell config
+    "flux-dev": dict(
+        FLUX, t5_max_length=512, steps=28, cfg=3.5
+    ),  # DiffusionKit loads it with the schnell config
 }
 FAMILY_DEFAULT = {"sd3": "sd3-medium", "flux": "flux-schnell"}
 
 PIPELINE_TYPES = {
-    "sd3": "sd3", "sd3.5": "sd3", "stablediffusion3": "sd3", "stablediffusion3pipeline": "sd3",
-    "stablediffusion3img2imgpipeline": "sd3", "flux": "flux", "flux-schnell": "flux", "flux-dev": "flux",
-    "fluxpipeline": "flux", "fluximg2imgpipeline": "flux",
+    "sd3": "sd3",
+    "sd3.5": "sd3",
+    "stablediffusion3": "sd3",
+    "stablediffusion3pipeline": "sd3",
+    "stablediffusion3img2imgpipeline": "sd3",
+    "flux": "flux",
+    "flux-schnell": "flux",
+    "flux-dev": "flux",
+    "fluxpipeline": "flux",
+    "fluximg2imgpipeline": "flux",
 }
 SCHEDULERS = ("", "euler", "flow_match_euler", "flowmatcheulerdiscretescheduler", "k_euler")
-DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float16": "float16", "fp16": "float16",
-          "f16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 CLIP_WEIGHTS = ("model.fp16.safetensors", "model.safetensors")
 T5_WEIGHTS = "t5/t5xxl.safetensors"
 
 
 def pipeline_family(pipeline_type: str) -> str:
-    """"sd3" / "flux" for a LocalAI PipelineType naming one, "" for none; InvalidInput otherwise."""
+    """ "sd3" / "flux" for a LocalAI PipelineType naming one, "" for none; InvalidInput otherwise."""
     name = (pipeline_type or "").strip().lower().replace("_", "")
     if not name:
         return ""
@@ -121,7 +140,9 @@ class LoadSettings:
     scheduler: str = ""
     cfg_scale: float = 0.0  # 0 = the family's default
     clip_skip: int = 0
-    low_memory: bool = False  # text encoders loaded per request and freed after use (LocalAI's LowVRAM)
+    low_memory: bool = (
+        False  # text encoders loaded per request and freed after use (LocalAI's LowVRAM)
+    )
     dtype: str = ""  # "" = float32 on CPU, float16 (SD3) / bfloat16 (FLUX) on a GPU
     shift: float = 0.0  # 0 = the model's default
     t5: bool | None = None  # SD3: use T5 when t5/ weights exist, unless False
@@ -138,8 +159,12 @@ class LoadSettings:
         for key in ("cfg_scale", "guidance_scale"):
             if key in options:
                 values["cfg_scale"] = _number(options[key], key)
-        for key, name, kind in (("clip_skip", "clip_skip", int), ("shift", "shift", float),
-                                ("steps", "steps", int), ("strength", "strength", float)):
+        for key, name, kind in (
+            ("clip_skip", "clip_skip", int),
+            ("shift", "shift", float),
+            ("steps", "steps", int),
+            ("strength", "strength", float),
+        ):
             if key in options:
                 values[name] = _number(options[key], key, kind)
         for key in ("low_memory", "low_vram", "lowvram"):
@@ -172,11 +197,15 @@ class LoadSettings:
         if self.shift < 0:
             raise InvalidInput(f"shift must be > 0 (0 = the model's default), got {self.shift}")
         if not 0 <= self.steps <= 1000:
-            raise InvalidInput(f"steps must be between 1 and 1000 (0 = the model's default), got {self.steps}")
+            raise InvalidInput(
+                f"steps must be between 1 and 1000 (0 = the model's default), got {self.steps}"
+            )
         if not 0 <= self.strength <= 1:
             raise InvalidInput(f"strength must be in (0, 1] (0 = 0.75), got {self.strength}")
         if (self.dtype or "").strip().lower() not in ("", *DTYPES):
-            raise InvalidInput(f"dtype {self.dtype!r} is not supported: use float32, float16 or bfloat16")
+            raise InvalidInput(
+                f"dtype {self.dtype!r} is not supported: use float32, float16 or bfloat16"
+            )
         pipeline_family(self.pipeline_type)
 
 
@@ -200,7 +229,9 @@ class Pipeline:
     token_dim: int = 4096  # MMDiT token_level_text_embed_dim
     clip_layers: int = 0  # fewest layers among the CLIP encoders (bounds clip_skip)
     mmdit: object = None
-    modulation: list = field(default_factory=list)  # adaLN weights, restored after every sampling run
+    modulation: list = field(
+        default_factory=list
+    )  # adaLN weights, restored after every sampling run
     guidance_in: object = None  # FLUX-dev guidance embedder, or None
     vae_decoder: object = None
     vae_encoder: object = None
@@ -252,7 +283,9 @@ def is_diffusion_dir(path) -> bool:
     """A folder holding a DiffusionKit checkpoint (known file name) or a diffusionkit.json."""
     path = Path(path)
     try:
-        return path.is_dir() and ((path / MANIFEST).is_file() or any((path / n).is_file() for n in CHECKPOINTS))
+        return path.is_dir() and (
+            (path / MANIFEST).is_file() or any((path / n).is_file() for n in CHECKPOINTS)
+        )
     except OSError:
         return False
 
@@ -284,10 +317,14 @@ def describe(path: Path, settings: LoadSettings) -> Pipeline:
     named_family, variant = CHECKPOINTS.get(checkpoint.name, ("", ""))
     for given in (family, wanted):
         if given and named_family and given != named_family:
-            raise InvalidInput(f"{checkpoint.name} is a {named_family} checkpoint, but {given} was asked for")
+            raise InvalidInput(
+                f"{checkpoint.name} is a {named_family} checkpoint, but {given} was asked for"
+            )
     family = family or wanted or named_family
     if not family:
-        raise InvalidInput(f"{path / MANIFEST} must name the family (sd3 or flux) for {checkpoint.name}")
+        raise InvalidInput(
+            f"{path / MANIFEST} must name the family (sd3 or flux) for {checkpoint.name}"
+        )
     variant = variant or FAMILY_DEFAULT[family]
     spec = VARIANTS[variant]
 
@@ -298,16 +335,27 @@ def describe(path: Path, settings: LoadSettings) -> Pipeline:
         files["vae"] = path / "ae.safetensors" if family == "flux" else checkpoint
     encoders = ["l"] + (["g"] if family == "sd3" else [])
     for e in encoders:
-        weights = next((path / f"clip_{e}" / n for n in CLIP_WEIGHTS if (path / f"clip_{e}" / n).is_file()), None)
+        weights = next(
+            (path / f"clip_{e}" / n for n in CLIP_WEIGHTS if (path / f"clip_{e}" / n).is_file()),
+            None,
+        )
         files[f"clip_{e}"] = weights or path / f"clip_{e}" / CLIP_WEIGHTS[0]
         files[f"clip_{e}_config"] = path / f"clip_{e}" / "config.json"
         files[f"tokenizer_{e}_vocab"] = path / f"tokenizer_{e}" / "vocab.json"
         files[f"tokenizer_{e}_merges"] = path / f"tokenizer_{e}" / "merges.txt"
-    use_t5 = family == "flux" or settings.t5 is True or (settings.t5 is None and (path / T5_WEIGHTS).is_file())
+    use_t5 = (
+        family == "flux"
+        or settings.t5 is True
+        or (settings.t5 is None and (path / T5_WEIGHTS).is_file())
+    )
     if use_t5:
         files["t5"] = path / T5_WEIGHTS
         files["t5_config"] = path / "t5" / "config.json"
-        tokenizer = [path / "t5" / n for n in ("tokenizer.json", "spiece.model") if (path / "t5" / n).is_file()]
+        tokenizer = [
+            path / "t5" / n
+            for n in ("tokenizer.json", "spiece.model")
+            if (path / "t5" / n).is_file()
+        ]
         files["t5_tokenizer"] = tokenizer[0] if tokenizer else path / "t5" / "tokenizer.json"
     missing = [str(p.relative_to(path)) for p in dict.fromkeys(files.values()) if not p.is_file()]
     if missing:
@@ -326,11 +374,17 @@ def describe(path: Path, settings: LoadSettings) -> Pipeline:
     shift = settings.shift or number("shift", spec["shift"])
     default_size = number("default_size", spec["size"], int)
     pipe = Pipeline(
-        family=family, path=path, settings=settings, variant=variant,
+        family=family,
+        path=path,
+        settings=settings,
+        variant=variant,
         default_steps=settings.steps or number("default_steps", spec["steps"], int),
         default_cfg=settings.cfg_scale or number("default_cfg", spec["cfg"]),
-        max_size=number("max_size", 0, int), default_size=default_size, shift=shift,
-        files=files, t5_max_length=number("t5_max_length", spec["t5_max_length"], int),
+        max_size=number("max_size", 0, int),
+        default_size=default_size,
+        shift=shift,
+        files=files,
+        t5_max_length=number("t5_max_length", spec["t5_max_length"], int),
     )
     if shift <= 0:
         raise InvalidInput(f"shift must be > 0, got {shift}")
@@ -408,7 +462,9 @@ def mmdit_config(pipe: Pipeline, manifest: dict, weights: dict):
             overrides["pos_embed_type"] = dkc.PositionalEncoding[overrides["pos_embed_type"]]
         except KeyError:
             names = [p.name for p in dkc.PositionalEncoding]
-            raise InvalidInput(f"{pipe.path / MANIFEST}: pos_embed_type must be one of {names}") from None
+            raise InvalidInput(
+                f"{pipe.path / MANIFEST}: pos_embed_type must be one of {names}"
+            ) from None
     if overrides.get("rope_axes_dim") is not None:
         overrides["rope_axes_dim"] = tuple(overrides["rope_axes_dim"])
     overrides.pop("dtype", None)
@@ -420,7 +476,12 @@ def mmdit_config(pipe: Pipeline, manifest: dict, weights: dict):
         # low_memory_mode passes memory_efficient_threshold to mx.fast.scaled_dot_product_attention,
         # which current mlx rejects; guidance is embedded by generate.py (see load_mmdit)
         return replace(
-            base, **overrides, low_memory_mode=False, guidance_embed=False, dtype=pipe.dtype, float16_dtype=pipe.dtype
+            base,
+            **overrides,
+            low_memory_mode=False,
+            guidance_embed=False,
+            dtype=pipe.dtype,
+            float16_dtype=pipe.dtype,
         )
     except TypeError as exc:
         raise InvalidInput(f"{pipe.path / MANIFEST}: bad MMDiT config: {exc}") from None
@@ -436,12 +497,17 @@ def load_mmdit(pipe: Pipeline, manifest: dict, raw: dict):
     from mlx.utils import tree_flatten
 
     file = pipe.files["checkpoint"]
-    quantized = VARIANTS[pipe.variant].get("quantized", False) or bool(manifest.get("quantized", False))
+    quantized = VARIANTS[pipe.variant].get("quantized", False) or bool(
+        manifest.get("quantized", False)
+    )
     prefix = "model.diffusion_model."
     try:
         if pipe.family == "sd3":
-            weights = ({k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)} if quantized
-                       else model_io.mmdit_state_dict_adjustments(raw, prefix=prefix))
+            weights = (
+                {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+                if quantized
+                else model_io.mmdit_state_dict_adjustments(raw, prefix=prefix)
+            )
         elif quantized:
             weights = dict(raw)
         else:
@@ -450,7 +516,9 @@ def load_mmdit(pipe: Pipeline, manifest: dict, raw: dict):
                 dict(raw), prefix="", hidden_size=base.hidden_size, mlp_ratio=base.mlp_ratio
             )
     except (KeyError, ValueError) as exc:
-        raise InvalidInput(f"{file.name} is not a DiffusionKit {pipe.family} checkpoint (missing {exc})") from None
+        raise InvalidInput(
+            f"{file.name} is not a DiffusionKit {pipe.family} checkpoint (missing {exc})"
+        ) from None
     config = mmdit_config(pipe, manifest, weights)
     model = dkm.MMDiT(config)
     if quantized:
@@ -462,15 +530,23 @@ def load_mmdit(pipe: Pipeline, manifest: dict, raw: dict):
         if key.endswith("attn.k_proj.bias"):
             layer = _module_at(model, key[: -len(".bias")])
             layer.bias = mx.zeros((weights[key].shape[0],))
-    guidance = {k[len("guidance_in."):]: v for k, v in weights.items() if k.startswith("guidance_in.")}
+    guidance = {
+        k[len("guidance_in.") :]: v for k, v in weights.items() if k.startswith("guidance_in.")
+    }
     weights = {k: v for k, v in weights.items() if not k.startswith("guidance_in.")}
     wants_guidance = manifest.get("guidance_embed")
     guidance_in = None
     if guidance and wants_guidance is not False:
-        guidance_in = load_strict(dkm.MLPEmbedder(config.frequency_embed_dim, config.hidden_size),
-                                  _cast(guidance, pipe.dtype), file, "guidance embedder")
+        guidance_in = load_strict(
+            dkm.MLPEmbedder(config.frequency_embed_dim, config.hidden_size),
+            _cast(guidance, pipe.dtype),
+            file,
+            "guidance embedder",
+        )
     elif wants_guidance:
-        raise InvalidInput(f"{file.name} has no guidance_in weights, but {MANIFEST} sets guidance_embed")
+        raise InvalidInput(
+            f"{file.name} has no guidance_in weights, but {MANIFEST} sets guidance_embed"
+        )
     load_strict(model, _cast(weights, pipe.dtype), file, f"{pipe.family} MMDiT")
     pipe.modulation = [(k, v) for k, v in tree_flatten(model.parameters()) if "adaLN" in k]
     pipe.mmdit, pipe.guidance_in = model, guidance_in
@@ -503,13 +579,20 @@ def load_vae(pipe: Pipeline, manifest: dict, raw: dict):
             raise InvalidInput(f"{pipe.path / MANIFEST}: bad vae_{side} config: {exc}") from None
         prefix = _vae_prefix(raw, side)
         try:
-            weights = ({k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)} if quantized
-                       else adjust(raw, prefix=prefix))
+            weights = (
+                {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+                if quantized
+                else adjust(raw, prefix=prefix)
+            )
         except KeyError as exc:
             raise InvalidInput(f"{file.name} holds no VAE {side} (missing {exc})") from None
-        model = cls(in_channels=config.in_channels, out_channels=config.out_channels,
-                    block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
-                    resnet_groups=config.resnet_groups)
+        model = cls(
+            in_channels=config.in_channels,
+            out_channels=config.out_channels,
+            block_out_channels=list(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            resnet_groups=config.resnet_groups,
+        )
         load_strict(model, _cast(weights, pipe.dtype), file, f"VAE {side}")
         setattr(pipe, f"vae_{side}", model)
 
@@ -522,12 +605,17 @@ def clip_model(config: dict, file: Path, dtype):
 
     with_projection = "WithProjection" in (config.get("architectures") or [""])[0]
     try:
-        model = CLIPTextModel(CLIPTextModelConfig(
-            num_layers=config["num_hidden_layers"], model_dims=config["hidden_size"],
-            num_heads=config["num_attention_heads"], max_length=config["max_position_embeddings"],
-            vocab_size=config["vocab_size"], projection_dim=config["projection_dim"] if with_projection else None,
-            hidden_act=config.get("hidden_act", "quick_gelu"),
-        ))
+        model = CLIPTextModel(
+            CLIPTextModelConfig(
+                num_layers=config["num_hidden_layers"],
+                model_dims=config["hidden_size"],
+                num_heads=config["num_attention_heads"],
+                max_length=config["max_position_embeddings"],
+                vocab_size=config["vocab_size"],
+                projection_dim=config["projection_dim"] if with_projection else None,
+                hidden_act=config.get("hidden_act", "quick_gelu"),
+            )
+        )
     except KeyError as exc:
         raise InvalidInput(f"{file.parent / 'config.json'} lacks {exc}") from None
     weights = {}
@@ -544,12 +632,19 @@ def t5_model(config: dict, file: Path, dtype):
     from diffusionkit.mlx.model_io import t5_encoder_state_dict_adjustments
     from diffusionkit.mlx.t5 import SD3T5Encoder
 
-    defaults = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-                    feed_forward_proj="relu", d_ff=None)
+    defaults = dict(
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="relu",
+        d_ff=None,
+    )
     try:
         model = SD3T5Encoder(SimpleNamespace(**{**defaults, **config}), low_memory_mode=False)
     except (AttributeError, ValueError) as exc:
-        raise InvalidInput(f"{file.parent / 'config.json'} is not a T5 encoder config: {exc}") from None
+        raise InvalidInput(
+            f"{file.parent / 'config.json'} is not a T5 encoder config: {exc}"
+        ) from None
     raw = {k: v for k, v in _read(file).items() if not k.startswith(("decoder.", "lm_head."))}
     if "shared.weight" in raw:
         raw.setdefault("encoder.embed_tokens.weight", raw["shared.weight"])
@@ -571,9 +666,13 @@ class ClipTokenizer:
 
         try:
             vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-            merges = merges_file.read_text(encoding="utf-8").strip().split("\n")[1: 49152 - 256 - 2 + 1]
+            merges = (
+                merges_file.read_text(encoding="utf-8").strip().split("\n")[1 : 49152 - 256 - 2 + 1]
+            )
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"cannot read the CLIP tokenizer in {vocab_file.parent}: {exc}") from None
+            raise InvalidInput(
+                f"cannot read the CLIP tokenizer in {vocab_file.parent}: {exc}"
+            ) from None
         ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
         self.inner = Tokenizer(ranks, vocab, pad_with_eos)
         missing = [t for t in (self.inner.bos, self.inner.eos) if t not in vocab]
@@ -587,15 +686,24 @@ class ClipTokenizer:
         import regex
 
         clean = regex.sub(r"\s+", " ", text.lower()).strip()
-        words = ["".join(self.bytes[b] for b in w.encode("utf-8")) for w in regex.findall(self.inner.pat, clean)]
-        ids = [self.inner.vocab[p] for w in words for p in self.inner.bpe(w) if p in self.inner.vocab]
+        words = [
+            "".join(self.bytes[b] for b in w.encode("utf-8"))
+            for w in regex.findall(self.inner.pat, clean)
+        ]
+        ids = [
+            self.inner.vocab[p] for w in words for p in self.inner.bpe(w) if p in self.inner.vocab
+        ]
         ids = ids[: self.max_length - 2]
         return [self.inner.bos_token, *ids, self.inner.eos_token]
 
 
 def _bytes_to_unicode() -> dict:
     """GPT-2 / CLIP byte → printable character table."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -662,9 +770,15 @@ def check_text_shapes(pipe: Pipeline):
     clips = [pipe.clip_configs[k] for k in ("clip_l", "clip_g") if k in pipe.clip_configs]
     try:
         hidden = sum(c["hidden_size"] for c in clips)
-        projected = pipe.family == "sd3"  # FLUX pools CLIP-L without its projection (generate.encode_text)
-        pooled = sum(c["projection_dim"] if projected and "WithProjection" in (c.get("architectures") or [""])[0]
-                     else c["hidden_size"] for c in clips)
+        projected = (
+            pipe.family == "sd3"
+        )  # FLUX pools CLIP-L without its projection (generate.encode_text)
+        pooled = sum(
+            c["projection_dim"]
+            if projected and "WithProjection" in (c.get("architectures") or [""])[0]
+            else c["hidden_size"]
+            for c in clips
+        )
         pipe.clip_layers = min(c["num_hidden_layers"] for c in clips)
     except (KeyError, TypeError) as exc:
         raise InvalidInput(f"a CLIP config.json in {pipe.path} lacks {exc}") from None
@@ -686,7 +800,6 @@ def check_text_shapes(pipe: Pipeline):
 
 def load_pipeline(path, settings: LoadSettings) -> Pipeline:
     """Load everything (MLX thread). Text encoders wait for the first request in low-memory mode."""
-    from mlxbackend.image.compat import import_diffusionkit
 
     settings = settings or LoadSettings()
     settings.validate()
@@ -703,7 +816,9 @@ def load_pipeline(path, settings: LoadSettings) -> Pipeline:
         for e in ("l", "g") if pipe.family == "sd3" else ("l",):
             pipe.clip_configs[f"clip_{e}"] = _read_json(pipe.files[f"clip_{e}_config"])
             tokenizer = ClipTokenizer(
-                pipe.files[f"tokenizer_{e}_vocab"], pipe.files[f"tokenizer_{e}_merges"], pad_with_eos=e == "l"
+                pipe.files[f"tokenizer_{e}_vocab"],
+                pipe.files[f"tokenizer_{e}_merges"],
+                pad_with_eos=e == "l",
             )
             setattr(pipe, f"tokenizer_{e}", tokenizer)
         if pipe.use_t5:
@@ -744,8 +859,18 @@ def free_pipeline(pipe) -> None:
 
     if pipe is None:
         return
-    for name in ("mmdit", "guidance_in", "vae_decoder", "vae_encoder", "clip_l", "clip_g", "t5",
-                 "tokenizer_l", "tokenizer_g", "t5_tokenizer"):
+    for name in (
+        "mmdit",
+        "guidance_in",
+        "vae_decoder",
+        "vae_encoder",
+        "clip_l",
+        "clip_g",
+        "t5",
+        "tokenizer_l",
+        "tokenizer_g",
+        "t5_tokenizer",
+    ):
         setattr(pipe, name, None)
     pipe.modulation = []
     gc.collect()

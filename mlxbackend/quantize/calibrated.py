@@ -20,21 +20,23 @@ tokenizer and cut into `[N, L]` blocks of token ids (non-overlapping, a seeded r
 Progress and stop: mlx-lm's functions loop internally; their only hook is `tqdm`, which this
 module replaces (inside the four mlx_lm.quant modules, for the duration of one call) by a
 progress bar that publishes progress, checks the stop flag (raising `Stopped` inside the loop)
-and serves the MLX worker's waiting work. So progress and stop are per AWQ transformer block,
+and ends the worker task's step (`worker.pause()`). So progress and stop are per AWQ transformer block,
 per GPTQ Hessian batch / quantized layer, per DWQ training batch, per sensitivity batch; the
 steps without a loop hook (GPTQ's Cholesky per layer, estimate_threshold's binary search of
 deep copies, the final quantize_model) run to their end before a stop is seen.
 
-The whole method is ONE call on the MLX worker thread (MLX arrays must stay on that thread);
-between its loop iterations the hook runs the worker's pending calls and generation steps
-(about as long as the iteration took), so other requests on the backend keep progressing,
-more slowly, while a job runs."""
+The whole method is ONE task on the MLX worker thread (MLX arrays must stay on that thread);
+each loop iteration is one step of it (worker.py's rule), so other requests on the backend keep
+progressing, more slowly, while a job runs. The replaced `tqdm` is one dispatcher installed for
+good; it finds the running job's hook in a context variable (each worker task has its own), so
+two jobs whose steps interleave never see each other's bars."""
 
 import contextlib
-import time
+import contextvars
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound
+from mlxbackend.worker import pause
 
 METHODS = ("awq", "gptq", "dwq", "dynamic")
 TEXT_OPTION = "calibration_text"
@@ -43,8 +45,18 @@ DEFAULTS = {"bits": 4, "calibration_samples": 32, "calibration_seq_len": 256, "s
 MIN_SAMPLES = 4  # DWQ's batch; fewer blocks make poor statistics anyway
 MIN_SEQ_LEN = 32
 MIN_TOKENS = MIN_SAMPLES * MIN_SEQ_LEN
-OPTIONS = (TEXT_OPTION, "calibration_samples", "calibration_seq_len", "bits", "seed", "embed_bits",
-           "embed_group_size", "high_bits", "target_bpw", "learning_rate")
+OPTIONS = (
+    TEXT_OPTION,
+    "calibration_samples",
+    "calibration_seq_len",
+    "bits",
+    "seed",
+    "embed_bits",
+    "embed_group_size",
+    "high_bits",
+    "target_bpw",
+    "learning_rate",
+)
 
 
 def _int(options: dict, key: str, default=None, low: int = 1):
@@ -81,7 +93,8 @@ def settings(method: str, options: dict) -> dict:
             f"mlx-{method} is data-aware: it needs local calibration text, extra_options "
             f"{TEXT_OPTION}=<path of a text file> (tokenized with the model's tokenizer into "
             f"calibration_samples x calibration_seq_len blocks). Nothing is downloaded: mlx-lm's "
-            f"own CLIs would fetch a calibration set from the network, this backend does not")
+            f"own CLIs would fetch a calibration set from the network, this backend does not"
+        )
     path = Path(text).expanduser()
     if not path.exists():
         raise NotFound(f"extra_options {TEXT_OPTION}: {text!r} not found")
@@ -89,32 +102,45 @@ def settings(method: str, options: dict) -> dict:
         raise InvalidInput(f"extra_options {TEXT_OPTION}: {text!r} is not a file")
     size = path.stat().st_size
     if size < MIN_TOKENS - 1:  # a token covers at least one byte (+ BOS)
-        raise InvalidInput(f"extra_options {TEXT_OPTION}: {text!r} is too short ({size} bytes): at least "
-                           f"{MIN_TOKENS} tokens ({MIN_SAMPLES} blocks of {MIN_SEQ_LEN}) are needed")
+        raise InvalidInput(
+            f"extra_options {TEXT_OPTION}: {text!r} is too short ({size} bytes): at least "
+            f"{MIN_TOKENS} tokens ({MIN_SAMPLES} blocks of {MIN_SEQ_LEN}) are needed"
+        )
     bits = _int(options, "bits", DEFAULTS["bits"])
     allowed = (2, 4, 8) if method == "gptq" else QUANT_BITS
     if bits not in allowed:
         raise InvalidInput(f"mlx-{method}: bits must be one of {allowed}, got {bits}")
-    s = {"method": method, "text": str(path.absolute()), "bits": bits,
-         "samples": _int(options, "calibration_samples", DEFAULTS["calibration_samples"]),
-         "seq_len": _int(options, "calibration_seq_len", DEFAULTS["calibration_seq_len"], low=MIN_SEQ_LEN),
-         "seed": _int(options, "seed", DEFAULTS["seed"], low=0),
-         "embed_bits": _int(options, "embed_bits", {"awq": 4, "gptq": 6}.get(method)),
-         "embed_group_size": _int(options, "embed_group_size"),
-         "learning_rate": _float(options, "learning_rate", 1e-6),
-         "target_bpw": _float(options, "target_bpw")}
+    s = {
+        "method": method,
+        "text": str(path.absolute()),
+        "bits": bits,
+        "samples": _int(options, "calibration_samples", DEFAULTS["calibration_samples"]),
+        "seq_len": _int(
+            options, "calibration_seq_len", DEFAULTS["calibration_seq_len"], low=MIN_SEQ_LEN
+        ),
+        "seed": _int(options, "seed", DEFAULTS["seed"], low=0),
+        "embed_bits": _int(options, "embed_bits", {"awq": 4, "gptq": 6}.get(method)),
+        "embed_group_size": _int(options, "embed_group_size"),
+        "learning_rate": _float(options, "learning_rate", 1e-6),
+        "target_bpw": _float(options, "target_bpw"),
+    }
     if s["embed_bits"] is not None and s["embed_bits"] not in QUANT_BITS:
-        raise InvalidInput(f"extra_options embed_bits must be one of {QUANT_BITS}, got {s['embed_bits']}")
+        raise InvalidInput(
+            f"extra_options embed_bits must be one of {QUANT_BITS}, got {s['embed_bits']}"
+        )
     if method == "dynamic":
         higher = [b for b in QUANT_BITS if b > bits]
         high = _int(options, "high_bits", higher[0] if higher else None)
         if high is None or high not in QUANT_BITS or high <= bits:
-            raise InvalidInput(f"mlx-dynamic: high_bits must be one of {QUANT_BITS} above bits={bits}")
+            raise InvalidInput(
+                f"mlx-dynamic: high_bits must be one of {QUANT_BITS} above bits={bits}"
+            )
         s["high_bits"] = high
     return s
 
 
 # -- calibration data (worker) --------------------------------------------------------------
+
 
 def calibration_blocks(tokenizer, s: dict):
     """[N, L] token ids from the text file: N and L clamped to what the text provides (at
@@ -134,7 +160,8 @@ def calibration_blocks(tokenizer, s: dict):
         raise InvalidInput(
             f"calibration text {s['text']!r} gives {total} tokens with this model's tokenizer; at least "
             f"{MIN_TOKENS} are needed ({MIN_SAMPLES} blocks of {MIN_SEQ_LEN}), and "
-            f"{want_n * want_l} for calibration_samples={want_n} x calibration_seq_len={want_l}")
+            f"{want_n * want_l} for calibration_samples={want_n} x calibration_seq_len={want_l}"
+        )
     chunks = np.asarray(ids[: (total // seq) * seq], dtype=np.int32).reshape(-1, seq)
     order = np.random.RandomState(s["seed"]).permutation(len(chunks))[:n]
     return mx.array(chunks[np.sort(order)])
@@ -142,17 +169,22 @@ def calibration_blocks(tokenizer, s: dict):
 
 # -- progress / stop / fairness hook -----------------------------------------------------------
 
+
 class Hook:
     """Stands in for `tqdm` in mlx_lm.quant's modules. `phases` maps a bar's desc (None: any
     other) to the (start, end) fraction of the method it covers; `progress(fraction, text)`
     publishes (and raises Stopped once a stop was asked for)."""
 
-    MODULES = ("mlx_lm.quant.awq", "mlx_lm.quant.gptq", "mlx_lm.quant.dwq", "mlx_lm.quant.dynamic_quant")
+    MODULES = (
+        "mlx_lm.quant.awq",
+        "mlx_lm.quant.gptq",
+        "mlx_lm.quant.dwq",
+        "mlx_lm.quant.dynamic_quant",
+    )
 
-    def __init__(self, progress, phases: dict, worker=None):
+    def __init__(self, progress, phases: dict):
         self.progress = progress
         self.phases = phases
-        self.worker = worker
         self.notes: list = []
 
     def tqdm_class(self):
@@ -169,12 +201,11 @@ class Hook:
                 lo, hi = hook.phases.get(self.desc, hook.phases.get(None, (0.0, 1.0)))
                 total = max(1, self.total or 1)
                 label = self.desc or "step"
-                t0 = time.monotonic()
                 for i, item in enumerate(self.iterable):
-                    took = time.monotonic() - t0
-                    hook.progress(lo + (hi - lo) * min(1.0, i / total), f"{label} {i}/{self.total or '?'}")
-                    hook.serve(took)
-                    t0 = time.monotonic()
+                    hook.progress(
+                        lo + (hi - lo) * min(1.0, i / total), f"{label} {i}/{self.total or '?'}"
+                    )
+                    pause()  # one loop iteration is one step of the worker task
                     yield item
                 hook.progress(hi, None)
 
@@ -193,26 +224,43 @@ class Hook:
 
         return Bar
 
-    def serve(self, budget: float):
-        """Let the worker run waiting requests for about as long as the last iteration took."""
-        if self.worker is not None:
-            self.worker.serve_pending(budget)
-
     @contextlib.contextmanager
     def installed(self):
-        import importlib
-
-        bar = self.tqdm_class()
-        saved = []
-        for name in self.MODULES:
-            module = importlib.import_module(name)
-            saved.append((module, module.tqdm))
-            module.tqdm = bar
+        """This hook's bars for mlx_lm.quant's loops in the current task (context)."""
+        _install_dispatcher()
+        token = CURRENT_BAR.set(self.tqdm_class())
         try:
             yield self
         finally:
-            for module, old in reversed(saved):
-                module.tqdm = old
+            CURRENT_BAR.reset(token)
+
+
+CURRENT_BAR: contextvars.ContextVar = contextvars.ContextVar("mlxb_quant_bar", default=None)
+
+
+def _install_dispatcher():
+    """Replace `tqdm` in mlx_lm.quant's modules, once, by a function that builds the current
+    context's Bar (or a silent pass-through outside a job)."""
+    import importlib
+
+    def dispatch(iterable=None, *args, **kwargs):
+        bar = CURRENT_BAR.get()
+        if bar is None:
+            return iterable if iterable is not None else range(kwargs.get("total") or 0)
+        return bar(iterable, *args, **kwargs)
+
+    def write(text, *_a, **_k):  # tqdm.write (AWQ's "Loss reduction", DWQ's log lines)
+        bar = CURRENT_BAR.get()
+        if bar is not None:
+            bar.write(text)
+
+    dispatch.write = write
+
+    for name in Hook.MODULES:
+        module = importlib.import_module(name)
+        if not getattr(module.tqdm, "mlxb_dispatch", False):
+            dispatch.mlxb_dispatch = True
+            module.tqdm = dispatch
 
 
 # -- the methods (worker) ------------------------------------------------------------------------
@@ -240,16 +288,23 @@ def _check_groups(model, group_size: int, method: str):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    dims = sorted({m.weight.shape[-1] for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-                   if isinstance(m, nn.Linear)})
+    dims = sorted(
+        {
+            m.weight.shape[-1]
+            for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+            if isinstance(m, nn.Linear)
+        }
+    )
     bad = [d for d in dims if d % group_size]
     if bad:
         ok = [g for g in (32, 64, 128) if all(d % g == 0 for d in dims)]
-        raise InvalidInput(f"mlx-{method}: group_size {group_size} does not divide the layer input sizes {bad}"
-                           + (f"; use group_size {ok[0]}" if ok else ""))
+        raise InvalidInput(
+            f"mlx-{method}: group_size {group_size} does not divide the layer input sizes {bad}"
+            + (f"; use group_size {ok[0]}" if ok else "")
+        )
 
 
-def quantize(model, config: dict, data, s: dict, group_size: int, progress, worker=None):
+def quantize(model, config: dict, data, s: dict, group_size: int, progress):
     """Worker: run the method on the (float, evaluated) model; returns (model, config) ready
     for mlx_lm.utils.save. `progress(fraction, message)` may raise Stopped."""
     import copy
@@ -257,7 +312,7 @@ def quantize(model, config: dict, data, s: dict, group_size: int, progress, work
     import mlx.core as mx
 
     method, bits = s["method"], s["bits"]
-    hook = Hook(progress, PHASES[method], worker)
+    hook = Hook(progress, PHASES[method])
     mx.random.seed(s["seed"])
     with hook.installed():
         if method == "awq":
@@ -265,19 +320,29 @@ def quantize(model, config: dict, data, s: dict, group_size: int, progress, work
 
             awq_config = AWQ_MODEL_CONFIGS.get(config.get("model_type"))
             if awq_config is None:
-                raise InvalidInput(f"mlx-awq does not support model_type {config.get('model_type')!r}; mlx-lm's "
-                                   f"AWQ knows {', '.join(sorted(AWQ_MODEL_CONFIGS))} (mlx-gptq, mlx-dwq and "
-                                   f"mlx-dynamic work with any architecture)")
+                raise InvalidInput(
+                    f"mlx-awq does not support model_type {config.get('model_type')!r}; mlx-lm's "
+                    f"AWQ knows {', '.join(sorted(AWQ_MODEL_CONFIGS))} (mlx-gptq, mlx-dwq and "
+                    f"mlx-dynamic work with any architecture)"
+                )
             _check_groups(model, group_size, method)
-            awq_quantize(model, data, awq_config, group_size=group_size, bits=bits,
-                         embed_group_size=s["embed_group_size"] or 32, embed_bits=s["embed_bits"])
+            awq_quantize(
+                model,
+                data,
+                awq_config,
+                group_size=group_size,
+                bits=bits,
+                embed_group_size=s["embed_group_size"] or 32,
+                embed_bits=s["embed_bits"],
+            )
             config = update_config(model, config)
         elif method == "gptq":
             from mlx_lm.quant.gptq import gptq_quantize
 
             _check_groups(model, group_size, method)
             model, config["quantization"] = gptq_quantize(
-                model, data, bits, group_size, s["embed_bits"], s["embed_group_size"] or group_size)
+                model, data, bits, group_size, s["embed_bits"], s["embed_group_size"] or group_size
+            )
         elif method == "dwq":
             import mlx.optimizers as optimizers
             from mlx_lm.quant.dwq import dwq_quantize
@@ -291,8 +356,17 @@ def quantize(model, config: dict, data, s: dict, group_size: int, progress, work
             blocks = [(row, 0) for row in data.tolist()]
             batch = min(4, len(blocks))
             opt = optimizers.Adam(learning_rate=s["learning_rate"], bias_correction=True)
-            dwq_quantize(student, lambda x, _i, split: teacher(x), opt, blocks, blocks[:batch],
-                         batch_size=batch, max_seq_length=data.shape[1], seed=s["seed"], dtype=dtype)
+            dwq_quantize(
+                student,
+                lambda x, _i, split: teacher(x),
+                opt,
+                blocks,
+                blocks[:batch],
+                batch_size=batch,
+                max_seq_length=data.shape[1],
+                seed=s["seed"],
+                dtype=dtype,
+            )
             student.eval()
             model = student
             del teacher
@@ -314,7 +388,9 @@ def quantize(model, config: dict, data, s: dict, group_size: int, progress, work
                     return {"bits": high, "group_size": group_size}
                 return True
 
-            model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+            model, config = quantize_model(
+                model, config, group_size, bits, quant_predicate=predicate
+            )
     mx.eval(model.parameters())
     progress(1.0, None)
     return model, config

@@ -2,13 +2,27 @@
 
 from pathlib import Path
 
+from mlxbackend.client import connect, spawn_server, stop_server
+from mlxbackend.options import key_values
+
 
 def add_parser(sub):
-    p = sub.add_parser("quantize", help="quantize a model: GGUF types (q4_k_m, q8_0, …) or MLX types (mlx-q4, …)")
+    p = sub.add_parser(
+        "quantize", help="quantize a model: GGUF types (q4_k_m, q8_0, …) or MLX types (mlx-q4, …)"
+    )
     p.add_argument("model", help="model folder, .gguf file or Hugging Face id")
-    p.add_argument("--type", default="q4_k_m", help="quantization type (see mlxbackend/quantize/config.py)")
-    p.add_argument("--output", required=True, help="output folder (the .gguf file or MLX folder goes inside)")
-    p.add_argument("--option", action="append", default=[], help="extra option key=value (group_size, pre_tokenizer, …)")
+    p.add_argument(
+        "--type", default="q4_k_m", help="quantization type (see mlxbackend/quantize/config.py)"
+    )
+    p.add_argument(
+        "--output", required=True, help="output folder (the .gguf file or MLX folder goes inside)"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="extra option key=value (group_size, pre_tokenizer, …)",
+    )
     p.add_argument("--addr", default="", help="use a running backend instead of starting one")
     p.set_defaults(func=cmd_quantize)
 
@@ -18,8 +32,6 @@ def cmd_quantize(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    from mlxbackend.client import connect, spawn_server, stop_server
-    from mlxbackend.options import key_values
     from mlxbackend.proto import backend_pb2 as pb
 
     console = Console()
@@ -28,13 +40,22 @@ def cmd_quantize(args):
     if stub is None:
         proc, stub = spawn_server()
     model = str(Path(args.model).absolute()) if Path(args.model).exists() else args.model
-    request = pb.QuantizationRequest(model=model, quantization_type=args.type,
-                                     output_dir=str(Path(args.output).absolute()), extra_options=key_values(args.option))
+    request = pb.QuantizationRequest(
+        model=model,
+        quantization_type=args.type,
+        output_dir=str(Path(args.output).absolute()),
+        extra_options=key_values(args.option),
+    )
     job_id = None
     try:
         job_id = stub.StartQuantization(request).job_id
         last = None
-        columns = (TextColumn("[bold]{task.fields[status]:<11}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+        columns = (
+            TextColumn("[bold]{task.fields[status]:<11}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("quantize", total=100, status="queued")
             for u in stub.QuantizationProgress(pb.QuantizationProgressRequest(job_id=job_id)):

@@ -65,25 +65,53 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from converters.mlx_to_gguf import SUPPORTED_TYPES, normalize_qtype
 from mlxbackend.errors import InvalidInput
+from mlxbackend.quantize.calibrated import settings
 
 DEFAULT_TYPE = "q4_k_m"
 MLX_PREFIX = "mlx-"
 AFFINE_BITS = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
 FLOAT_MODES = ("mxfp4", "nvfp4", "mxfp8")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
-DTYPES = {"bf16": "bfloat16", "f16": "float16", "fp16": "float16", "f32": "float32", "fp32": "float32"}
+DTYPES = {
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "fp16": "float16",
+    "f32": "float32",
+    "fp32": "float32",
+}
 AFFINE_GROUPS = (32, 64, 128)
 CALIBRATED = ("awq", "gptq", "dwq", "dynamic")  # data-aware: need local calibration text
-OPTIONS = ("group_size", "pre_tokenizer", "name", "model_path", "hf_token", "threads", "perplexity_text",
-           "calibration_text", "calibration_samples", "calibration_seq_len", "bits", "seed", "embed_bits",
-           "embed_group_size", "high_bits", "target_bpw", "learning_rate")
+OPTIONS = (
+    "group_size",
+    "pre_tokenizer",
+    "name",
+    "model_path",
+    "hf_token",
+    "threads",
+    "perplexity_text",
+    "calibration_text",
+    "calibration_samples",
+    "calibration_seq_len",
+    "bits",
+    "seed",
+    "embed_bits",
+    "embed_group_size",
+    "high_bits",
+    "target_bpw",
+    "learning_rate",
+)
 
 
 def mlx_types() -> list:
-    return ([MLX_PREFIX + k for k in AFFINE_BITS] + [MLX_PREFIX + m for m in FLOAT_MODES]
-            + [MLX_PREFIX + r for r in RECIPES] + [MLX_PREFIX + d for d in ("bf16", "f16", "f32")]
-            + [MLX_PREFIX + c for c in CALIBRATED])
+    return (
+        [MLX_PREFIX + k for k in AFFINE_BITS]
+        + [MLX_PREFIX + m for m in FLOAT_MODES]
+        + [MLX_PREFIX + r for r in RECIPES]
+        + [MLX_PREFIX + d for d in ("bf16", "f16", "f32")]
+        + [MLX_PREFIX + c for c in CALIBRATED]
+    )
 
 
 @dataclass
@@ -142,17 +170,27 @@ def parse_type(name: str, options: dict) -> dict:
             try:
                 group = int(options["group_size"])
             except ValueError:
-                raise InvalidInput(f"extra_options group_size must be an integer, got {options['group_size']!r}") from None
+                raise InvalidInput(
+                    f"extra_options group_size must be an integer, got {options['group_size']!r}"
+                ) from None
             if spec.get("dtype"):
-                raise InvalidInput(f"group_size does not apply to {spec['qtype']} (no quantization)")
+                raise InvalidInput(
+                    f"group_size does not apply to {spec['qtype']} (no quantization)"
+                )
             if spec.get("mode") == "affine" and group not in AFFINE_GROUPS:
-                raise InvalidInput(f"group_size for affine quantization must be one of {AFFINE_GROUPS}, got {group}")
-            if spec.get("mode") in FLOAT_MODES and group != {"mxfp4": 32, "nvfp4": 16, "mxfp8": 32}[spec["mode"]]:
-                raise InvalidInput(f"{spec['mode']} has a fixed group size of "
-                                   f"{ {'mxfp4': 32, 'nvfp4': 16, 'mxfp8': 32}[spec['mode']] }; got {group}")
+                raise InvalidInput(
+                    f"group_size for affine quantization must be one of {AFFINE_GROUPS}, got {group}"
+                )
+            if (
+                spec.get("mode") in FLOAT_MODES
+                and group != {"mxfp4": 32, "nvfp4": 16, "mxfp8": 32}[spec["mode"]]
+            ):
+                raise InvalidInput(
+                    f"{spec['mode']} has a fixed group size of "
+                    f"{ {'mxfp4': 32, 'nvfp4': 16, 'mxfp8': 32}[spec['mode']] }; got {group}"
+                )
             spec["group_size"] = group
         return spec
-    from converters.mlx_to_gguf import normalize_qtype
 
     try:
         return {"qtype": normalize_qtype(low), "family": "gguf"}
@@ -161,14 +199,19 @@ def parse_type(name: str, options: dict) -> dict:
 
 
 def _unknown(name: str) -> str:
-    from converters.mlx_to_gguf import SUPPORTED_TYPES
+    return (
+        f"unknown quantization_type {name!r}. Families: GGUF (one .gguf file): "
+        f"{', '.join(SUPPORTED_TYPES)} (empty = {DEFAULT_TYPE}); MLX (a model folder): {', '.join(mlx_types())}"
+    )
 
-    return (f"unknown quantization_type {name!r}. Families: GGUF (one .gguf file): "
-            f"{', '.join(SUPPORTED_TYPES)} (empty = {DEFAULT_TYPE}); MLX (a model folder): {', '.join(mlx_types())}")
 
-
-def quantization_config(model: str = "", quantization_type: str = "", output_dir: str = "", job_id: str = "",
-                        extra_options=None, **_ignored) -> QuantConfig:
+def quantization_config(
+    model: str = "",
+    quantization_type: str = "",
+    output_dir: str = "",
+    job_id: str = "",
+    extra_options=None,
+) -> QuantConfig:
     """Validate the request's fields (no file system access but the output_dir check later)."""
     options = {k: str(v) for k, v in dict(extra_options or {}).items()}
     if not model:
@@ -180,16 +223,21 @@ def quantization_config(model: str = "", quantization_type: str = "", output_dir
         try:
             int(options["threads"])
         except ValueError:
-            raise InvalidInput(f"extra_options threads must be an integer, got {options['threads']!r}") from None
+            raise InvalidInput(
+                f"extra_options threads must be an integer, got {options['threads']!r}"
+            ) from None
     if spec.get("method"):
-        from mlxbackend.quantize.calibrated import settings
-
         settings(spec["method"], options)  # InvalidInput / NotFound now, not in the job
     text = options.get("perplexity_text")
     if text and not Path(text).is_file():
         raise InvalidInput(f"extra_options perplexity_text {text!r} is not a file")
-    return QuantConfig(job_id=job_id or str(uuid.uuid4()), model=model,
-                       output_dir=str(Path(output_dir).expanduser().absolute()), options=options, **spec)
+    return QuantConfig(
+        job_id=job_id or str(uuid.uuid4()),
+        model=model,
+        output_dir=str(Path(output_dir).expanduser().absolute()),
+        options=options,
+        **spec,
+    )
 
 
 def base_name(model: str) -> str:

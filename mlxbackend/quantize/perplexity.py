@@ -9,6 +9,8 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+from mlxbackend.text.models import load_model_dir
+
 MAX_TOKENS = 2048
 WINDOW = 512
 _BASE = OrderedDict()  # (model folder fingerprint, text digest) → perplexity, most recent last
@@ -21,7 +23,13 @@ def base_perplexity(model_dir: Path, text: str) -> float:
     folder = Path(model_dir)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
     stamp = tuple((p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
-    key = (str(folder.resolve()), stamp, hashlib.sha256(text.encode()).hexdigest(), MAX_TOKENS, WINDOW)
+    key = (
+        str(folder.resolve()),
+        stamp,
+        hashlib.sha256(text.encode()).hexdigest(),
+        MAX_TOKENS,
+        WINDOW,
+    )
     if key not in _BASE:
         _BASE[key] = mlx_perplexity(folder, text)
         while len(_BASE) > _BASE_KEEP:
@@ -34,15 +42,13 @@ def mlx_perplexity(model_dir: Path, text: str) -> float:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlxbackend.text.models import load_model_dir
-
     model, tokenizer, _ = load_model_dir(Path(model_dir))
     ids = tokenizer.encode(text)[:MAX_TOKENS]
     if len(ids) < 2:
         raise ValueError("perplexity_text is too short (fewer than 2 tokens)")
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, WINDOW):
-        chunk = ids[start:start + WINDOW + 1]
+        chunk = ids[start : start + WINDOW + 1]
         if len(chunk) < 2:
             break
         x = mx.array(chunk)[None]
@@ -57,15 +63,20 @@ def gguf_perplexity(gguf_file: Path, text: str) -> float:
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=WINDOW + 1, logits_all=True, verbose=False,
-                          n_threads=max(1, min(4, __import__("os").cpu_count() or 1)))
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_file),
+        n_ctx=WINDOW + 1,
+        logits_all=True,
+        verbose=False,
+        n_threads=max(1, min(4, __import__("os").cpu_count() or 1)),
+    )
     try:
         ids = llm.tokenize(text.encode(), add_bos=False, special=False)[:MAX_TOKENS]
         if len(ids) < 2:
             raise ValueError("perplexity_text is too short (fewer than 2 tokens)")
         total, count = 0.0, 0
         for start in range(0, len(ids) - 1, WINDOW):
-            chunk = ids[start:start + WINDOW + 1]
+            chunk = ids[start : start + WINDOW + 1]
             if len(chunk) < 2:
                 break
             llm.reset()

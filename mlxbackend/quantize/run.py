@@ -31,7 +31,14 @@ import signal
 import threading
 from pathlib import Path
 
+from converters.mlx_to_gguf import dequantize_mlx_folder, mlx_quantization, mlx_to_gguf
+from mlxbackend.errors import InvalidInput, status_of
+from mlxbackend.publish import no_space, place_file, place_folder
+from mlxbackend.quantize import calibrated, perplexity
+from mlxbackend.quantize.calibrated import calibration_blocks, settings
 from mlxbackend.quantize.config import QuantConfig, base_name, output_path
+from mlxbackend.text.models import fix_config, read_config
+from mlxbackend.train.export import write_yaml
 
 
 class Stopped(BaseException):
@@ -44,8 +51,11 @@ def weight_bytes(path: Path) -> int:
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir()
-               if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf", ".npz"))
+    return sum(
+        f.stat().st_size
+        for f in path.iterdir()
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf", ".npz")
+    )
 
 
 def _safe(text: str) -> str:
@@ -107,7 +117,9 @@ class QuantRun:
 
     async def run(self):
         """The whole job; the terminal status is published once the temp folder is gone."""
-        stopped = dict(status="stopped", message="quantization stopped by request; no output was written")
+        stopped = dict(
+            status="stopped", message="quantization stopped by request; no output was written"
+        )
         try:
             await asyncio.to_thread(self._fresh_tmp)
             src = await self._resolve()
@@ -117,8 +129,13 @@ class QuantRun:
             self.report("quantizing", 95, "finishing")
             await asyncio.to_thread(self._place, staged)
             # The output is in place: from here on the job completes, whatever arrives.
-            final = dict(status="completed", progress_percent=100.0, message=f"wrote {self.final}",
-                         output_file=str(self.final), extra_metrics=metrics)
+            final = dict(
+                status="completed",
+                progress_percent=100.0,
+                message=f"wrote {self.final}",
+                output_file=str(self.final),
+                extra_metrics=metrics,
+            )
         except Stopped:
             final = stopped
         except asyncio.CancelledError:  # the server is going away
@@ -127,9 +144,12 @@ class QuantRun:
             self.publish(**stopped)
             raise
         except BaseException as exc:  # noqa: BLE001 — every failure ends the job as `failed`
-            from mlxbackend.servicer import status_of
-
-            final = stopped if self.stop_event.is_set() else dict(status="failed", message=status_of(exc)[1])
+            exc = no_space(exc, self.final, self.tmp) or exc  # a full disk, named as such
+            final = (
+                stopped
+                if self.stop_event.is_set()
+                else dict(status="failed", message=status_of(exc)[1])
+            )
         self.state.clear()
         await asyncio.to_thread(shutil.rmtree, self.tmp, True)
         self.publish(**final)
@@ -150,8 +170,6 @@ class QuantRun:
             self.report("downloading", 5, f"importing {src.name} into MLX")
             src = await self.worker.run(self._import_gguf, src)
         if not (src / "config.json").is_file():
-            from mlxbackend.errors import InvalidInput
-
             raise InvalidInput(f"{src} is not an MLX/Hugging Face model folder (no config.json)")
         self.report("downloading", 25, f"input ready: {src}")
         return src
@@ -161,8 +179,11 @@ class QuantRun:
         from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
         token = self.cfg.opt("hf_token") or None
-        return Path(snapshot_download(self.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, token=token,
-                                      etag_timeout=10))
+        return Path(
+            snapshot_download(
+                self.repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, token=token, etag_timeout=10
+            )
+        )
 
     def _import_gguf(self, gguf: Path) -> Path:
         """Worker: the .gguf as a float MLX folder inside the job's temp folder."""
@@ -172,15 +193,17 @@ class QuantRun:
             self.report("downloading", 5 + 20 * done / max(1, total))
 
         dtype = "float16" if self.cfg.family == "gguf" else None
-        return convert_gguf(gguf, self.tmp / "imported", dtype=dtype, dequantize=True, progress=progress)
+        return convert_gguf(
+            gguf, self.tmp / "imported", dtype=dtype, dequantize=True, progress=progress
+        )
 
     # -- GGUF ------------------------------------------------------------------------------
 
     async def _gguf(self, src: Path):
-        from converters.mlx_to_gguf import dequantize_mlx_folder, mlx_quantization, mlx_to_gguf
-
         cfg = self.cfg
-        self.report("converting", 30, f"converting {src.name} with llama.cpp's convert_hf_to_gguf.py")
+        self.report(
+            "converting", 30, f"converting {src.name} with llama.cpp's convert_hf_to_gguf.py"
+        )
         if mlx_quantization(json.loads((src / "config.json").read_text())) is not None:
             self.report("converting", 30, "dequantizing the MLX-quantized input")
             src = await self.worker.run(dequantize_mlx_folder, src, self.tmp / "dequantized")
@@ -188,14 +211,24 @@ class QuantRun:
 
         def progress(stage, fraction):
             if stage == "quantizing":
-                self.report("quantizing", 50 + 45 * fraction, None if fraction else f"llama.cpp quantizer: {cfg.qtype}")
+                self.report(
+                    "quantizing",
+                    50 + 45 * fraction,
+                    None if fraction else f"llama.cpp quantizer: {cfg.qtype}",
+                )
             else:
                 self.report("converting", 30 + 10 * fraction)
 
         out = self.tmp / self.final.name
         await asyncio.to_thread(
-            mlx_to_gguf, src, out, cfg.qtype, progress=progress, work_dir=self.tmp,
-            pre_tokenizer=cfg.opt("pre_tokenizer") or None, nthread=int(cfg.opt("threads", "0")),
+            mlx_to_gguf,
+            src,
+            out,
+            cfg.qtype,
+            progress=progress,
+            work_dir=self.tmp,
+            pre_tokenizer=cfg.opt("pre_tokenizer") or None,
+            nthread=int(cfg.opt("threads", "0")),
         )
         return out
 
@@ -229,7 +262,6 @@ class QuantRun:
         """Data-aware methods (quantize.calibrated): evaluate the float model layer by layer,
         tokenize the calibration text, then mlx-lm's method in one worker call whose loop
         iterations publish progress (50–85 %), see stops and serve the worker's other work."""
-        from mlxbackend.quantize.calibrated import settings
 
         cfg = self.cfg
         s = settings(cfg.method, cfg.options)
@@ -242,13 +274,14 @@ class QuantRun:
         self.report("quantizing", 45, "tokenizing the calibration text")
         shape = await self.worker.run(self._calibration, s)
         self.check()
-        self.report("quantizing", 50, f"{cfg.qtype}: {shape[0]} calibration blocks of {shape[1]} tokens")
+        self.report(
+            "quantizing", 50, f"{cfg.qtype}: {shape[0]} calibration blocks of {shape[1]} tokens"
+        )
         await self.worker.run(self._run_method, s)
         self.check()
 
     def _calibration(self, s: dict) -> tuple:
         """Worker: the [N, L] calibration token blocks."""
-        from mlxbackend.quantize.calibrated import calibration_blocks
 
         data = calibration_blocks(self.state["tokenizer"], s)
         self.state["calibration"] = data
@@ -256,14 +289,19 @@ class QuantRun:
 
     def _run_method(self, s: dict):
         """Worker: the method itself (one call; see quantize.calibrated for its granularity)."""
-        from mlxbackend.quantize import calibrated
 
         def progress(fraction, message):
             self.report("quantizing", 50 + 35 * fraction, message)
 
         st = self.state
-        model, config = calibrated.quantize(st.pop("model"), st["config"], st.pop("calibration"), s,
-                                            self.cfg.group_size or 64, progress, self.worker)
+        model, config = calibrated.quantize(
+            st.pop("model"),
+            st["config"],
+            st.pop("calibration"),
+            s,
+            self.cfg.group_size or 64,
+            progress,
+        )
         st.update(model=model, config=config)
 
     def _load(self, src: Path) -> int:
@@ -272,10 +310,9 @@ class QuantRun:
         from mlx.utils import tree_map_with_path
         from mlx_lm.utils import dequantize_model, load
 
-        from mlxbackend.text.models import fix_config, read_config
-
-        model, tokenizer, config = load(str(src), model_config=fix_config(read_config(src)), return_config=True,
-                                        lazy=True)
+        model, tokenizer, config = load(
+            str(src), model_config=fix_config(read_config(src)), return_config=True, lazy=True
+        )
         if "quantization" in config or "quantization_config" in config:
             if "quantization" in config:
                 model = dequantize_model(model)
@@ -284,9 +321,14 @@ class QuantRun:
         if self.cfg.dtype:
             dtype = getattr(mx, self.cfg.dtype)
             cast = getattr(model, "cast_predicate", lambda _: True)
-            model.update(tree_map_with_path(
-                lambda k, v: v.astype(dtype) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v,
-                model.parameters()))
+            model.update(
+                tree_map_with_path(
+                    lambda k, v: (
+                        v.astype(dtype) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v
+                    ),
+                    model.parameters(),
+                )
+            )
             config["torch_dtype"] = self.cfg.dtype
         self.state.update(model=model, tokenizer=tokenizer, config=config)
         return len(getattr(model, "layers", []) or [])
@@ -300,8 +342,14 @@ class QuantRun:
         predicate = None
         if cfg.recipe:
             predicate = mixed_quant_predicate_builder(cfg.recipe, model, cfg.group_size or 64)
-        model, config = quantize_model(model, self.state["config"], cfg.group_size, cfg.bits, mode=cfg.mode,
-                                       quant_predicate=predicate)
+        model, config = quantize_model(
+            model,
+            self.state["config"],
+            cfg.group_size,
+            cfg.bits,
+            mode=cfg.mode,
+            quant_predicate=predicate,
+        )
         self.state.update(model=model, config=config)
 
     def _eval_layer(self, i: int):
@@ -324,32 +372,31 @@ class QuantRun:
     def _place(self, staged: Path):
         """Thread: rename the finished output to its final name (an MLX folder also gets its
         LocalAI config `<output_dir>/<name>.yaml`, backend mlx)."""
-        from mlxbackend.train.export import write_yaml
 
         self.check()
         if staged.is_file():
-            os.replace(staged, self.final)
+            place_file(staged, self.final)
             return
-        if self.final.is_dir():
-            shutil.rmtree(self.final)
-        elif self.final.exists():
-            self.final.unlink()
-        os.rename(staged, self.final)
+        place_folder(
+            staged, self.final
+        )  # an existing output is replaced only once this one is complete
         write_yaml(self.final, self.cfg.opt("name") or self.final.name, model=str(self.final))
 
     # -- metrics ---------------------------------------------------------------------------
 
     async def _metrics(self, src: Path, base_bytes: int, staged: Path) -> dict:
         out_bytes = await asyncio.to_thread(weight_bytes, staged)
-        metrics = {"file_size_mb": round(out_bytes / 2**20, 3),
-                   "compression_ratio": round(base_bytes / out_bytes, 4) if out_bytes else 0.0}
+        metrics = {
+            "file_size_mb": round(out_bytes / 2**20, 3),
+            "compression_ratio": round(base_bytes / out_bytes, 4) if out_bytes else 0.0,
+        }
         text_file = self.cfg.opt("perplexity_text")
         if text_file:
-            from mlxbackend.quantize import perplexity
-
             self.report("quantizing", 90, "measuring perplexity")
             text = Path(text_file).read_text(errors="replace")
-            metrics["perplexity_base"] = round(await self.worker.run(perplexity.base_perplexity, src, text), 4)
+            metrics["perplexity_base"] = round(
+                await self.worker.run(perplexity.base_perplexity, src, text), 4
+            )
             if self.cfg.family == "mlx":
                 ppl = await self.worker.run(perplexity.mlx_perplexity, staged, text)
             else:

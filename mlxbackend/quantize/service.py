@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from converters.llama_cpp_tools import ToolsMissing, find_llama_cpp_tools
+from converters.mlx_to_gguf import check_tools
 from mlxbackend.errors import InvalidInput, NotFound, Precondition
 from mlxbackend.jobs import JobBoard, check_output_dir, recovered_snapshot, remember, wait_ended
 from mlxbackend.quantize.config import QuantConfig, models_dir
@@ -27,25 +29,33 @@ class Quantizations:
         then runs the job in the background."""
         if cfg.job_id in self.runs:
             raise Precondition(f"quantization job {cfg.job_id!r} is already running")
+        if cfg.family == "gguf":
+            require_gguf_tools(cfg.qtype)
         await asyncio.to_thread(check_output_dir, cfg.output_dir)
         source, repo_id = await asyncio.to_thread(locate, cfg.model, models_dir(cfg))
         if source is not None and source.is_dir() and cfg.family == "gguf":
             await asyncio.to_thread(check_architecture, source)
         remember("quantize", cfg.job_id, Path(cfg.output_dir))
-        self.board.open(cfg.job_id, {"status": "queued", "progress_percent": 0.0, "message": describe(cfg)})
+        self.board.open(
+            cfg.job_id, {"status": "queued", "progress_percent": 0.0, "message": describe(cfg)}
+        )
         publish = self.board.publisher(cfg.job_id, cfg.output_dir, cfg.to_dict())
         publish(status="queued")  # job.json from the start
         run = QuantRun(cfg, self.worker, publish, source, repo_id)
         self.runs[cfg.job_id] = run
         task = asyncio.ensure_future(run.run())
         self.tasks[cfg.job_id] = task
-        task.add_done_callback(lambda _t, j=cfg.job_id: (self.runs.pop(j, None), self.tasks.pop(j, None)))
+        task.add_done_callback(
+            lambda _t, j=cfg.job_id: (self.runs.pop(j, None), self.tasks.pop(j, None))
+        )
         return cfg.job_id
 
     def stop(self, job_id: str) -> str:
         run = self.runs.get(job_id)
         if run is None:
-            snapshot = self.board.get(job_id) or recovered_snapshot("quantize", job_id)  # NotFound if none
+            snapshot = self.board.get(job_id) or recovered_snapshot(
+                "quantize", job_id
+            )  # NotFound if none
             return f"job {job_id} already {snapshot.get('status')}"
         run.request_stop()
         return f"stopping quantization job {job_id}"
@@ -79,8 +89,13 @@ def locate(model: str, model_path: str = "") -> tuple:
         from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
         try:
-            return _check_input(Path(snapshot_download(model, local_files_only=True,
-                                                       allow_patterns=DEFAULT_ALLOW_PATTERNS))), ""
+            return _check_input(
+                Path(
+                    snapshot_download(
+                        model, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS
+                    )
+                )
+            ), ""
         except (NotFound, InvalidInput):
             raise
         except Exception:
@@ -91,10 +106,23 @@ def locate(model: str, model_path: str = "") -> tuple:
     raise NotFound(f"model {model!r} not found; tried: {', '.join(tried)}")
 
 
+def require_gguf_tools(qtype: str) -> None:
+    """Precondition (FAILED_PRECONDITION) naming the install command when the GGUF tools (torch
+    + llama.cpp's converter, llama-cpp-python's quantizer) are not installed: `make run` leaves
+    them out, `make install-gguf` / `scripts/install.sh --with-gguf` add them."""
+
+    try:
+        check_tools(qtype)
+    except ToolsMissing as e:
+        raise Precondition(str(e)) from None
+
+
 def _check_input(path: Path) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise InvalidInput(f"{path} is a file but not a .gguf; give a model folder, a .gguf file or a HF id")
+            raise InvalidInput(
+                f"{path} is a file but not a .gguf; give a model folder, a .gguf file or a HF id"
+            )
         return path
     if not (path / "config.json").is_file():
         raise InvalidInput(f"{path} is not an MLX/Hugging Face model folder (no config.json)")
@@ -111,7 +139,6 @@ def _converter_sources(tools: str) -> str:
 def check_architecture(model_dir: Path):
     """InvalidInput when llama.cpp's converter registers none of the model's architectures
     (it would fail with "Architecture … not supported!" after loading)."""
-    from converters.llama_cpp_tools import find_llama_cpp_tools
 
     try:
         config = json.loads((model_dir / "config.json").read_text())
@@ -125,5 +152,7 @@ def check_architecture(model_dir: Path):
     if "register(" not in source:
         return
     if not any(f'"{a}"' in source for a in archs):
-        raise InvalidInput(f"llama.cpp's converter does not support the architecture {', '.join(archs)} of "
-                           f"{model_dir}: it cannot be written as GGUF (MLX types such as mlx-q4 still work)")
+        raise InvalidInput(
+            f"llama.cpp's converter does not support the architecture {', '.join(archs)} of "
+            f"{model_dir}: it cannot be written as GGUF (MLX types such as mlx-q4 still work)"
+        )

@@ -46,11 +46,11 @@ def declared(options: dict, model_path: str) -> dict:
     """{name: folder} from Options `lora.<name>:<folder>` (relative to ModelPath)."""
     out = {}
     for key, value in options.items():
-        if key.startswith(OPTION_PREFIX) and key[len(OPTION_PREFIX):]:
+        if key.startswith(OPTION_PREFIX) and key[len(OPTION_PREFIX) :]:
             path = Path(str(value))
             if not path.is_absolute() and model_path:
                 path = Path(model_path) / path
-            out[key[len(OPTION_PREFIX):]] = path
+            out[key[len(OPTION_PREFIX) :]] = path
     return out
 
 
@@ -64,19 +64,27 @@ def install(model: nn.Module, adapters: dict) -> Switch | None:
     for name, folder in adapters.items():
         config_file, weights_file = folder / "adapter_config.json", folder / "adapters.safetensors"
         if not config_file.exists() or not weights_file.exists():
-            raise NotFound(f"LoRA adapter {name!r}: no adapter_config.json/adapters.safetensors in {folder}")
+            raise NotFound(
+                f"LoRA adapter {name!r}: no adapter_config.json/adapters.safetensors in {folder}"
+            )
         config = json.loads(config_file.read_text())
         if config.get("fine_tune_type", "lora") != "lora":
-            raise InvalidInput(f"LoRA adapter {name!r}: only 'lora' adapters can be hot-swapped "
-                               f"(got {config.get('fine_tune_type')}); fuse it at load with LoraAdapter")
+            raise InvalidInput(
+                f"LoRA adapter {name!r}: only 'lora' adapters can be hot-swapped "
+                f"(got {config.get('fine_tune_type')}); fuse it at load with LoraAdapter"
+            )
         scale = float(config.get("lora_parameters", {}).get("scale", 20.0))
         weights = mx.load(str(weights_file))
         for key in weights:
             if not key.endswith(".lora_a"):
                 continue
             path = key[: -len(".lora_a")]
-            if path not in modules or not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
-                raise InvalidInput(f"LoRA adapter {name!r}: {path} is not a Linear layer of this model")
+            if path not in modules or not isinstance(
+                modules[path], (nn.Linear, nn.QuantizedLinear)
+            ):
+                raise InvalidInput(
+                    f"LoRA adapter {name!r}: {path} is not a Linear layer of this model"
+                )
             layer = wrapped.get(path) or SwitchLoRA(modules[path], switch)
             wrapped[path] = layer
             layer.loras[name] = (weights[key], weights[path + ".lora_b"], scale)
@@ -91,6 +99,8 @@ def requested(metadata: dict, switch: Switch | None, names) -> str | None:
     if not name:
         return None
     if switch is None or name not in names:
-        raise InvalidInput(f"unknown LoRA adapter {name!r}; loaded: {sorted(names) or 'none'} "
-                           f"(declare with Options lora.<name>:<folder>)")
+        raise InvalidInput(
+            f"unknown LoRA adapter {name!r}; loaded: {sorted(names) or 'none'} "
+            f"(declare with Options lora.<name>:<folder>)"
+        )
     return name

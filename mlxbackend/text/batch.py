@@ -102,11 +102,20 @@ class BatchDriver:
         job.put(DONE)
 
     def _shutdown(self):
+        import mlx.core as mx
+
         self.gen.close()
         if self.on_close:
             self.on_close(self)
+        mx.clear_cache()  # the batch is empty: give MLX's buffer cache back while idle
 
-    def abort(self):
+    def abort(self, exc: BaseException | None = None):
+        """End every request: with exc (the host's Aborted, shutdown) or a cancelled finish."""
         for uid in list(self.requests):
-            self._close(uid, "cancelled")
+            if exc is None:
+                self._close(uid, "cancelled")
+            else:
+                job, _ = self.requests.pop(uid)
+                job.put(exc)
+        self.requests.clear()
         self._shutdown()

@@ -111,7 +111,9 @@ def to_template_messages(messages: list) -> list:
     for i, msg in enumerate(messages):
         role = msg.role.strip().lower()
         if role not in ROLES:
-            raise InvalidInput(f"message {i}: unknown role {msg.role!r} (expected one of {sorted(ROLES)})")
+            raise InvalidInput(
+                f"message {i}: unknown role {msg.role!r} (expected one of {sorted(ROLES)})"
+            )
         entry = {"role": "tool" if role == "function" else role, "content": msg.content}
         if msg.name:
             entry["name"] = msg.name
@@ -151,6 +153,45 @@ def template_kwargs(metadata: dict, defaults: dict) -> dict:
             raise InvalidInput("Metadata chat_template_kwargs must be a JSON object")
         kwargs.update(extra)
     return kwargs
+
+
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest vocabulary entry (cached on the tokenizer)."""
+    cached = getattr(tokenizer, "_mlxb_longest_token", None)
+    if cached is None:
+        cached = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._mlxb_longest_token = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def char_budget(tokenizer, max_tokens: int) -> int:
+    """Characters past which a text surely has more than max_tokens tokens (no token covers more
+    than the longest vocabulary entry; twice that for normalizers that drop characters). Texts
+    are cut (or refused) here before tokenizing: a 45 MB input took minutes of worker time."""
+    return 2 * longest_token(tokenizer) * max_tokens + 64
+
+
+def check_length(tokenizer, spec: PromptSpec, context_size: int) -> None:
+    """Refuse, before tokenizing, a prompt whose text alone surely exceeds the context (a 6 MB
+    prompt took 45 s of tokenizing only to be refused by the token count)."""
+    if context_size <= 0:
+        return
+    chars = (
+        len(spec.prompt)
+        + len(spec.tools or "")
+        + sum(
+            len(m.content or "") + len(m.reasoning_content or "") + len(m.tool_calls or "")
+            for m in spec.messages
+        )
+    )
+    if chars > char_budget(tokenizer, context_size):
+        raise InvalidInput(
+            f"prompt is {chars} characters, more than the context size {context_size} tokens can hold; "
+            "shorten it or raise ContextSize"
+        )
 
 
 def encode_text(tokenizer, text: str) -> list:

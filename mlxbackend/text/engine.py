@@ -2,9 +2,10 @@
 
 import asyncio
 import gc
+import logging
 from dataclasses import dataclass, field
 
-from mlxbackend.errors import EmptyOutput, NotLoaded, OutOfMemory, Overloaded
+from mlxbackend.errors import Aborted, EmptyOutput, NotLoaded, OutOfMemory, Overloaded
 from mlxbackend.text import chat, memory, prefix_cache
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
@@ -13,6 +14,7 @@ from mlxbackend.text.parse import Delta
 from mlxbackend.text.sampling import validate
 from mlxbackend.worker import Job, Worker
 
+log = logging.getLogger("mlxbackend.text")
 DEFAULT_MAX_QUEUE = 1024
 
 
@@ -34,31 +36,51 @@ class Metrics:
 
 
 class TextEngine:
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, why_absent=lambda: ""):
         self.worker = worker
         self.current: TextModel | None = None
-        self.absent = ""  # why there is no text model, when another kind of model is loaded
+        self.why_absent = (
+            why_absent  # () -> why there is no text model (the host knows what is loaded)
+        )
+        self.jobs: set[Job] = set()  # requests in flight (event-loop side), ended by free()
         self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
         self.inflight = 0  # admitted requests (event-loop side)
         self.kv_reserved = 0  # worst-case KV bytes those requests may use
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    # -- lifecycle (called by the host only) ----------------------------------------------------
     async def load(self, spec: LoadSpec) -> TextModel:
         tm = await self.worker.run(load_text_model, spec)
-        self.current, self.absent = tm, ""  # requests in flight keep the model they started with
+        await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
+        self.current = tm
         return tm
+
+    def install(self, tm: TextModel):
+        """Serve a model loaded elsewhere (a distributed group's rank-0 shard)."""
+        self.current = tm
 
     async def persist(self):
         """Save the prefix cache to Options prompt_cache_dir, if set (Free, shutdown)."""
         await self.worker.run(prefix_cache.persist, self.current)
 
-    async def free(self):
+    async def free(self, reason: str = "the model was freed"):
+        """End every request in flight (ABORTED now; their worker tasks stop at once), save the
+        prefix cache, drop the model and return its memory."""
+        aborted = Aborted(f"generation aborted: {reason}")
+        for job in list(self.jobs):
+            job.abort(aborted)
+        if self.current is None:
+            return
+
         def drop():
             import mlx.core as mx
 
-            prefix_cache.persist(self.current)
+            self.worker.abort_owned(self.current, aborted)
+            try:
+                prefix_cache.persist(self.current)
+            except Exception as exc:  # noqa: BLE001 — Free must free whatever the disk says
+                log.warning("prompt cache not saved: %s", exc)
             self.current = None
             gc.collect()
             mx.clear_cache()
@@ -67,7 +89,8 @@ class TextEngine:
 
     def model(self) -> TextModel:
         if self.current is None:
-            raise NotLoaded(self.absent) if self.absent else NotLoaded()
+            why = self.why_absent()
+            raise NotLoaded(why) if why else NotLoaded()
         return self.current
 
     # -- requests ----------------------------------------------------------------------------
@@ -75,6 +98,7 @@ class TextEngine:
         """Validate and render off the event loop (tokenizers are thread-safe)."""
         tm = self.model()
         validate(req.sampling)
+        chat.check_length(tm.tokenizer, spec, tm.context_size)
         prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
         token_budget(tm, prompt, req.max_tokens)
         if tm.switch is not None or spec.metadata.get("lora"):
@@ -99,7 +123,9 @@ class TextEngine:
         Returns the bytes reserved; `release` gives them back."""
         limit = int(tm.options.get("max_queue", DEFAULT_MAX_QUEUE))
         if self.inflight >= limit:
-            raise Overloaded(f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later")
+            raise Overloaded(
+                f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later"
+            )
         tokens = len(prompt.tokens) + token_budget(tm, prompt, req.max_tokens)
         need = memory.kv_bytes(tm.config, tokens, memory.dtype_bytes(tm.config))
         if tm.kv_budget and self.kv_reserved + need > tm.kv_budget:
@@ -132,9 +158,11 @@ class TextEngine:
                 key = (id(tm), req.adapter)  # one continuous batch per model and LoRA adapter
                 driver = self.drivers.get(key)
                 if driver is None:
-                    driver = BatchDriver(tm, req.adapter, on_close=lambda d: self.drivers.pop(key, None))
+                    driver = BatchDriver(
+                        tm, req.adapter, on_close=lambda d: self.drivers.pop(key, None)
+                    )
                     self.drivers[key] = driver
-                    self.worker.add(driver)
+                    self.worker.add(driver, owner=tm)
                 driver.add(job, prompt, req)
             except BaseException as exc:
                 job.put(exc)
@@ -146,16 +174,20 @@ class TextEngine:
         def steps(is_cancelled):
             key = id(prompt)
             try:
-                yield from run(tm, prompt, req, is_cancelled, lambda c: self.caches.__setitem__(key, c))
+                yield from run(
+                    tm, prompt, req, is_cancelled, lambda c: self.caches.__setitem__(key, c)
+                )
             finally:
                 self.caches.pop(key, None)
 
-        return self.worker.start_job(steps)
+        return self.worker.start_job(steps, owner=tm)
 
     def record(self, finish: Finish):
         secs = finish.generation_ms / 1000
         self.last = Metrics(
-            tokens_per_second=(finish.generated - 1) / secs if secs > 0 and finish.generated > 1 else 0.0,
+            tokens_per_second=(finish.generated - 1) / secs
+            if secs > 0 and finish.generated > 1
+            else 0.0,
             tokens_generated=finish.generated,
             prompt_tokens=finish.prompt_tokens - finish.cached,  # actually prefilled
         )
@@ -164,6 +196,7 @@ class TextEngine:
         tm, prompt = await self.prepare(spec, req)
         reserved = self.admit(tm, prompt, req)
         job = self.start(tm, prompt, req)
+        self.jobs.add(job)
         text, delta, logprobs = [], Delta(), []
         try:
             async for event in job:
@@ -175,6 +208,7 @@ class TextEngine:
                     finish = event
         finally:
             job.cancel()
+            self.jobs.discard(job)
             self.release(reserved)
         self.record(finish)
         full = "".join(text)
@@ -190,13 +224,19 @@ class TextEngine:
         tm, prompt = await self.prepare(spec, req)
         reserved = self.admit(tm, prompt, req)
         job = self.start(tm, prompt, req)
+        self.jobs.add(job)
         sent = False
         try:
             async for event in job:
                 if isinstance(event, Finish):
                     self.record(event)
                     chunk = event.chunk
-                    if not sent and not chunk.text.strip() and not chunk.delta and not _hit_cap(req, event):
+                    if (
+                        not sent
+                        and not chunk.text.strip()
+                        and not chunk.delta
+                        and not _hit_cap(req, event)
+                    ):
                         raise EmptyOutput(
                             f"the model produced no text ({event.generated} tokens, finish: {event.reason})"
                         )
@@ -205,6 +245,7 @@ class TextEngine:
                 yield event
         finally:
             job.cancel()
+            self.jobs.discard(job)
             self.release(reserved)
 
     async def tokenize(self, spec: chat.PromptSpec) -> list:
@@ -222,7 +263,9 @@ class TextEngine:
         if self.current is not None:
             weights = sum(v.nbytes for _, v in tree_flatten(self.current.model.parameters()))
             if self.current.draft_model is not None:
-                weights += sum(v.nbytes for _, v in tree_flatten(self.current.draft_model.parameters()))
+                weights += sum(
+                    v.nbytes for _, v in tree_flatten(self.current.draft_model.parameters())
+                )
         kv = 0
         for driver in list(self.drivers.values()):
             try:
@@ -236,9 +279,43 @@ class TextEngine:
                 except Exception:
                     pass
         cached = prefix_cache.nbytes(self.current)
-        active = mx.get_active_memory() + mx.get_cache_memory()
-        other = max(active - weights - kv - cached, 0)
-        return {"weights": weights, "kv_cache": kv, "prompt_cache": cached, "other": other}
+        mlx_cache = mx.get_cache_memory()
+        other = max(mx.get_active_memory() - weights - kv - cached, 0)
+        usage = {
+            "weights": weights,
+            "kv_cache": kv,
+            "prompt_cache": cached,
+            "mlx_cache": mlx_cache,
+            "other": other,
+        }
+        return {**usage, **self.budgets()}
+
+    def budgets(self) -> dict:
+        """Status's budget and occupancy keys (not bytes in use: `usage_total` leaves them out).
+
+        Each memory part is bounded by an Options budget: `kv_budget` (max_kv_bytes) for the KV of
+        running requests, which reserve their worst case (`kv_reserved`); `prompt_cache_budget`
+        (prompt_cache_bytes) and `prompt_cache_max_entries` (prompt_cache_entries) for the prefix
+        cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache. `requests_in_flight`,
+        `batch_slots` (sequences in continuous batches and solo runs) and `kv_reserved` are 0 once
+        every request has ended; `process_rss` is the whole process, as the OS counts it."""
+        import mlx.core as mx
+
+        tm = self.current
+        slots = len(self.caches)
+        for driver in list(self.drivers.values()):
+            slots += len(driver.requests)
+        lru = tm.prompt_cache if tm is not None else None
+        options = tm.options if tm is not None else {}
+        return {
+            "requests_in_flight": self.inflight, "kv_reserved": self.kv_reserved, "batch_slots": slots,
+            "kv_budget": tm.kv_budget if tm is not None else 0,
+            "prompt_cache_entries": len(lru) if lru is not None else 0,
+            "prompt_cache_max_entries": int(options.get("prompt_cache_entries", prefix_cache.DEFAULT_ENTRIES)),
+            "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
+            "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
+            "process_rss": memory.process_rss(),
+        }  # fmt: skip
 
     def metadata(self) -> dict:
         tm = self.model()
@@ -247,20 +324,36 @@ class TextEngine:
         if getattr(tok, "has_chat_template", False):
             try:
                 rendered = tok.apply_chat_template(
-                    [{"role": "user", "content": "{{prompt}}"}], add_generation_prompt=True,
-                    tokenize=False, enable_thinking=True,
+                    [{"role": "user", "content": "{{prompt}}"}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                    enable_thinking=True,
                 )
             except Exception:
                 rendered = ""
         return {
             "supports_thinking": bool(getattr(tok, "has_thinking", False)),
             "rendered_template": rendered,
-            "think": (tok.think_start, tok.think_end) if getattr(tok, "has_thinking", False) else None,
-            "tool": (tok.tool_call_start, tok.tool_call_end) if getattr(tok, "has_tool_calling", False) else None,
-            "tool_parser": getattr(tok.tool_parser, "__module__", "").rsplit(".", 1)[-1] if tok.tool_parser else "",
+            "think": (tok.think_start, tok.think_end)
+            if getattr(tok, "has_thinking", False)
+            else None,
+            "tool": (tok.tool_call_start, tok.tool_call_end)
+            if getattr(tok, "has_tool_calling", False)
+            else None,
+            "tool_parser": getattr(tok.tool_parser, "__module__", "").rsplit(".", 1)[-1]
+            if tok.tool_parser
+            else "",
         }
+
+
+# Status breakdown keys that are bytes in use (the others are budgets and counts).
+USAGE_KEYS = ("weights", "kv_cache", "prompt_cache", "mlx_cache", "other")
+
+
+def usage_total(breakdown: dict) -> int:
+    """Status `total`: the bytes in use of a `TextEngine.memory()` breakdown."""
+    return sum(breakdown.get(k, 0) for k in USAGE_KEYS)
 
 
 def _hit_cap(req: GenerationRequest, finish: Finish) -> bool:
     return req.max_tokens > 0 and finish.generated >= req.max_tokens
-

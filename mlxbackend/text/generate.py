@@ -105,15 +105,29 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
         from mlx_lm.models.cache import make_prompt_cache
 
         steps = speculative_generate_step(
-            tokens, tm.model, tm.draft_model, num_draft_tokens=req.num_draft or 3,
-            max_tokens=budget, sampler=sampler, logits_processors=processors,
+            tokens,
+            tm.model,
+            tm.draft_model,
+            num_draft_tokens=req.num_draft or 3,
+            max_tokens=budget,
+            sampler=sampler,
+            logits_processors=processors,
             prompt_cache=cache + make_prompt_cache(tm.draft_model),
         )
         return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
-    return _with_adapter(tm, req.adapter, generate_step(
-        tokens, tm.model, max_tokens=budget, sampler=sampler, logits_processors=processors,
-        prompt_cache=cache, prompt_progress_callback=check,
-    ))
+    return _with_adapter(
+        tm,
+        req.adapter,
+        generate_step(
+            tokens,
+            tm.model,
+            max_tokens=budget,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+            prompt_progress_callback=check,
+        ),
+    )
 
 
 def _with_adapter(tm: TextModel, adapter, steps):
@@ -189,9 +203,14 @@ class Decoder:
             self.pending.delta.extend(self.parser.feed(text))
         self.pending.delta.extend(self.parser.finish())
         return Finish(
-            chunk=self.pending, reason=reason, generated=self.generated, prompt_tokens=self.prompt_tokens,
-            prompt_ms=(first_at - self.start) * 1000, generation_ms=(now - first_at) * 1000,
-            calls=self.parser.calls, cached=self.cached_tokens,
+            chunk=self.pending,
+            reason=reason,
+            generated=self.generated,
+            prompt_tokens=self.prompt_tokens,
+            prompt_ms=(first_at - self.start) * 1000,
+            generation_ms=(now - first_at) * 1000,
+            calls=self.parser.calls,
+            cached=self.cached_tokens,
         )
 
 

@@ -145,7 +145,9 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-def make_constraint(tokenizer, grammar: str = "", json_schema: str = "", prompt_len: int | None = None):
+def make_constraint(
+    tokenizer, grammar: str = "", json_schema: str = "", prompt_len: int | None = None
+):
     """A `Constraint` for `grammar` (GBNF or Lark) or `json_schema`, or None when both are empty.
 
     `prompt_len`: how many leading entries of the processor's `tokens` are prompt (default: all

@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlxbackend.errors import OutOfMemory
+from mlxbackend.errors import InvalidInput, OutOfMemory
 
 HEADROOM = 0.9  # leave a little for activations, the tokenizer and the process itself
 
@@ -64,3 +64,47 @@ def check_fits(path: Path, config: dict, context: int):
             f"{context} {kv / 2**30:.2f} GiB > {HEADROOM:.0%} of available memory "
             f"{free / 2**30:.2f} GiB; lower ContextSize or use a smaller/quantized model"
         )
+
+
+# MLX keeps freed buffers for reuse (its buffer cache). Unbounded on Metal by default (up to the
+# memory limit); Options `mlx_cache_bytes` bounds it for this process (0 = no buffer reuse).
+DEFAULT_MLX_CACHE_BYTES = 64 << 20
+
+
+def apply_cache_limit(options: dict) -> int:
+    """Set MLX's buffer-cache limit from Options `mlx_cache_bytes`; returns the limit in force."""
+    import mlx.core as mx
+
+    global _cache_limit
+    limit = int(options.get("mlx_cache_bytes", DEFAULT_MLX_CACHE_BYTES))
+    if limit < 0:
+        raise InvalidInput(f"Options mlx_cache_bytes must be >= 0, got {limit}")
+    if limit != _cache_limit:
+        mx.set_cache_limit(limit)
+        _cache_limit = limit
+    return limit
+
+
+_cache_limit: int | None = None  # the limit apply_cache_limit set (MLX has no getter)
+
+
+def mlx_cache_limit() -> int:
+    """MLX's buffer-cache limit in force, bytes."""
+    import mlx.core as mx
+
+    if _cache_limit is None:
+        previous = mx.set_cache_limit(DEFAULT_MLX_CACHE_BYTES)  # read MLX's default back
+        mx.set_cache_limit(previous)
+        return previous
+    return _cache_limit
+
+
+def process_rss() -> int:
+    """Resident memory of this process in bytes, from /proc (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxbackend.default_model import platform_layout
 from mlxbackend.errors import InvalidInput, NotFound
 from mlxbackend.text.memory import check_fits, kv_budget
 
@@ -62,7 +63,9 @@ def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -
     """LocalAI's order: ModelFile if it exists, Model as an absolute path, ModelPath/Model,
     then Model as a Hugging Face id (local cache first, then a download unless offline)."""
     if not (model or model_file):
-        raise InvalidInput("LoadModel needs Model (a path, a name under ModelPath or a HF id) or ModelFile")
+        raise InvalidInput(
+            "LoadModel needs Model (a path, a name under ModelPath or a HF id) or ModelFile"
+        )
     tried = []
     for path in local_candidates(model, model_file, model_path):
         if path.exists():
@@ -72,7 +75,9 @@ def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -
         found = _from_hub(model, tried)
         if found is not None:
             return found
-    raise NotFound(f"model {model or model_file!r} not found; tried: {', '.join(tried) or 'nothing'}")
+    raise NotFound(
+        f"model {model or model_file!r} not found; tried: {', '.join(tried) or 'nothing'}"
+    )
 
 
 def _from_hub(repo_id: str, tried: list):
@@ -81,16 +86,24 @@ def _from_hub(repo_id: str, tried: list):
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(repo_id, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS)
+        )
     except Exception:
-        tried.append(f"HF cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'}) for {repo_id}")
+        tried.append(
+            f"HF cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'}) for {repo_id}"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         tried.append(f"download of {repo_id} (skipped: HF_HUB_OFFLINE is set)")
         return None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, etag_timeout=10))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, etag_timeout=10)
+        )
     except Exception as exc:  # network down, unknown repo, gated repo…
-        tried.append(f"download of {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        tried.append(
+            f"download of {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        )
         return None
 
 
@@ -165,12 +178,29 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     draft = None
     if spec.draft_model:
         draft_path = resolve_model_path(spec.draft_model, "", spec.model_path)
-        draft, draft_tokenizer = load(str(draft_path), model_config=fix_config(read_config(draft_path)))
+        if not _is_model_dir(
+            draft_path
+        ):  # DraftModel "/" read /config.json (FileNotFoundError → INTERNAL)
+            raise InvalidInput(
+                f"DraftModel {draft_path} is not an MLX/Hugging Face model folder (no config.json)"
+            )
+        draft, draft_tokenizer = load(
+            str(draft_path), model_config=fix_config(read_config(draft_path))
+        )
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
     return TextModel(
-        model, tokenizer, config, path, int(context), draft, dict(spec.options), adapters=adapters,
-        switch=switch, adapter_names=tuple(hot), kv_budget=budget,
+        model,
+        tokenizer,
+        config,
+        path,
+        int(context),
+        draft,
+        dict(spec.options),
+        adapters=adapters,
+        switch=switch,
+        adapter_names=tuple(hot),
+        kv_budget=budget,
     )
 
 
@@ -188,14 +218,17 @@ def load_model_dir(path: Path, trust_remote_code: bool = False):
     """mlx-lm's load with our config fixes: (model, tokenizer, config)."""
     from mlx_lm.utils import load
 
-    return load(str(path), model_config=fix_config(read_config(path)), return_config=True,
-                trust_remote_code=trust_remote_code)
+    return load(
+        str(path),
+        model_config=fix_config(read_config(path)),
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:
     """Import a GGUF once into an MLX folder cached beside the models."""
     from converters.gguf_to_mlx import convert_gguf
-    from mlxbackend.default_model import platform_layout
 
     root = Path(model_path) if model_path else gguf_path.parent
     out = root / ".mlx-cache" / gguf_path.stem

@@ -41,9 +41,15 @@ class OutputParser:
 
     def __init__(self, tokenizer, tools: list, starts_in_reasoning: bool = False):
         self.tools = tools
-        self.think = (tokenizer.think_start, tokenizer.think_end) if getattr(tokenizer, "has_thinking", False) else None
+        self.think = (
+            (tokenizer.think_start, tokenizer.think_end)
+            if getattr(tokenizer, "has_thinking", False)
+            else None
+        )
         parse_tools = bool(tools) and getattr(tokenizer, "has_tool_calling", False)
-        self.tool_markers = (tokenizer.tool_call_start, tokenizer.tool_call_end) if parse_tools else None
+        self.tool_markers = (
+            (tokenizer.tool_call_start, tokenizer.tool_call_end) if parse_tools else None
+        )
         self.tool_parser = tokenizer.tool_parser if parse_tools else None
         self.state = "reasoning" if starts_in_reasoning and self.think else "content"
         self.buf = ""
@@ -167,7 +173,9 @@ class OutputParser:
             region = body[self.args_start :].rstrip()
             streamed_total = region.removesuffix("}").rstrip()
             if len(streamed_total) > self.args_sent:
-                out.tool_calls.append(ToolCall(call.index, arguments=streamed_total[self.args_sent :]))
+                out.tool_calls.append(
+                    ToolCall(call.index, arguments=streamed_total[self.args_sent :])
+                )
         self.calls.append(ToolCall(call.index, call.id, call.name or name, arguments))
         self.call = None
 

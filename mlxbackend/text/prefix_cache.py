@@ -6,10 +6,14 @@ cache is trimmed by one so the model still produces fresh logits). With Options
 
 import hashlib
 import json
-import os
+import logging
 from pathlib import Path
 
+from mlxbackend import publish
+from mlxbackend.errors import NoSpace
 from mlxbackend.text.models import TextModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BYTES = 512 << 20
 DEFAULT_ENTRIES = 32
@@ -53,7 +57,20 @@ def store(tm: TextModel, tokens: list, cache, adapter=None):
     keyed by the LoRA adapter that produced them ("" = the base model)."""
     lru = cache_for(tm)
     if lru is not None and cache and tokens:
+        materialize(cache)
         lru.insert_cache(adapter or "", list(tokens), cache)
+
+
+def materialize(cache):
+    """Evaluate a cache extracted from a batch so that it owns its memory.
+
+    mlx-lm's `BatchKVCache.extract` returns lazy `contiguous(keys[i, :, a:b])` slices: until
+    evaluated, each one keeps the whole batch's KV buffer of that moment alive while its `nbytes`
+    counts only the slice. Stored unevaluated, 32 entries pinned ~2-3 GB that the byte bound
+    of the cache never saw (the soak's growth, issue 15)."""
+    import mlx.core as mx
+
+    mx.eval([c.state for c in cache])
 
 
 def nbytes(tm: TextModel | None) -> int:
@@ -71,7 +88,16 @@ def _folder(tm: TextModel):
 
 
 def persist(tm: TextModel | None):
-    """Save the cache's entries to `prompt_cache_dir` (one file each, written atomically)."""
+    """Save the cache's entries to `prompt_cache_dir` (one file each, published atomically).
+    Called on Free and shutdown, which must not fail for it: a full disk is logged as an error
+    naming the file; the entries saved before stay loadable and nothing half-written is left."""
+    try:
+        _persist(tm)
+    except NoSpace as exc:
+        log.error("prompt cache not saved: %s; the entries saved before are kept", exc)
+
+
+def _persist(tm: TextModel | None):
     from mlx_lm.models.cache import save_prompt_cache
 
     folder = _folder(tm) if tm is not None else None
@@ -86,10 +112,13 @@ def persist(tm: TextModel | None):
             kept.add(name)
             if (folder / name).exists():
                 continue
-            tmp = folder / f".{name}.tmp.safetensors"
-            meta = {"fingerprint": fingerprint, "adapter": model, "tokens": json.dumps(list(tokens))}
-            save_prompt_cache(str(tmp), lru._trie.get(model, tokens).prompt_cache, meta)
-            os.replace(tmp, folder / name)
+            meta = {
+                "fingerprint": fingerprint,
+                "adapter": model,
+                "tokens": json.dumps(list(tokens)),
+            }
+            with publish.atomic_file(folder / name) as f:  # a file object: mx writes it as is
+                save_prompt_cache(f, lru._trie.get(model, tokens).prompt_cache, meta)
     for old in folder.glob("*.safetensors"):
         if old.name not in kept and not old.name.startswith("."):
             try:
@@ -114,6 +143,7 @@ def restore(tm: TextModel):
     folder = _folder(tm)
     if folder is None or not folder.is_dir():
         return
+    publish.clean_stale(folder)  # temp files a killed writer left
     for path in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
         if path.name.startswith("."):
             continue

@@ -46,7 +46,9 @@ def parse_logit_bias(text: str, vocab_size) -> dict:
         raw = json.loads(text)
         bias = {int(k): float(v) for k, v in raw.items()}
     except (ValueError, TypeError, AttributeError):
-        raise InvalidInput(f"LogitBias must be a JSON object of token id → bias, got {text[:200]!r}") from None
+        raise InvalidInput(
+            f"LogitBias must be a JSON object of token id → bias, got {text[:200]!r}"
+        ) from None
     if vocab_size is not None:
         bad = [k for k in bias if not 0 <= k < vocab_size]
         if bad:

@@ -38,7 +38,9 @@ class BatchPlan:
 
     def _order(self, epoch: int):
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))}
+            self._orders = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+            }
         return self._orders[epoch]
 
     def batch(self, k: int) -> tuple:

@@ -1,14 +1,16 @@
 """Checkpoints: `<output_dir>/checkpoint-<step>/` holds the adapter (mlx-lm layout, so it loads
 as a LoadModel LoraAdapter), the optimizer state, and `trainer_state.json` (step, epoch, loss,
-created_at, …). Folders are written under a temporary name and renamed when complete, so a
-killed process never leaves a half checkpoint under a final name."""
+created_at, …). Folders are published with mlxbackend.publish (staged beside, renamed when
+complete), so a killed process or a full disk never leaves a half checkpoint under a final name;
+listing checkpoints first recovers an interrupted publish (publish.clean_stale)."""
 
 import json
-import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from mlxbackend import publish
+from mlxbackend.errors import NotFound
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -17,73 +19,48 @@ STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 
 
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def write_adapter(folder: Path, weights: dict, adapter_config: dict):
-    """The adapter files, as mlx-lm's load_adapters reads them."""
+    """The adapter files, as mlx-lm's load_adapters reads them (into a folder being staged)."""
     import mlx.core as mx
 
-    mx.save_safetensors(str(folder / ADAPTER_FILE), weights)
+    with open(
+        folder / ADAPTER_FILE, "wb"
+    ) as f:  # a file object: a full disk raises OSError(ENOSPC)
+        mx.save_safetensors(f, weights)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
 
 
-def save_checkpoint(output_dir: Path, step: int, weights: dict, optimizer_state: dict,
-                    adapter_config: dict, trainer_state: dict) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    weights: dict,
+    optimizer_state: dict,
+    adapter_config: dict,
+    trainer_state: dict,
+) -> Path:
     """Write checkpoint-<step> atomically; returns its path."""
     import mlx.core as mx
 
     final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # re-saving a step (after a resume) replaces the old folder safely (publish.place_folder)
+    with publish.atomic_folder(final) as tmp:
         write_adapter(tmp, weights, adapter_config)
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), optimizer_state)
+        with open(tmp / OPTIMIZER_FILE, "wb") as f:
+            mx.save_safetensors(f, optimizer_state)
         state = dict(trainer_state, step=step, created_at=_now())
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving a step (after a resume): swap the old one out first
-            old = output_dir / f".{PREFIX}{step}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def save_final(output_dir: Path, weights: dict, adapter_config: dict, trainer_state: dict):
-    """The trained adapter at the top of output_dir (each file renamed into place)."""
+    """The trained adapter at the top of output_dir (each file published atomically; the
+    weights last, so a complete adapters.safetensors means the other two are in place)."""
     import mlx.core as mx
 
-    tag = f".tmp-{os.getpid()}"
-    tmp_weights = output_dir / f".{ADAPTER_FILE}{tag}.safetensors"
-    mx.save_safetensors(str(tmp_weights), weights)
-    _write_text(output_dir / ADAPTER_CONFIG, json.dumps(adapter_config, indent=2))
-    _write_text(output_dir / STATE_FILE, json.dumps(dict(trainer_state, created_at=_now()), indent=2))
-    os.replace(tmp_weights, output_dir / ADAPTER_FILE)
-    _fsync_dir(output_dir)
-
-
-def _write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    publish.write_json(output_dir / ADAPTER_CONFIG, adapter_config)
+    publish.write_json(output_dir / STATE_FILE, dict(trainer_state, created_at=_now()))
+    with publish.atomic_file(output_dir / ADAPTER_FILE) as f:
+        mx.save_safetensors(f, weights)
 
 
 def _now() -> str:
@@ -94,9 +71,15 @@ def checkpoint_dirs(output_dir: Path) -> list:
     """Complete checkpoints, oldest step first."""
     found = []
     if output_dir.is_dir():
+        publish.clean_stale(output_dir)
         for d in output_dir.iterdir():
-            step = d.name[len(PREFIX):]
-            if d.is_dir() and d.name.startswith(PREFIX) and step.isdigit() and (d / STATE_FILE).exists():
+            step = d.name[len(PREFIX) :]
+            if (
+                d.is_dir()
+                and d.name.startswith(PREFIX)
+                and step.isdigit()
+                and (d / STATE_FILE).exists()
+            ):
                 found.append((int(step), d))
     return [d for _, d in sorted(found)]
 
@@ -118,16 +101,24 @@ def list_checkpoints(output_dir: str) -> list:
             state = read_state(d)
         except (OSError, ValueError):
             continue
-        created = state.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.stat().st_mtime))
-        out.append({"path": str(d), "step": int(state.get("step", 0)), "epoch": float(state.get("epoch", 0.0)),
-                    "loss": float(state.get("loss", 0.0)), "created_at": created})
+        created = state.get("created_at") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.stat().st_mtime)
+        )
+        out.append(
+            {
+                "path": str(d),
+                "step": int(state.get("step", 0)),
+                "epoch": float(state.get("epoch", 0.0)),
+                "loss": float(state.get("loss", 0.0)),
+                "created_at": created,
+            }
+        )
     return out
 
 
 def resolve_resume(resume_from: str, output_dir: str) -> Path | None:
     """resume_from_checkpoint: a checkpoint folder, a job folder (its latest checkpoint), or
     `latest`/`true` (the latest in output_dir)."""
-    from mlxbackend.errors import NotFound
 
     if not resume_from or resume_from.lower() in ("false", "no", "0"):
         return None
@@ -141,5 +132,7 @@ def resolve_resume(resume_from: str, output_dir: str) -> Path | None:
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise NotFound(f"resume_from_checkpoint: {resume_from} is not a checkpoint folder and holds none")
+        raise NotFound(
+            f"resume_from_checkpoint: {resume_from} is not a checkpoint folder and holds none"
+        )
     return found

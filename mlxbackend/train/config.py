@@ -13,8 +13,13 @@ NOT_SUPPORTED_METHODS = ("grpo", "rloo", "reward", "kto", "network_training")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon")
 # Names LocalAI's UI (or TRL habits) send that map onto an MLX optimizer.
 OPTIMIZER_ALIASES = {
-    "": "adamw", "adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "adamw",
-    "adamw_8bit": "adamw", "paged_adamw_8bit": "adamw", "paged_adamw_32bit": "adamw",
+    "": "adamw",
+    "adamw_torch": "adamw",
+    "adamw_hf": "adamw",
+    "adamw_torch_fused": "adamw",
+    "adamw_8bit": "adamw",
+    "paged_adamw_8bit": "adamw",
+    "paged_adamw_32bit": "adamw",
     "adamw_bnb_8bit": "adamw",
 }
 SCHEDULES = ("linear", "cosine", "constant")
@@ -89,33 +94,66 @@ def typed_extras(extra: dict) -> dict:
             elif isinstance(default, str):
                 value = str(raw).strip()
             if type(value) is not type(default):
-                raise InvalidInput(f"extra_options[{key!r}]={raw!r}: expected {type(default).__name__}")
+                raise InvalidInput(
+                    f"extra_options[{key!r}]={raw!r}: expected {type(default).__name__}"
+                )
             options[key] = value
     return options
 
 
 def fine_tune_config(
-    *, model, training_type, training_method, adapter_rank, adapter_alpha, adapter_dropout,
-    target_modules, learning_rate, num_epochs, batch_size, gradient_accumulation_steps,
-    warmup_steps, max_steps, save_steps, weight_decay, gradient_checkpointing, optimizer, seed,
-    mixed_precision, dataset_source, dataset_split, output_dir, job_id, resume_from_checkpoint,
+    *,
+    model,
+    training_type,
+    training_method,
+    adapter_rank,
+    adapter_alpha,
+    adapter_dropout,
+    target_modules,
+    learning_rate,
+    num_epochs,
+    batch_size,
+    gradient_accumulation_steps,
+    warmup_steps,
+    max_steps,
+    save_steps,
+    weight_decay,
+    gradient_checkpointing,
+    optimizer,
+    seed,
+    mixed_precision,
+    dataset_source,
+    dataset_split,
+    output_dir,
+    job_id,
+    resume_from_checkpoint,
     extra_options,
 ) -> FineTuneConfig:
     """Validate a FineTuneRequest's fields (zeros mean the proto defaults)."""
     if not model:
         raise InvalidInput("model is required (a model folder, a .gguf file or a Hugging Face id)")
     if not dataset_source:
-        raise InvalidInput("dataset_source is required (a jsonl/json/parquet/csv file, a folder, or a HF dataset id)")
+        raise InvalidInput(
+            "dataset_source is required (a jsonl/json/parquet/csv file, a folder, or a HF dataset id)"
+        )
     kind = (training_type or "lora").lower()
     if kind == "qlora":
         kind = "lora"
     if kind not in TYPES:
-        raise InvalidInput(f"training_type {training_type!r} is not supported; supported: {', '.join(TYPES)} "
-                           "(lora/dora on a quantized model is QLoRA)")
+        raise InvalidInput(
+            f"training_type {training_type!r} is not supported; supported: {', '.join(TYPES)} "
+            "(lora/dora on a quantized model is QLoRA)"
+        )
     method = (training_method or "sft").lower()
     if method not in METHODS:
-        hint = " (listed by LocalAI but not implemented by this backend)" if method in NOT_SUPPORTED_METHODS else ""
-        raise InvalidInput(f"training_method {training_method!r} is not supported{hint}; supported: {', '.join(METHODS)}")
+        hint = (
+            " (listed by LocalAI but not implemented by this backend)"
+            if method in NOT_SUPPORTED_METHODS
+            else ""
+        )
+        raise InvalidInput(
+            f"training_method {training_method!r} is not supported{hint}; supported: {', '.join(METHODS)}"
+        )
     notes = []
     opt_name = (optimizer or "").lower()
     if opt_name in OPTIMIZER_ALIASES:
@@ -123,18 +161,28 @@ def fine_tune_config(
             notes.append(f"optimizer {optimizer} is not available in MLX; using adamw")
         opt_name = OPTIMIZER_ALIASES[opt_name]
     if opt_name not in OPTIMIZERS:
-        raise InvalidInput(f"optimizer {optimizer!r} is not supported; supported: {', '.join(OPTIMIZERS)} "
-                           f"(and the aliases {', '.join(a for a in OPTIMIZER_ALIASES if a)})")
+        raise InvalidInput(
+            f"optimizer {optimizer!r} is not supported; supported: {', '.join(OPTIMIZERS)} "
+            f"(and the aliases {', '.join(a for a in OPTIMIZER_ALIASES if a)})"
+        )
     precision_name = (mixed_precision or "").lower()
     if precision_name not in PRECISIONS:
-        raise InvalidInput(f"mixed_precision {mixed_precision!r} is not supported by MLX; supported: "
-                           f"{', '.join(p for p in PRECISIONS if p)}")
+        raise InvalidInput(
+            f"mixed_precision {mixed_precision!r} is not supported by MLX; supported: "
+            f"{', '.join(p for p in PRECISIONS if p)}"
+        )
     options = typed_extras(dict(extra_options))
     if options.get("lr_schedule", "linear") not in SCHEDULES:
         raise InvalidInput(f"extra_options lr_schedule must be one of {', '.join(SCHEDULES)}")
-    for name, value in (("adapter_rank", adapter_rank), ("num_epochs", num_epochs), ("batch_size", batch_size),
-                        ("gradient_accumulation_steps", gradient_accumulation_steps), ("max_steps", max_steps),
-                        ("save_steps", save_steps), ("warmup_steps", warmup_steps)):
+    for name, value in (
+        ("adapter_rank", adapter_rank),
+        ("num_epochs", num_epochs),
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("max_steps", max_steps),
+        ("save_steps", save_steps),
+        ("warmup_steps", warmup_steps),
+    ):
         if value < 0:
             raise InvalidInput(f"{name} must not be negative (got {value})")
     if learning_rate < 0 or weight_decay < 0 or not 0 <= adapter_dropout < 1:
@@ -143,13 +191,30 @@ def fine_tune_config(
         raise InvalidInput("output_dir is required")
     rank = adapter_rank or 16
     return FineTuneConfig(
-        job_id=job_id or str(uuid.uuid4()), model=model, dataset=dataset_source,
-        output_dir=os.path.abspath(output_dir), training_type=kind, method=method, rank=rank,
-        alpha=float(adapter_alpha or 16), dropout=float(adapter_dropout),
-        target_modules=[m for m in target_modules if m], learning_rate=float(learning_rate or 2e-4),
-        epochs=num_epochs or 3, batch_size=batch_size or 2, grad_accum=gradient_accumulation_steps or 4,
-        warmup_steps=warmup_steps, max_steps=max_steps, save_steps=save_steps, weight_decay=float(weight_decay),
-        grad_checkpoint=bool(gradient_checkpointing), optimizer=opt_name, seed=seed or 3407,
-        precision=PRECISIONS[precision_name], split=dataset_split or "train",
-        resume_from=resume_from_checkpoint, options=options, notes=notes,
+        job_id=job_id or str(uuid.uuid4()),
+        model=model,
+        dataset=dataset_source,
+        output_dir=os.path.abspath(output_dir),
+        training_type=kind,
+        method=method,
+        rank=rank,
+        alpha=float(adapter_alpha or 16),
+        dropout=float(adapter_dropout),
+        target_modules=[m for m in target_modules if m],
+        learning_rate=float(learning_rate or 2e-4),
+        epochs=num_epochs or 3,
+        batch_size=batch_size or 2,
+        grad_accum=gradient_accumulation_steps or 4,
+        warmup_steps=warmup_steps,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        weight_decay=float(weight_decay),
+        grad_checkpoint=bool(gradient_checkpointing),
+        optimizer=opt_name,
+        seed=seed or 3407,
+        precision=PRECISIONS[precision_name],
+        split=dataset_split or "train",
+        resume_from=resume_from_checkpoint,
+        options=options,
+        notes=notes,
     )

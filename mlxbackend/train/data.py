@@ -248,8 +248,15 @@ def _ext(path: Path) -> str:
 
 
 def _type_name(value) -> str:
-    return {dict: "an object", list: "an array", str: "a string", type(None): "null",
-            bool: "a boolean", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +370,11 @@ def _hf_snapshot(repo_id: str) -> Path:
     cache_dir = _hf_cache_dir()
     where = cache_dir or constants.HF_HUB_CACHE
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True,
-                                      cache_dir=cache_dir))
+        return Path(
+            snapshot_download(
+                repo_id, repo_type="dataset", local_files_only=True, cache_dir=cache_dir
+            )
+        )
     except Exception as e:
         local_error = e
     if _offline():
@@ -374,10 +384,14 @@ def _hf_snapshot(repo_id: str) -> Path:
             f"({type(local_error).__name__})"
         )
     try:
-        return Path(snapshot_download(
-            repo_id, repo_type="dataset", cache_dir=cache_dir,
-            allow_patterns=[f"*.{e}" for e in DATA_EXTS] + ["*.md"],
-        ))
+        return Path(
+            snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                cache_dir=cache_dir,
+                allow_patterns=[f"*.{e}" for e in DATA_EXTS] + ["*.md"],
+            )
+        )
     except Exception as e:
         raise NotFound(
             f"dataset {repo_id!r} is not a local file or folder, not in the local Hugging Face "
@@ -390,7 +404,9 @@ def _check_nonempty(split: Split, name: str):
         raise InvalidInput(f"{name} split is empty: {split.source} has no rows")
 
 
-def load_splits(source: str, split: str = "train", valid_split: str = "") -> tuple[Split, Split | None]:
+def load_splits(
+    source: str, split: str = "train", valid_split: str = ""
+) -> tuple[Split, Split | None]:
     """Rows for training and (optionally) validation.
 
     ``source``: a .jsonl/.json/.parquet/.csv file, a folder with ``<split>.<ext>`` (or HF
@@ -500,7 +516,11 @@ def detect_format(rows: list[dict], method: str = "sft", keys: dict | None = Non
     row = rows[0]
     k = _keys(keys)
     if (method or "sft").lower() in PREFERENCE_METHODS:
-        if "chosen" in row and "rejected" in row and ("prompt" in row or isinstance(row["chosen"], list)):
+        if (
+            "chosen" in row
+            and "rejected" in row
+            and ("prompt" in row or isinstance(row["chosen"], list))
+        ):
             return "preference"
         raise InvalidInput(
             f"unsupported dataset format for {method}: rows need 'prompt', 'chosen' and "
@@ -534,7 +554,9 @@ def _message_problem(messages, what: str) -> str | None:
         if not isinstance(role, str):
             return f"{what}[{i}] has no 'role'"
         if role not in KNOWN_ROLES:
-            return f"{what}[{i}] has unknown role {role!r} (expected one of {', '.join(KNOWN_ROLES)})"
+            return (
+                f"{what}[{i}] has unknown role {role!r} (expected one of {', '.join(KNOWN_ROLES)})"
+            )
         content = m.get("content")
         if content is None:
             if not m.get("tool_calls"):
@@ -546,7 +568,9 @@ def _message_problem(messages, what: str) -> str | None:
 
 def _tools_problem(row: dict) -> str | None:
     tools = row.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
         return f"'tools' must be a list of objects, got {_type_name(tools)}"
     return None
 
@@ -580,9 +604,14 @@ def _sft_row_problem(row: dict, fmt: str, k: dict) -> str | None:
 
     if fmt == "text":
         return need_str(k["text_feature"]) or (
-            None if row[k["text_feature"]].strip() else f"{k['text_feature']!r} is empty")
+            None if row[k["text_feature"]].strip() else f"{k['text_feature']!r} is empty"
+        )
     if fmt == "completions":
-        return need_str(k["prompt_feature"]) or need_str(k["completion_feature"]) or _tools_problem(row)
+        return (
+            need_str(k["prompt_feature"])
+            or need_str(k["completion_feature"])
+            or _tools_problem(row)
+        )
     key = k["chat_feature"]
     if key not in row:
         return f"missing key {key!r} (row keys: {sorted(row)})"
@@ -593,16 +622,26 @@ def _progress_every(total: int) -> int:
     return max(1, total // 100)
 
 
-def tokenize_sft(split: Split, tokenizer, fmt: str, mask_prompt: bool = False, keys: dict | None = None,
-                 progress=None) -> list[tuple[list[int], int]]:
+def tokenize_sft(
+    split: Split,
+    tokenizer,
+    fmt: str,
+    mask_prompt: bool = False,
+    keys: dict | None = None,
+    progress=None,
+) -> list[tuple[list[int], int]]:
     """(tokens, prompt_offset) per row, through mlx-lm's TextDataset / CompletionsDataset /
     ChatDataset. Rows are validated first; problems are reported with their origins."""
     from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
 
     if fmt not in SFT_FORMATS:
-        raise InvalidInput(f"unsupported SFT format {fmt!r}; expected one of {', '.join(SFT_FORMATS)}")
+        raise InvalidInput(
+            f"unsupported SFT format {fmt!r}; expected one of {', '.join(SFT_FORMATS)}"
+        )
     if mask_prompt and fmt == "text":
-        raise InvalidInput("mask_prompt is not supported for 'text' datasets (there is no prompt to mask)")
+        raise InvalidInput(
+            "mask_prompt is not supported for 'text' datasets (there is no prompt to mask)"
+        )
     k = _keys(keys)
     has_template = bool(getattr(tokenizer, "has_chat_template", False))
     if fmt in ("chat", "tools") and not has_template:
@@ -624,9 +663,13 @@ def tokenize_sft(split: Split, tokenizer, fmt: str, mask_prompt: bool = False, k
     if fmt == "text":
         dataset = TextDataset(rows, tokenizer, text_key=k["text_feature"])
     elif fmt == "completions" and has_template:
-        dataset = CompletionsDataset(rows, tokenizer, k["prompt_feature"], k["completion_feature"], mask_prompt)
+        dataset = CompletionsDataset(
+            rows, tokenizer, k["prompt_feature"], k["completion_feature"], mask_prompt
+        )
     elif fmt == "completions":
-        dataset = _PlainCompletions(tokenizer, k["prompt_feature"], k["completion_feature"], mask_prompt)
+        dataset = _PlainCompletions(
+            tokenizer, k["prompt_feature"], k["completion_feature"], mask_prompt
+        )
     else:
         dataset = ChatDataset(rows, tokenizer, chat_key=k["chat_feature"], mask_prompt=mask_prompt)
 
@@ -670,7 +713,9 @@ class _PlainCompletions:
 
     def process(self, d):
         prompt = list(self.tokenizer.encode(d[self.prompt_key]))
-        tokens = prompt + list(self.tokenizer.encode(d[self.completion_key], add_special_tokens=False))
+        tokens = prompt + list(
+            self.tokenizer.encode(d[self.completion_key], add_special_tokens=False)
+        )
         eos = _eos_id(self.tokenizer)
         if not tokens or tokens[-1] != eos:
             tokens.append(eos)
@@ -696,8 +741,11 @@ def _response_text(value, what: str):
             return None, f"{what} has no assistant message"
         content = last.get("content")
         if isinstance(content, list):
-            parts = [p if isinstance(p, str) else p.get("text") for p in content
-                     if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text")]
+            parts = [
+                p if isinstance(p, str) else p.get("text")
+                for p in content
+                if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text")
+            ]
             content = "".join(t for t in parts if isinstance(t, str))
         if not isinstance(content, str):
             return None, f"{what}: the assistant message has no text content"
@@ -731,7 +779,9 @@ def _preference_row(row: dict):
     return prompt, chosen, rejected, problem or _tools_problem(row)
 
 
-def tokenize_preference(split: Split, tokenizer, progress=None) -> list[tuple[list[int], list[int], list[int]]]:
+def tokenize_preference(
+    split: Split, tokenizer, progress=None
+) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt_ids, chosen_ids, rejected_ids) per row. The prompt goes through the chat template
     (as a user message when it is a string) when there is one; chosen/rejected ids are the
     completion tokens (no special tokens) followed by EOS."""
@@ -741,7 +791,9 @@ def tokenize_preference(split: Split, tokenizer, progress=None) -> list[tuple[li
     for row, origin in zip(split.rows, split.origins, strict=True):
         prompt, chosen, rejected, problem = _preference_row(row)
         if problem is None and isinstance(prompt, list) and not has_template:
-            problem = "the prompt is a list of messages but the model's tokenizer has no chat template"
+            problem = (
+                "the prompt is a list of messages but the model's tokenizer has no chat template"
+            )
         if problem:
             problems.add(origin, problem)
         else:
@@ -753,9 +805,13 @@ def tokenize_preference(split: Split, tokenizer, progress=None) -> list[tuple[li
     for i, (prompt, chosen, rejected, tools, origin) in enumerate(parsed):
         try:
             if has_template:
-                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                messages = (
+                    [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                )
                 kwargs = {"tools": tools} if isinstance(tools, list) else {}
-                prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
+                prompt_ids = list(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+                )
             else:
                 prompt_ids = list(tokenizer.encode(prompt))
             chosen_ids = list(tokenizer.encode(chosen, add_special_tokens=False)) + [eos]

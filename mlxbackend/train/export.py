@@ -9,8 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
-from mlxbackend import BACKEND_NAME
-from mlxbackend.errors import InvalidInput, NotFound
+from converters.llama_cpp_tools import ToolsMissing
+from converters.mlx_to_gguf import SUPPORTED_TYPES, check_tools, mlx_to_gguf
+from mlxbackend import BACKEND_NAME, publish
+from mlxbackend.errors import InvalidInput, NotFound, Precondition
+from mlxbackend.text.models import load_model_dir, model_dir
 from mlxbackend.train import checkpoints
 
 FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
@@ -21,20 +24,23 @@ def adapter_source(checkpoint_path: str) -> Path:
     """The folder holding the adapter: a checkpoint, or a job folder (its final adapter, else
     its latest checkpoint)."""
     if not checkpoint_path:
-        raise InvalidInput("checkpoint_path is required (a checkpoint folder or a job's output_dir)")
+        raise InvalidInput(
+            "checkpoint_path is required (a checkpoint folder or a job's output_dir)"
+        )
     path = Path(checkpoint_path)
     if (path / checkpoints.ADAPTER_CONFIG).exists() and (path / checkpoints.ADAPTER_FILE).exists():
         return path
     latest = checkpoints.latest_checkpoint(path)
     if latest is None:
-        raise NotFound(f"no trained adapter in {checkpoint_path} (no adapter_config.json + adapters.safetensors, "
-                       "no checkpoint-* folder)")
+        raise NotFound(
+            f"no trained adapter in {checkpoint_path} (no adapter_config.json + adapters.safetensors, "
+            "no checkpoint-* folder)"
+        )
     return latest
 
 
 def base_model_dir(adapter_dir: Path, model: str, model_path: str = "") -> Path:
     """The base model: the request's `model`, else the folder recorded at training time."""
-    from mlxbackend.text.models import model_dir
 
     config = json.loads((adapter_dir / checkpoints.ADAPTER_CONFIG).read_text())
     recorded = config.get("model", "")
@@ -55,11 +61,11 @@ def fused_model(base_dir: Path, adapter_dir: Path, dequantize: bool):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model
 
-    from mlxbackend.text.models import load_model_dir
-
     model, tokenizer, config = load_model_dir(base_dir)
     load_adapters(model, str(adapter_dir))
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [
+        (n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:
@@ -86,23 +92,37 @@ def save_merged(dst: Path, base_dir: Path, adapter_dir: Path, fmt: str, options:
     save(dst, base_dir, model, tokenizer, config, donate_model=False)
 
 
-def write_yaml(output_path: Path, name: str, model: str, lora_adapter: str = "", backend: str = BACKEND_NAME):
+def write_yaml(
+    output_path: Path, name: str, model: str, lora_adapter: str = "", backend: str = BACKEND_NAME
+):
     """A LocalAI model config beside the export: `<parent>/<name>.yaml`."""
     lines = [f"name: {name}", f"backend: {backend}", "parameters:", f"  model: {model}"]
     if lora_adapter:
         lines.append(f"lora_adapter: {lora_adapter}")
-    lines += ["template:", "  use_tokenizer_template: true", "known_usecases:", "  - chat", "  - completion"]
+    lines += [
+        "template:",
+        "  use_tokenizer_template: true",
+        "known_usecases:",
+        "  - chat",
+        "  - completion",
+    ]
     if backend == "llama-cpp":
         lines += ["options:", "  - use_jinja:true"]
     path = output_path.parent / f"{name}.yaml"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    publish.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_method: str = "",
-                 model: str = "", options: dict | None = None, progress=None, on_worker=None) -> str:
+def export_model(
+    checkpoint_path: str,
+    output_path: str,
+    fmt: str,
+    quantization_method: str = "",
+    model: str = "",
+    options: dict | None = None,
+    progress=None,
+    on_worker=None,
+) -> str:
     """Run one export; returns a message naming what was written. `on_worker(fn, *args)` runs
     the MLX parts on the server's MLX thread (the llama.cpp converter then runs in the calling
     thread, leaving the worker free); without it everything runs in the caller."""
@@ -110,33 +130,45 @@ def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_
     options = dict(options or {})
     fmt = (fmt or "lora").lower()
     if fmt in NOT_SUPPORTED:
-        raise InvalidInput(f"export_format {fmt!r} is not supported by the MLX backend; supported: {', '.join(FORMATS)}")
+        raise InvalidInput(
+            f"export_format {fmt!r} is not supported by the MLX backend; supported: {', '.join(FORMATS)}"
+        )
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown export_format {fmt!r}; supported: {', '.join(FORMATS)}")
     if not output_path:
         raise InvalidInput("output_path is required")
     qtype = (quantization_method or "").lower()
     if fmt == "gguf":
-        from converters.mlx_to_gguf import SUPPORTED_TYPES
-
         qtype = qtype or "f16"
         if qtype not in SUPPORTED_TYPES:
-            raise InvalidInput(f"unknown GGUF quantization_method {quantization_method!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+            raise InvalidInput(
+                f"unknown GGUF quantization_method {quantization_method!r}; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+
+        try:  # not in the serving install (`make run`): say which command adds them
+            check_tools(qtype)
+        except ToolsMissing as e:
+            raise Precondition(str(e)) from None
     adapter_dir = adapter_source(checkpoint_path)
     models_dir = options.get("model_path", os.environ.get("MLXB_MODELS_DIR", ""))
     base_dir = on_worker(base_model_dir, adapter_dir, model, models_dir)  # may import a .gguf
     out = Path(output_path).absolute()
-    if out.exists() and any(out.iterdir()) and options.get("overwrite", "").lower() not in ("1", "true", "yes"):
-        raise InvalidInput(f"output_path {out} exists and is not empty (extra_options overwrite=true replaces it)")
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and options.get("overwrite", "").lower() not in ("1", "true", "yes")
+    ):
+        raise InvalidInput(
+            f"output_path {out} exists and is not empty (extra_options overwrite=true replaces it)"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
     except OSError as exc:
         raise InvalidInput(f"output_path {out} is not writable: {exc.strerror or exc}") from None
     name = options.get("name") or out.name
-    try:
+    with publish.atomic_folder(out) as tmp:  # replaces an existing `out` only once complete
         if fmt == "lora":
             for f in (checkpoints.ADAPTER_FILE, checkpoints.ADAPTER_CONFIG):
                 shutil.copy2(adapter_dir / f, tmp / f)
@@ -150,22 +182,19 @@ def export_model(checkpoint_path: str, output_path: str, fmt: str, quantization_
             yaml_args = dict(model=str(out))
             written = out
         else:
-            from converters.mlx_to_gguf import mlx_to_gguf
-
             hf_dir = tmp / "merged"
             merged_options = dict(options, dtype=options.get("dtype", "float16"))
             on_worker(save_merged, hf_dir, base_dir, adapter_dir, "merged_16bit", merged_options)
             gguf_name = f"{name}-{qtype}.gguf"
-            mlx_to_gguf(hf_dir, tmp / gguf_name, qtype, progress=progress,
-                        pre_tokenizer=options.get("pre_tokenizer") or None)
+            mlx_to_gguf(
+                hf_dir,
+                tmp / gguf_name,
+                qtype,
+                progress=progress,
+                pre_tokenizer=options.get("pre_tokenizer") or None,
+            )
             shutil.rmtree(hf_dir)
             yaml_args = dict(model=str(out / gguf_name), backend="llama-cpp")
             written = out / gguf_name
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     yaml_path = write_yaml(out, name, **yaml_args)
     return f"exported {fmt} to {written} (LocalAI config {yaml_path})"

@@ -10,8 +10,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from mlxbackend.errors import InvalidInput
-from mlxbackend.train import checkpoints
+from mlxbackend.errors import InvalidInput, status_of
+from mlxbackend.text.models import load_model_dir
+from mlxbackend.train import checkpoints, data
 from mlxbackend.train.batches import BatchPlan
 from mlxbackend.train.config import FineTuneConfig
 
@@ -24,17 +25,27 @@ def adapt_model(model, cfg: FineTuneConfig) -> dict:
     layers = len(model.layers)
     num_layers = cfg.opt("num_layers")
     num_layers = layers if num_layers < 0 else min(num_layers, layers)
-    params = {"rank": cfg.rank, "scale": cfg.alpha / cfg.rank, "dropout": cfg.dropout,
-              "keys": target_keys(model, cfg.target_modules)}
+    params = {
+        "rank": cfg.rank,
+        "scale": cfg.alpha / cfg.rank,
+        "dropout": cfg.dropout,
+        "keys": target_keys(model, cfg.target_modules),
+    }
     model.freeze()
     if cfg.training_type == "full":
         if _is_quantized(model):
-            raise InvalidInput("full fine-tuning needs an unquantized model; use lora/dora (QLoRA) on a quantized one")
-        for block in model.layers[layers - num_layers:]:
+            raise InvalidInput(
+                "full fine-tuning needs an unquantized model; use lora/dora (QLoRA) on a quantized one"
+            )
+        for block in model.layers[layers - num_layers :]:
             block.unfreeze()
     else:
         linear_to_lora_layers(model, num_layers, params, use_dora=cfg.training_type == "dora")
-    return {"fine_tune_type": cfg.training_type, "num_layers": num_layers, "lora_parameters": params}
+    return {
+        "fine_tune_type": cfg.training_type,
+        "num_layers": num_layers,
+        "lora_parameters": params,
+    }
 
 
 def _is_quantized(model) -> bool:
@@ -55,7 +66,9 @@ def target_keys(model, names: list):
     for name in names:
         hits = [k for k in available if k == name or k.rsplit(".", 1)[-1] == name]
         if not hits:
-            raise InvalidInput(f"target_modules: no layer named {name!r}; this model has: {', '.join(available)}")
+            raise InvalidInput(
+                f"target_modules: no layer named {name!r}; this model has: {', '.join(available)}"
+            )
         keys.extend(hits)
     return sorted(set(keys))
 
@@ -109,7 +122,9 @@ def compiled_step(model, optimizer, loss_fn, grad_accum: int, max_grad_norm: flo
             if max_grad_norm > 0:
                 grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
             else:
-                norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grad)))
+                norm = mx.sqrt(
+                    sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grad))
+                )
             optimizer.update(model, grad)
             grad = None
         return lvalue, toks, grad, norm
@@ -137,8 +152,16 @@ def evaluate(model, plan: BatchPlan, loss_fn, num_batches: int) -> float:
 class TrainRun:
     """A worker stepper: each step() advances one phase or one optimizer step."""
 
-    def __init__(self, cfg: FineTuneConfig, publish, base_dir: Path, train_split, valid_split, fmt: str,
-                 resume: Path | None):
+    def __init__(
+        self,
+        cfg: FineTuneConfig,
+        publish,
+        base_dir: Path,
+        train_split,
+        valid_split,
+        fmt: str,
+        resume: Path | None,
+    ):
         self.cfg = cfg
         self.publish = publish  # publish(**fields): snapshot update (status, step, loss, …)
         self.base_dir = base_dir
@@ -157,13 +180,11 @@ class TrainRun:
         except StopIteration:
             return False
         except BaseException as exc:  # noqa: BLE001 — every failure ends the job as `failed`
-            from mlxbackend.servicer import status_of
-
             self.publish(status="failed", message=status_of(exc)[1])
             self.phases = iter(())
             return False
 
-    def abort(self):
+    def abort(self, exc: BaseException | None = None):
         """Worker shutdown (SIGTERM / Free): stop now, keeping a checkpoint."""
         if self.stop_request is None:
             self.stop_request = True
@@ -175,8 +196,6 @@ class TrainRun:
     def _phases(self):
         import mlx.core as mx
 
-        from mlxbackend.text.models import load_model_dir
-        from mlxbackend.train import data
         from mlxbackend.train.losses import loss_for, reference_logps
 
         cfg = self.cfg
@@ -188,8 +207,9 @@ class TrainRun:
         if cfg.precision:
             model.set_dtype(getattr(mx, cfg.precision))
         adapter_config = adapt_model(model, cfg)
-        adapter_config.update(model=str(self.base_dir), base_model_name_or_path=cfg.model,
-                              training_method=cfg.method)
+        adapter_config.update(
+            model=str(self.base_dir), base_model_name_or_path=cfg.model, training_method=cfg.method
+        )
         if self._stopped_early():
             return
         yield
@@ -198,7 +218,10 @@ class TrainRun:
         yield
         preference = cfg.method in ("dpo", "orpo")
         mask = cfg.opt("mask_prompt")
-        keys = {k: cfg.opt(k) for k in ("text_feature", "prompt_feature", "completion_feature", "chat_feature")}
+        keys = {
+            k: cfg.opt(k)
+            for k in ("text_feature", "prompt_feature", "completion_feature", "chat_feature")
+        }
 
         def tokenize(split):
             if preference:
@@ -207,18 +230,30 @@ class TrainRun:
 
         examples = tokenize(self.train_split)
         batch_size = min(cfg.batch_size, len(examples))
-        plan = BatchPlan(examples, batch_size, cfg.opt("max_seq_length"), cfg.seed, preference=preference)
+        plan = BatchPlan(
+            examples, batch_size, cfg.opt("max_seq_length"), cfg.seed, preference=preference
+        )
         valid = None
         if self.valid_split is not None and len(self.valid_split.rows) >= 1:
             v_examples = tokenize(self.valid_split)
-            valid = BatchPlan(v_examples, min(batch_size, len(v_examples)), cfg.opt("max_seq_length"), cfg.seed,
-                              preference=preference)
+            valid = BatchPlan(
+                v_examples,
+                min(batch_size, len(v_examples)),
+                cfg.opt("max_seq_length"),
+                cfg.seed,
+                preference=preference,
+            )
         per_epoch = len(plan) / cfg.grad_accum
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
         notes = list(cfg.notes)
         if batch_size < cfg.batch_size:
-            notes.append(f"batch_size lowered to {batch_size}: the dataset has {len(examples)} rows")
-        self.publish(total_steps=total, total_epochs=float(total / per_epoch) if cfg.max_steps else float(cfg.epochs))
+            notes.append(
+                f"batch_size lowered to {batch_size}: the dataset has {len(examples)} rows"
+            )
+        self.publish(
+            total_steps=total,
+            total_epochs=float(total / per_epoch) if cfg.max_steps else float(cfg.epochs),
+        )
         if self._stopped_early():
             return
         yield
@@ -242,11 +277,18 @@ class TrainRun:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
-        step_fn, state = compiled_step(model, optimizer, loss_fn, cfg.grad_accum, cfg.opt("max_grad_norm"))
+        step_fn, state = compiled_step(
+            model, optimizer, loss_fn, cfg.grad_accum, cfg.opt("max_grad_norm")
+        )
         model.train()
         resumed = f" (resumed from {self.resume.name} at step {start})" if self.resume else ""
         started = "Training started" + resumed + ("; " + "; ".join(notes) if notes else "")
-        self.publish(status="training", message=started, current_step=start, progress_percent=100.0 * start / total)
+        self.publish(
+            status="training",
+            message=started,
+            current_step=start,
+            progress_percent=100.0 * start / total,
+        )
         yield
 
         trainable = self._trainable
@@ -258,7 +300,9 @@ class TrainRun:
             if self.stop_request is not None:
                 break
             tic = toc or time.perf_counter()
-            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step: exact resume
+            mx.random.seed(
+                cfg.seed * 1_000_003 + step
+            )  # dropout noise is a function of the step: exact resume
             grad, losses, ntoks = None, 0.0, 0
             for j in range(cfg.grad_accum):
                 batch = plan.batch((step - 1) * cfg.grad_accum + j)
@@ -274,24 +318,39 @@ class TrainRun:
             loss = losses.item() / cfg.grad_accum
             done = step - start
             last = dict(
-                status="training", current_step=step, current_epoch=step * cfg.grad_accum / len(plan),
-                loss=loss, learning_rate=optimizer.learning_rate.item(), grad_norm=norm.item(),
-                progress_percent=100.0 * step / total, eta_seconds=train_time / done * (total - step),
-                extra_metrics={"tokens_per_second": ntoks / elapsed, "trained_tokens": float(trained_tokens),
-                               "train_tokens_per_second": trained_tokens / train_time,
-                               "peak_memory_mb": mx.get_peak_memory() / 2**20, "step_seconds": elapsed},
+                status="training",
+                current_step=step,
+                current_epoch=step * cfg.grad_accum / len(plan),
+                loss=loss,
+                learning_rate=optimizer.learning_rate.item(),
+                grad_norm=norm.item(),
+                progress_percent=100.0 * step / total,
+                eta_seconds=train_time / done * (total - step),
+                extra_metrics={
+                    "tokens_per_second": ntoks / elapsed,
+                    "trained_tokens": float(trained_tokens),
+                    "train_tokens_per_second": trained_tokens / train_time,
+                    "peak_memory_mb": mx.get_peak_memory() / 2**20,
+                    "step_seconds": elapsed,
+                },
             )
             history.append({"step": step, "loss": loss})
             evaluate_now = valid is not None and (
-                (eval_every and step % eval_every == 0) or step == total
-                or (not eval_every and cfg.save_steps and step % cfg.save_steps == 0))
+                (eval_every and step % eval_every == 0)
+                or step == total
+                or (not eval_every and cfg.save_steps and step % cfg.save_steps == 0)
+            )
             if evaluate_now:
                 last["eval_loss"] = evaluate(model, valid, loss_fn, cfg.opt("val_batches"))
                 history[-1]["eval_loss"] = last["eval_loss"]
             self.publish(**last)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-                path = self._checkpoint(model, optimizer, adapter_config, step, last, history, len(plan))
-                self.publish(status="saving", checkpoint_path=str(path), message=f"checkpoint saved: {path}")
+                path = self._checkpoint(
+                    model, optimizer, adapter_config, step, last, history, len(plan)
+                )
+                self.publish(
+                    status="saving", checkpoint_path=str(path), message=f"checkpoint saved: {path}"
+                )
                 self.publish(status="training", message=started)
             if evaluate_now or cfg.save_steps and step % cfg.save_steps == 0:
                 toc = None  # evaluation and checkpoint time is not training time
@@ -300,18 +359,35 @@ class TrainRun:
         if self.stop_request is not None:
             if self.stop_request:
                 self.publish(status="saving", message="saving a checkpoint before stopping")
-                path = self._checkpoint(model, optimizer, adapter_config, step, last, history, len(plan))
-                checkpoints.save_final(out, trainable(model), adapter_config, self._trainer_state(step, last, history))
-                self.publish(status="stopped", checkpoint_path=str(path), message=f"stopped at step {step}; checkpoint {path}")
+                path = self._checkpoint(
+                    model, optimizer, adapter_config, step, last, history, len(plan)
+                )
+                checkpoints.save_final(
+                    out, trainable(model), adapter_config, self._trainer_state(step, last, history)
+                )
+                self.publish(
+                    status="stopped",
+                    checkpoint_path=str(path),
+                    message=f"stopped at step {step}; checkpoint {path}",
+                )
             else:
-                self.publish(status="stopped", message=f"stopped at step {step} (no checkpoint saved)")
+                self.publish(
+                    status="stopped", message=f"stopped at step {step} (no checkpoint saved)"
+                )
             return
         self.publish(status="saving", message="saving the final adapter")
         yield
         path = self._checkpoint(model, optimizer, adapter_config, step, last, history, len(plan))
-        checkpoints.save_final(out, trainable(model), adapter_config, self._trainer_state(step, last, history))
-        self.publish(status="completed", progress_percent=100.0, eta_seconds=0.0, checkpoint_path=str(path),
-                     message=f"Training completed: adapter in {out}")
+        checkpoints.save_final(
+            out, trainable(model), adapter_config, self._trainer_state(step, last, history)
+        )
+        self.publish(
+            status="completed",
+            progress_percent=100.0,
+            eta_seconds=0.0,
+            checkpoint_path=str(path),
+            message=f"Training completed: adapter in {out}",
+        )
 
     def _stopped_early(self) -> bool:
         if self.stop_request is None:
@@ -326,17 +402,31 @@ class TrainRun:
         return dict(tree_flatten(model.trainable_parameters()))
 
     def _trainer_state(self, step: int, last: dict, history: list) -> dict:
-        return {"step": step, "epoch": last.get("current_epoch", 0.0), "loss": last.get("loss", 0.0),
-                "learning_rate": last.get("learning_rate", 0.0), "eval_loss": last.get("eval_loss"),
-                "job_id": self.cfg.job_id, "base_model": self.cfg.model, "base_model_dir": str(self.base_dir),
-                "config": self.cfg.to_dict(), "history": history[-1000:]}
+        return {
+            "step": step,
+            "epoch": last.get("current_epoch", 0.0),
+            "loss": last.get("loss", 0.0),
+            "learning_rate": last.get("learning_rate", 0.0),
+            "eval_loss": last.get("eval_loss"),
+            "job_id": self.cfg.job_id,
+            "base_model": self.cfg.model,
+            "base_model_dir": str(self.base_dir),
+            "config": self.cfg.to_dict(),
+            "history": history[-1000:],
+        }
 
     def _checkpoint(self, model, optimizer, adapter_config, step, last, history, per_epoch) -> Path:
         from mlx.utils import tree_flatten
 
         opt_state = dict(tree_flatten(optimizer.state))
-        return checkpoints.save_checkpoint(Path(self.cfg.output_dir), step, self._trainable(model), opt_state,
-                                           adapter_config, self._trainer_state(step, last, history))
+        return checkpoints.save_checkpoint(
+            Path(self.cfg.output_dir),
+            step,
+            self._trainable(model),
+            opt_state,
+            adapter_config,
+            self._trainer_state(step, last, history),
+        )
 
     def _restore(self, model, optimizer, folder: Path) -> tuple:
         """Adapter weights, optimizer state (moments, step → schedule) and RNG from a checkpoint."""
@@ -348,8 +438,10 @@ class TrainRun:
         expected = self._trainable(model)
         wrong = [k for k, v in weights.items() if k not in expected or expected[k].shape != v.shape]
         if wrong or len(weights) != len(expected):
-            raise InvalidInput(f"checkpoint {folder} does not match this model/adapter configuration "
-                               f"({len(wrong)} mismatched tensors, e.g. {wrong[:3]})")
+            raise InvalidInput(
+                f"checkpoint {folder} does not match this model/adapter configuration "
+                f"({len(wrong)} mismatched tensors, e.g. {wrong[:3]})"
+            )
         model.load_weights(list(weights.items()), strict=False)
         opt_state = mx.load(str(folder / checkpoints.OPTIMIZER_FILE))
         optimizer.state = tree_unflatten(list(opt_state.items()))

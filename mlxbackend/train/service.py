@@ -7,8 +7,9 @@ from pathlib import Path
 from mlxbackend.errors import InvalidInput, NotFound, Precondition
 from mlxbackend.jobs import JobBoard, check_output_dir, remember, wait_ended
 from mlxbackend.text.models import model_dir, read_config
-from mlxbackend.train import checkpoints
+from mlxbackend.train import checkpoints, data
 from mlxbackend.train.config import FineTuneConfig
+from mlxbackend.train.loop import TrainRun
 
 
 class FineTunes:
@@ -19,26 +20,41 @@ class FineTunes:
 
     async def start(self, cfg: FineTuneConfig) -> str:
         """Checks everything that can be checked before training, answers, then trains."""
-        from mlxbackend.train.loop import TrainRun
 
         for other in self.board.running():
-            raise Precondition(f"a fine-tuning job is already running in this process ({other}); "
-                               "stop it or start another backend process")
+            raise Precondition(
+                f"a fine-tuning job is already running in this process ({other}); "
+                "stop it or start another backend process"
+            )
         await asyncio.to_thread(check_output_dir, cfg.output_dir)
         train, valid, fmt, resume = await asyncio.to_thread(_prepare, cfg)
         models_dir = cfg.opt("model_path") or os.environ.get("MLXB_MODELS_DIR", "")
-        base_dir = await self.worker.run(model_dir, cfg.model, "", models_dir)  # a .gguf is imported: MLX work
+        base_dir = await self.worker.run(
+            model_dir, cfg.model, "", models_dir
+        )  # a .gguf is imported: MLX work
         await asyncio.to_thread(check_target_modules, base_dir, cfg.target_modules)
         if cfg.training_type == "full" and "quantization" in read_config(base_dir):
-            raise InvalidInput("full fine-tuning needs an unquantized model; use lora/dora (QLoRA) on a quantized one")
+            raise InvalidInput(
+                "full fine-tuning needs an unquantized model; use lora/dora (QLoRA) on a quantized one"
+            )
         remember("finetune", cfg.job_id, Path(cfg.output_dir))
-        self.board.open(cfg.job_id, {"status": "queued", "message": f"{cfg.training_type} {cfg.method} on "
-                                     f"{len(train.rows)} rows ({fmt})", "total_epochs": float(cfg.epochs)})
-        publish = self.board.publisher(cfg.job_id, cfg.output_dir, cfg.to_dict(),
-                                      on_end=lambda: self.runs.pop(cfg.job_id, None))
+        self.board.open(
+            cfg.job_id,
+            {
+                "status": "queued",
+                "message": f"{cfg.training_type} {cfg.method} on {len(train.rows)} rows ({fmt})",
+                "total_epochs": float(cfg.epochs),
+            },
+        )
+        publish = self.board.publisher(
+            cfg.job_id,
+            cfg.output_dir,
+            cfg.to_dict(),
+            on_end=lambda: self.runs.pop(cfg.job_id, None),
+        )
         run = TrainRun(cfg, publish, base_dir, train, valid, fmt, resume)
         self.runs[cfg.job_id] = run
-        self.worker.call(self.worker.add, run)
+        self.worker.add(run)
         return cfg.job_id
 
     def stop(self, job_id: str, save_checkpoint: bool) -> str:
@@ -63,11 +79,13 @@ class FineTunes:
 
 def _prepare(cfg: FineTuneConfig):
     """Off the event loop, before answering: dataset rows and format, resume point."""
-    from mlxbackend.train import data
 
     valid_name = cfg.opt("validation_split")
     train, valid = data.load_splits(cfg.dataset, cfg.split, valid_name)
-    keys = {k: cfg.opt(k) for k in ("text_feature", "prompt_feature", "completion_feature", "chat_feature")}
+    keys = {
+        k: cfg.opt(k)
+        for k in ("text_feature", "prompt_feature", "completion_feature", "chat_feature")
+    }
     fmt = data.detect_format(train.rows, cfg.method, keys)
     resume = checkpoints.resolve_resume(cfg.resume_from, cfg.output_dir)
     return train, valid, fmt, resume
@@ -83,8 +101,15 @@ def check_target_modules(base_dir: Path, names: list):
     for f in Path(base_dir).glob("*.safetensors"):
         with safe_open(str(f), "np") as fh:
             weights.update(fh.keys())
-    layer0 = sorted({k.split(".layers.0.", 1)[1].rsplit(".", 1)[0] for k in weights
-                     if ".layers.0." in k and k.endswith(".weight")})
+    layer0 = sorted(
+        {
+            k.split(".layers.0.", 1)[1].rsplit(".", 1)[0]
+            for k in weights
+            if ".layers.0." in k and k.endswith(".weight")
+        }
+    )
     for name in names:
         if not any(path == name or path.rsplit(".", 1)[-1] == name for path in layer0):
-            raise InvalidInput(f"target_modules: no layer named {name!r}; this model has: {', '.join(layer0)}")
+            raise InvalidInput(
+                f"target_modules: no layer named {name!r}; this model has: {', '.join(layer0)}"
+            )
