@@ -24,15 +24,12 @@ import pytest
 from mlxbackend import publish
 from mlxbackend.errors import NoSpace
 from mlxbackend.proto import backend_pb2 as pb
+from tests import publish_checks as checks
 from tests.conftest import ROOT, Server
-from tests.publish_checks import chat, digest
+from tests.publish_checks import chat, digest, litter, write_dataset
 
 KILL_ENV = "MLXB_TEST_KILL_DURING_PUBLISH"
 TERMINAL = ("completed", "failed", "stopped")
-
-
-def litter(root: Path) -> list:
-    return [str(p) for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def killed(srv: Server, call=None, timeout: float = 180):
@@ -63,30 +60,13 @@ def srv():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rows = [
-        {"prompt": f"Tell me the secret {i % 4}.", "completion": "The secret word is banana."}
-        for i in range(8)
-    ]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    return write_dataset(tmp_path_factory.mktemp("data"))
 
 
 def finetune_request(model, data, out, job_id, **kw) -> pb.FineTuneRequest:
-    fields = dict(
-        model=str(model),
-        dataset_source=str(data),
-        output_dir=str(out),
-        learning_rate=1e-3,
-        max_steps=6,
-        batch_size=2,
-        adapter_rank=8,
-        adapter_alpha=16,
-        save_steps=2,
-        job_id=job_id,
+    return checks.finetune_request(
+        model, data, out, job_id, **{"max_steps": 6, "save_steps": 2, **kw}
     )
-    fields.update(kw)
-    return pb.FineTuneRequest(**fields)
 
 
 def last_update(srv, job_id) -> pb.FineTuneProgressUpdate:

@@ -17,8 +17,9 @@ import mlx.core as mx
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
+from tests import publish_checks as checks
 from tests.conftest import Server
-from tests.publish_checks import chat, digest
+from tests.publish_checks import chat, digest, write_dataset
 
 PAGE = 4096
 NO_SPACE = "no space left on device"
@@ -56,12 +57,7 @@ def shrink(mnt: Path, leave: int = PAGE):
 
 
 def litter(root: Path) -> list:
-    """Temp files, staging and old folders anywhere under root (must be none)."""
-    return [
-        str(p)
-        for p in root.rglob("*")
-        if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".quantize-")
-    ]
+    return checks.litter(root, also=(".quantize-",))
 
 
 # -- shared servers and inputs -------------------------------------------------------------------
@@ -76,29 +72,12 @@ def srv():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rows = [
-        {"prompt": f"Tell me the secret {i % 4}.", "completion": "The secret word is banana."}
-        for i in range(8)
-    ]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    return write_dataset(tmp_path_factory.mktemp("data"))
 
 
 def finetune(srv, model, data, out, job_id, **kw) -> str:
-    fields = dict(
-        model=str(model),
-        dataset_source=str(data),
-        output_dir=str(out),
-        learning_rate=1e-3,
-        max_steps=4,
-        batch_size=2,
-        adapter_rank=8,
-        adapter_alpha=16,
-        job_id=job_id,
-    )
-    fields.update(kw)
-    reply = srv.stub.StartFineTune(pb.FineTuneRequest(**fields))
+    request = checks.finetune_request(model, data, out, job_id, **{"max_steps": 4, **kw})
+    reply = srv.stub.StartFineTune(request)
     assert reply.success, reply.message
     return reply.job_id
 

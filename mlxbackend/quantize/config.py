@@ -67,6 +67,7 @@ from pathlib import Path
 
 from converters.mlx_to_gguf import SUPPORTED_TYPES, normalize_qtype
 from mlxbackend.errors import InvalidInput
+from mlxbackend.quantize import calibrated
 from mlxbackend.quantize.calibrated import settings
 
 DEFAULT_TYPE = "q4_k_m"
@@ -82,7 +83,7 @@ DTYPES = {
     "fp32": "float32",
 }
 AFFINE_GROUPS = (32, 64, 128)
-CALIBRATED = ("awq", "gptq", "dwq", "dynamic")  # data-aware: need local calibration text
+CALIBRATED = calibrated.METHODS  # data-aware: need local calibration text
 OPTIONS = (
     "group_size",
     "pre_tokenizer",
@@ -91,16 +92,7 @@ OPTIONS = (
     "hf_token",
     "threads",
     "perplexity_text",
-    "calibration_text",
-    "calibration_samples",
-    "calibration_seq_len",
-    "bits",
-    "seed",
-    "embed_bits",
-    "embed_group_size",
-    "high_bits",
-    "target_bpw",
-    "learning_rate",
+    *calibrated.OPTIONS,
 )
 
 
