@@ -14,4 +14,10 @@ if [ "$(uname -s)" = "Linux" ] && [ -z "${MLXB_NO_OPENBLAS:-}" ]; then
     if [ -e "$lib" ]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; fi
   done
 fi
+# glibc malloc (Linux): two arenas and a fixed mmap threshold, so freed request buffers go back to
+# the OS instead of staying in per-thread arenas (soak at concurrency 8: 1.7 GB → 1.3 GB RSS,
+# README "Reliability"). No effect on macOS; the caller's own settings win.
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-131072}"
+export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-131072}"
 exec "$PY" -m mlxbackend serve "$@"

@@ -295,7 +295,7 @@ def percentile(values: list, q: float) -> float:
 
 
 def run_level(args, concurrency: int, folders: dict, workdir: Path) -> dict:
-    env = {"MALLOC_ARENA_MAX": args.malloc_arena_max} if args.malloc_arena_max else {}
+    env = dict(kv.split("=", 1) for kv in args.env)
     text_proc, text_stub = spawn(workdir / f"text-c{concurrency}.log", env)
     emb_proc, emb_stub = spawn(workdir / f"embed-c{concurrency}.log", env)
     stubs = {"text": text_stub, "embed": emb_stub}
@@ -463,11 +463,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
     p.add_argument("--time-limit", type=float, default=3600.0, help="per-level bound, seconds")
-    p.add_argument(
-        "--malloc-arena-max",
-        default="",
-        help="MALLOC_ARENA_MAX for the servers (default: run.sh's)",
-    )
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the servers (repeatable), e.g. MALLOC_ARENA_MAX=8 "
+                        "(run.sh's malloc settings give way to these)")  # fmt: skip
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
 
