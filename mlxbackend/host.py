@@ -59,6 +59,7 @@ class LoadRequest:
     cfg_scale: float = 0.0
     clip_skip: int = 0
     low_vram: bool = False
+    media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
     raw: object = None  # the LoadModel message itself, forwarded as is to a distributed rank 0
 
 
@@ -141,9 +142,16 @@ class ModelHost:
             draft_model=req.draft_model,
             trust_remote_code=req.trust_remote_code,
             options=options,
+            type_hint=req.type,
+            media_limits=dict(req.media_limits),
         )
         self.embed.configure(options)
         tm = await self.text.load(spec)
+        if tm.vision is not None:
+            return (
+                f"MLX vision-language model loaded successfully: {tm.path} "
+                f"({tm.vision.model_type}, accepts {', '.join(tm.vision.accepts) or 'text only'})"
+            )
         return f"MLX model loaded successfully: {tm.path}"
 
     # -- Free ---------------------------------------------------------------------------------

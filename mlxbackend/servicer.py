@@ -20,6 +20,7 @@ from mlxbackend.text.sampling import SamplingParams
 from mlxbackend.train import config as train_config
 from mlxbackend.train.checkpoints import list_checkpoints
 from mlxbackend.train.export import export_model
+from mlxbackend.vision.media import Media
 
 # RPCs whose capability has not landed yet, and what would provide it.
 PENDING = {
@@ -131,6 +132,7 @@ class Servicer:
             supports_thinking=meta["supports_thinking"],
             rendered_template=meta["rendered_template"],
             tool_format=markers,
+            media_marker=meta["media_marker"],
         )
 
     async def Embedding(self, request, context):
@@ -302,6 +304,11 @@ def load_request(request) -> LoadRequest:
         cfg_scale=request.CFGScale,
         clip_skip=request.CLIPSkip,
         low_vram=request.LowVRAM,
+        media_limits={
+            "image": request.LimitImagePerPrompt,
+            "video": request.LimitVideoPerPrompt,
+            "audio": request.LimitAudioPerPrompt,
+        },
         raw=request,
     )
 
@@ -351,17 +358,7 @@ def quantization_config(request):
 
 
 def text_request(request):
-    """PredictOptions → (PromptSpec, GenerationRequest). Media are refused, not dropped: no
-    engine here takes image, video or audio input yet."""
-    for name, media in (
-        ("Images", request.Images),
-        ("Videos", request.Videos),
-        ("Audios", request.Audios),
-    ):
-        if media:
-            raise Unsupported(
-                f"PredictOptions.{name}: the loaded model takes no {name.lower()[:-1]} input"
-            )
+    """PredictOptions → (PromptSpec, GenerationRequest)."""
     spec = PromptSpec(
         prompt=request.Prompt,
         use_template=request.UseTokenizerTemplate,
@@ -374,6 +371,7 @@ def text_request(request):
         tools=request.Tools,
         tool_choice=request.ToolChoice,
         metadata=dict(request.Metadata),
+        media=Media(list(request.Images), list(request.Videos), list(request.Audios)),
     )
     sampling = SamplingParams(
         temperature=request.Temperature,

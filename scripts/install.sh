@@ -2,7 +2,7 @@
 # One-line installer for the mlxbackend LocalAI backend.
 #
 #   curl -fsSL <raw url of this file> | bash                  # on a Mac
-#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio] [--no-image] [--with-gguf]
+#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio] [--no-image] [--no-vision] [--with-gguf]
 #
 # Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json), then prints how
 # to register it with LocalAI. Uses uv when present, else python3 -m venv + pip.
@@ -13,6 +13,7 @@ SOURCE="${MLXB_SOURCE:-}"
 WITH_DEFAULT_MODEL=1
 WITH_AUDIO="${MLXB_WITH_AUDIO:-1}"
 WITH_IMAGE="${MLXB_WITH_IMAGE:-1}"
+WITH_VISION="${MLXB_WITH_VISION:-1}"
 WITH_GGUF="${MLXB_WITH_GGUF:-0}"
 PYTHON="${PYTHON:-python3}"
 
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --no-default-model) WITH_DEFAULT_MODEL=0; shift ;;
     --no-audio) WITH_AUDIO=0; shift ;;
     --no-image) WITH_IMAGE=0; shift ;;
+    --no-vision) WITH_VISION=0; shift ;;
     --with-gguf) WITH_GGUF=1; shift ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
@@ -91,6 +93,12 @@ if [ "$WITH_IMAGE" = 1 ]; then
   say "installing image generation support (DiffusionKit)"
   "${PIP[@]}" pillow regex sentencepiece safetensors 2>&1 | grep -v '^WARNING: Location' || true
   "${PIP[@]}" --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if [ "$WITH_VISION" = 1 ]; then
+  # Vision-language models: mlx-vlm without opencv/datasets/mlx-audio (video frames come from PyAV).
+  say "installing vision-language support (mlx-vlm, PyAV)"
+  "${PIP[@]}" pillow requests tqdm jinja2 'av>=12' 2>&1 | grep -v '^WARNING: Location' || true
+  "${PIP[@]}" --no-deps mlx-vlm==0.7.10 2>&1 | grep -v '^WARNING: Location' || true
 fi
 if [ "$WITH_GGUF" = 1 ]; then
   # GGUF export / quantization jobs: llama.cpp's converter (needs torch) and quantizer.

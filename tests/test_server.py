@@ -357,6 +357,7 @@ def test_model_that_cannot_fit_is_refused(trained_dir, server):
 
 
 def test_media_are_refused_not_dropped(trained_dir):
+    """Media sent to a text-only model: INVALID_ARGUMENT naming the model and what was sent."""
     srv = Server()
     try:
         srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir)))
@@ -365,9 +366,9 @@ def test_media_are_refused_not_dropped(trained_dir):
                 srv.stub.Predict(
                     pb.PredictOptions(Prompt="What is this?", Tokens=4, **{field: ["aGVsbG8="]})
                 )
-            assert (
-                err.value.code() == grpc.StatusCode.UNIMPLEMENTED and field in err.value.details()
-            )
+            details = err.value.details()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert trained_dir.name in details and f"1 {field.lower()[:-1]}" in details
         assert srv.stub.Predict(pb.PredictOptions(Prompt="Hello", Tokens=4)).tokens > 0
     finally:
         srv.stop()

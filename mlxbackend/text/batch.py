@@ -31,6 +31,7 @@ class BatchDriver:
             prefill_step_size=int(tm.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)),
         )
         self.requests: dict[int, tuple[Job, Decoder]] = {}
+        self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
     def add(self, job: Job, prompt: Prompt, req: GenerationRequest):
         """Worker thread: queue a request into the batch."""
@@ -40,8 +41,13 @@ class BatchDriver:
         sampler, processors = sampling_for(tm, req)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
-        cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
-        decoder.cached_tokens = len(cached)
+        if prompt.media is not None:  # images / video / audio: prefilled before joining
+            from mlxbackend.vision.prefill import prefill
+
+            cache, cached, rest, decoder.cached_tokens = prefill(tm, prompt, self.adapter)
+        else:
+            cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
+            decoder.cached_tokens = len(cached)
         (uid,) = self.gen.insert(
             [rest],
             max_tokens=[token_budget(tm, prompt, req.max_tokens)],
@@ -52,6 +58,8 @@ class BatchDriver:
             stop_sequences=[stops],
         )
         self.requests[uid] = (job, decoder)
+        if prompt.media is not None:
+            self.keys[uid] = prompt.media.key_tokens
 
     @property
     def nbytes(self) -> int:
@@ -87,16 +95,23 @@ class BatchDriver:
                 if r.finish_reason is None:  # a stop string: leave the batch now
                     self._remove([r.uid])
                 else:
-                    prefix_cache.store(self.tm, r.all_tokens, r.prompt_cache, self.adapter)
+                    key = self._key(r.uid, r.all_tokens)
+                    prefix_cache.store(self.tm, key, r.prompt_cache, self.adapter)
                 self._close(r.uid, r.finish_reason)
         return True
 
     def _remove(self, uids):
         """Take sequences out of the batch, keeping their KV for later prefixes."""
-        for cache, tokens in self.gen.remove(uids, return_prompt_caches=True).values():
-            prefix_cache.store(self.tm, tokens, cache, self.adapter)
+        for uid, (cache, tokens) in self.gen.remove(uids, return_prompt_caches=True).items():
+            prefix_cache.store(self.tm, self._key(uid, tokens), cache, self.adapter)
+
+    def _key(self, uid: int, tokens: list) -> list:
+        """The prefix-cache key of a sequence's tokens: media tokens stand for their content."""
+        key = self.keys.get(uid)
+        return tokens if key is None else key + list(tokens[len(key) :])
 
     def _close(self, uid: int, reason):
+        self.keys.pop(uid, None)
         job, decoder = self.requests.pop(uid)
         job.put(decoder.finish(reason))
         job.put(DONE)

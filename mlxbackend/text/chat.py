@@ -28,6 +28,7 @@ class PromptSpec:
     tools: str = ""
     tool_choice: str = ""
     metadata: dict = field(default_factory=dict)
+    media: object = None  # vision.media.Media: Images / Videos / Audios as sent, or None
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Prompt:
     starts_in_reasoning: bool = False
     assistant_prefix: str = ""  # forced start of the reply (tool_choice), part of the output
     tools: list = field(default_factory=list)
+    media: object = None  # vision.prompt.MediaInputs when the prompt holds images/video/audio
 
 
 def parse_json(text: str, what: str):
@@ -105,8 +107,9 @@ def _decode_tool_calls(text: str) -> list:
     return out
 
 
-def to_template_messages(messages: list) -> list:
-    """Validate roles and shape messages the way HF chat templates expect them."""
+def to_template_messages(messages: list, parts: dict | None = None) -> list:
+    """Validate roles and shape messages the way HF chat templates expect them. `parts` maps a
+    message index to its content as a list of HF content parts (media of vision models)."""
     out = []
     for i, msg in enumerate(messages):
         role = msg.role.strip().lower()
@@ -115,6 +118,8 @@ def to_template_messages(messages: list) -> list:
                 f"message {i}: unknown role {msg.role!r} (expected one of {sorted(ROLES)})"
             )
         entry = {"role": "tool" if role == "function" else role, "content": msg.content}
+        if parts and i in parts:
+            entry["content"] = parts[i]
         if msg.name:
             entry["name"] = msg.name
         if msg.tool_call_id:
@@ -201,8 +206,11 @@ def encode_text(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text, add_special_tokens=add_special))
 
 
-def render(tokenizer, spec: PromptSpec, defaults: dict | None = None) -> Prompt:
-    """Build the prompt the model sees: raw Prompt, or Messages through the chat template."""
+def render(
+    tokenizer, spec: PromptSpec, defaults: dict | None = None, parts: dict | None = None
+) -> Prompt:
+    """Build the prompt the model sees: raw Prompt, or Messages through the chat template
+    (`parts`: per-message content parts with media, see `to_template_messages`)."""
     defaults = defaults or {}
     tools = parse_tools(spec.tools)
     choice = parse_tool_choice(spec.tool_choice)
@@ -212,7 +220,7 @@ def render(tokenizer, spec: PromptSpec, defaults: dict | None = None) -> Prompt:
         return Prompt(encode_text(tokenizer, spec.prompt), spec.prompt, tools=tools)
     if not getattr(tokenizer, "has_chat_template", False):
         raise Precondition("this model has no chat template: send a Go-templated Prompt instead")
-    messages = to_template_messages(spec.messages)
+    messages = to_template_messages(spec.messages, parts)
     if choice == "none":
         tools = []
     elif isinstance(choice, tuple):

@@ -5,13 +5,21 @@ import gc
 import logging
 from dataclasses import dataclass, field
 
-from mlxbackend.errors import Aborted, EmptyOutput, NotLoaded, OutOfMemory, Overloaded
+from mlxbackend.errors import (
+    Aborted,
+    EmptyOutput,
+    InvalidInput,
+    NotLoaded,
+    OutOfMemory,
+    Overloaded,
+)
 from mlxbackend.text import chat, memory, prefix_cache
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
 from mlxbackend.text.parse import Delta
 from mlxbackend.text.sampling import validate
+from mlxbackend.vision import prompt as vision_prompt
 from mlxbackend.worker import Job, Worker
 
 log = logging.getLogger("mlxbackend.text")
@@ -99,7 +107,10 @@ class TextEngine:
         tm = self.model()
         validate(req.sampling)
         chat.check_length(tm.tokenizer, spec, tm.context_size)
-        prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
+        if spec.media:
+            prompt = await self.media_prompt(tm, spec)
+        else:
+            prompt = await asyncio.to_thread(chat.render, tm.tokenizer, spec, tm.options)
         token_budget(tm, prompt, req.max_tokens)
         if tm.switch is not None or spec.metadata.get("lora"):
             from mlxbackend.text.adapters import requested
@@ -114,6 +125,22 @@ class TextEngine:
             )
             req.sampling.ignore_eos = False  # a complete grammar allows only EOS: it must end
         return tm, prompt
+
+    async def media_prompt(self, tm: TextModel, spec: chat.PromptSpec) -> chat.Prompt:
+        """A prompt with images / video / audio: decoded and placed off the event loop, then
+        expanded by the model's processor on the worker (vision/prompt.py)."""
+        if tm.vision is None:
+            raise InvalidInput(
+                f"model {tm.path.name} takes no image, video or audio input (this request has "
+                f"{spec.media.describe()}); load a vision-language model for media"
+            )
+        decoded = await asyncio.to_thread(
+            vision_prompt.decode, tm.vision, spec.media, tm.options, tm.path.name
+        )
+        prompt = await asyncio.to_thread(
+            vision_prompt.render, tm.tokenizer, tm.vision, spec, decoded, tm.options
+        )
+        return await self.worker.run(vision_prompt.expand, tm.vision, prompt, decoded)
 
     def admit(self, tm, prompt, req) -> int:
         """Bounded admission. Requests in flight: Options max_queue (default 1024, LocalAI's
@@ -315,6 +342,7 @@ class TextEngine:
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "process_rss": memory.process_rss(),
+            **(tm.vision.counts if tm is not None and tm.vision is not None else {}),
         }  # fmt: skip
 
     def metadata(self) -> dict:
@@ -343,6 +371,9 @@ class TextEngine:
             "tool_parser": getattr(tok.tool_parser, "__module__", "").rsplit(".", 1)[-1]
             if tok.tool_parser
             else "",
+            # where a Go-templated prompt puts each image / video / audio (vision/prompt.py)
+            "media_marker": vision_prompt.MARKER if tm.vision and tm.vision.accepts else "",
+            "accepts": tm.vision.accepts if tm.vision else (),
         }
 
 

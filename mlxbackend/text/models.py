@@ -8,6 +8,7 @@ from pathlib import Path
 from mlxbackend.default_model import platform_layout
 from mlxbackend.errors import InvalidInput, NotFound
 from mlxbackend.text.memory import check_fits, kv_budget
+from mlxbackend.vision.load import is_vision_model
 
 DEFAULT_CONTEXT = 4096
 
@@ -24,6 +25,8 @@ class LoadSpec:
     draft_model: str = ""
     trust_remote_code: bool = False
     options: dict = field(default_factory=dict)
+    type_hint: str = ""  # LoadModel's Type ("vlm" forces the vision-language path)
+    media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
 
 
 @dataclass
@@ -42,6 +45,7 @@ class TextModel:
     switch: object = None  # hot-swappable LoRA adapters (text/adapters.py), or None
     adapter_names: tuple = ()
     kv_budget: int = 0  # bytes of KV that running requests may reserve (text/memory.py)
+    vision: object = None  # a vision-language model's media parts (vision/load.py), or None
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -156,6 +160,8 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     if spec.options.get("memory_check", True) is not False:
         check_fits(path, raw_config, int(context))
     budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
+    if is_vision_model(path, raw_config, spec.type_hint):
+        return _load_vision_model(spec, path, int(context), budget)
     model, tokenizer, config = load(
         str(path),
         model_config=fix_config(raw_config),
@@ -202,6 +208,23 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         adapter_names=tuple(hot),
         kv_budget=budget,
     )
+
+
+def _load_vision_model(spec: LoadSpec, path: Path, context: int, budget: int) -> TextModel:
+    """A vision-language checkpoint through mlx-vlm (vision/load.py), served by the same engine."""
+    from mlxbackend.text.adapters import declared
+    from mlxbackend.vision.load import load_vision, refuse_unsupported
+
+    refuse_unsupported(
+        spec.lora_adapters, declared(spec.options, spec.model_path), spec.draft_model
+    )
+    model, tokenizer, config, parts = load_vision(path, spec.options, spec.media_limits)
+    if not spec.context_size:
+        context = int(config.get("max_position_embeddings") or context)
+    return TextModel(
+        model, tokenizer, config, path, context, options=dict(spec.options), kv_budget=budget,
+        vision=parts,
+    )  # fmt: skip
 
 
 def model_dir(model: str, model_file: str = "", model_path: str = "") -> Path:

@@ -1,0 +1,1 @@
+"""Vision, video and audio input for the text engine, through mlx-vlm."""

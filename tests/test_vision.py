@@ -1,0 +1,382 @@
+"""Vision-language models through gRPC (a real server started as LocalAI does) against mlx-vlm's
+own generate on the same inputs: tiny random VLMs of several families built in their real
+checkpoint layouts (tests/tiny_vlm.py)."""
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import jsonschema
+import numpy as np
+import pytest
+
+from mlxbackend.proto import backend_pb2 as pb
+from tests.conftest import Server
+from tests.tiny_vlm import FAMILIES
+
+QUESTION = "What is in this picture?"
+MAX_TOKENS = 10
+VIDEO_FAMILIES = ("qwen2_5_vl",)
+IMAGE_FAMILIES = [f for f in ("qwen2_5_vl", "gemma3", "smolvlm", "gemma4") if f in FAMILIES]
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    pixels = (np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def mp4(frames: int = 8, fps: int = 4, size=(64, 48)) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        rng = np.random.RandomState(3)
+        for _ in range(frames):
+            pixels = (rng.rand(size[1], size[0], 3) * 255).astype("uint8")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def request(question=QUESTION, images=(), videos=(), history=(), **kw) -> pb.PredictOptions:
+    messages = [pb.Message(role=r, content=c) for r, c in history]
+    messages.append(pb.Message(role="user", content=question))
+    kw.setdefault("Tokens", MAX_TOKENS)
+    kw.setdefault("Temperature", 0.0)
+    return pb.PredictOptions(
+        Messages=messages,
+        UseTokenizerTemplate=True,
+        Images=[b64(i) for i in images],
+        Videos=[b64(v) for v in videos],
+        **kw,
+    )
+
+
+class Reference:
+    """mlx-vlm's own load + stream_generate on a checkpoint folder (in the test process)."""
+
+    def __init__(self, folder):
+        from mlx_vlm.utils import load
+
+        self.model, self.processor = load(str(folder))
+
+    def prompt(self, question: str, n_images: int = 0, n_videos: int = 0, n_audios=0) -> str:
+        """The model's own chat template on HF content parts (media first, then the text)."""
+        parts = [{"type": "video"}] * n_videos + [{"type": "image"}] * n_images
+        parts += [{"type": "audio"}] * n_audios
+        content = [*parts, {"type": "text", "text": question}]
+        template = getattr(self.processor, "chat_template", None)
+        return self.processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], chat_template=template or None,
+            add_generation_prompt=True, tokenize=False,
+        )  # fmt: skip
+
+    def generate(self, question=QUESTION, images=(), video=None, audio=None, max_tokens=MAX_TOKENS):
+        """(text, [logprob of each generated token]) greedily, stopping at EOS as we do."""
+        from mlx_vlm.generate import stream_generate
+        from PIL import Image
+
+        pil = [Image.open(io.BytesIO(i)).convert("RGB") for i in images]
+        kwargs = {}
+        if video is not None:
+            frames, meta = video
+            kwargs = {"video": [frames], "video_metadata": [meta]}
+        if audio is not None:
+            kwargs["audio"] = [audio]
+        prompt = self.prompt(
+            question, len(pil), 1 if video is not None else 0, 1 if audio is not None else 0
+        )
+        eos = set(self.processor.tokenizer.stopping_criteria.eos_token_ids)
+        tokens, logprobs = [], []
+        for r in stream_generate(
+            self.model, self.processor, prompt, image=pil or None, max_tokens=max_tokens,
+            temperature=0.0, **kwargs,
+        ):  # fmt: skip
+            if r.token in eos or len(tokens) == max_tokens:
+                break
+            tokens.append(r.token)
+            logprobs.append(float(r.logprobs[r.token]))
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
+        return text, logprobs
+
+
+def our_logprobs(reply) -> list:
+    return [entry["logprob"] for entry in json.loads(reply.logprobs)["content"]]
+
+
+@pytest.fixture(scope="module", params=IMAGE_FAMILIES)
+def vlm(request, tmp_path_factory):
+    folder = FAMILIES[request.param](tmp_path_factory.mktemp("vlm") / f"tiny-{request.param}")
+    srv = Server()
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(Model=folder.name, ModelPath=str(folder.parent), Options=["max_batch:16"]),
+        timeout=120,
+    )
+    assert reply.success, reply.message
+    assert "vision-language" in reply.message and "image" in reply.message, reply.message
+    yield request.param, folder, srv, Reference(folder)
+    srv.stop()
+
+
+def test_greedy_equals_mlx_vlm(vlm):
+    """Image prompt and text-only prompt: the same text and per-token logprobs as mlx-vlm."""
+    family, _, srv, ref = vlm
+    image = png(1)
+    reply = srv.stub.Predict(request(images=[image], Logprobs=1), timeout=120)
+    text, logprobs = ref.generate(images=[image])
+    assert reply.message.decode() == text, family
+    assert np.allclose(our_logprobs(reply), logprobs, atol=2e-3), (our_logprobs(reply), logprobs)
+    plain = srv.stub.Predict(request("Tell me a story."), timeout=120)
+    assert plain.message.decode() == ref.generate("Tell me a story.")[0]
+
+
+def test_stream_equals_unary(vlm):
+    _, _, srv, _ = vlm
+    req = request(images=[png(2)])
+    unary = srv.stub.Predict(req, timeout=120).message.decode()
+    streamed = "".join(c.message.decode() for c in srv.stub.PredictStream(req, timeout=120))
+    assert streamed == unary
+
+
+def test_concurrent_mixed_batch_equals_solo(vlm):
+    """8 requests at once, text-only and image prompts mixed in one continuous batch: each the
+    same as when it runs alone."""
+    _, _, srv, _ = vlm
+    requests = [
+        request(images=[png(10 + i % 3)], Tokens=8 + i) if i % 2 == 0 else
+        request(f"Say something about the number {i}.", Tokens=8 + i)
+        for i in range(8)
+    ]  # fmt: skip
+    solo = [srv.stub.Predict(r, timeout=120).message for r in requests]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: srv.stub.Predict(r, timeout=300).message, requests))
+    assert together == solo
+
+
+def test_seeded_sampling_reproducible(vlm):
+    _, _, srv, _ = vlm
+    req = request(images=[png(4)], Temperature=1.0, Seed=1234, Tokens=12)
+    first = srv.stub.Predict(req, timeout=120).message
+    assert srv.stub.Predict(req, timeout=120).message == first
+
+
+def test_json_schema_output_is_valid(vlm):
+    _, _, srv, _ = vlm
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}, "count": {"enum": [1, 2, 3]}},
+        "required": ["color", "count"],
+        "additionalProperties": False,
+    }
+    # room for the whitespace llguidance allows between tokens (a random model loves it)
+    req = request(images=[png(5)], Tokens=400, Metadata={"json_schema": json.dumps(schema)})
+    jsonschema.validate(json.loads(srv.stub.Predict(req, timeout=120).message), schema)
+
+
+def counters(srv) -> dict:
+    return dict(srv.stub.Status(pb.HealthMessage(), timeout=10).memory.breakdown)
+
+
+def test_second_turn_reuses_the_image_prefix(vlm):
+    """A second turn about the same image neither re-encodes it nor re-prefills the first turn:
+    the server's counters and GetMetrics show it; a different image is encoded."""
+    _, _, srv, _ = vlm
+    image = png(6)
+    first = srv.stub.Predict(request(images=[image]), timeout=120)
+    before = counters(srv)
+    history = [("user", QUESTION), ("assistant", first.message.decode())]
+    # LocalAI sends all media again with the history; a marker keeps the image on the first turn
+    history[0] = ("user", "<__media__>" + QUESTION)
+    srv.stub.Predict(request("And the colors?", images=[image], history=history), timeout=120)
+    after = counters(srv)
+    assert after["media_prompts_from_cache"] == before["media_prompts_from_cache"] + 1
+    assert after["media_prompts_encoded"] == before["media_prompts_encoded"]
+    warm = srv.stub.GetMetrics(pb.MetricsRequest(), timeout=10).prompt_tokens_processed
+    # the same second turn about another image: everything is computed
+    srv.stub.Predict(request("And the colors?", images=[png(7)], history=history), timeout=120)
+    cold = srv.stub.GetMetrics(pb.MetricsRequest(), timeout=10).prompt_tokens_processed
+    assert counters(srv)["media_prompts_encoded"] == after["media_prompts_encoded"] + 1
+    assert 0 < warm and cold - warm >= 20, (warm, cold)  # the first turn was not prefilled again
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = FAMILIES["qwen2_5_vl"](tmp_path_factory.mktemp("vlm") / "tiny-qwen-limits")
+    srv = Server()
+    reply = srv.stub.LoadModel(
+        pb.ModelOptions(
+            Model=folder.name, ModelPath=str(folder.parent), LimitImagePerPrompt=2,
+            LimitVideoPerPrompt=1,
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert reply.success, reply.message
+    yield folder, srv
+    srv.stop()
+
+
+def test_video_equals_mlx_vlm(qwen):
+    """A video (mp4 bytes, frames sampled with PyAV at Options video_fps) gives mlx-vlm's output
+    on the same frames."""
+    from mlxbackend.vision.media import load_video
+
+    folder, srv = qwen
+    video = mp4()
+    reply = srv.stub.Predict(request("What happens?", videos=[video], Logprobs=1), timeout=120)
+    sampled = load_video(b64(video), "video", 2.0, 32)
+    meta = {"total_num_frames": sampled.total_frames, "fps": sampled.fps,
+            "frames_indices": sampled.indices}  # fmt: skip
+    text, logprobs = Reference(folder).generate(
+        "What happens?", video=(sampled.frames.transpose(0, 3, 1, 2), meta)
+    )
+    assert reply.message.decode() == text
+    assert np.allclose(our_logprobs(reply), logprobs, atol=2e-3)
+
+
+def wav(seconds: float = 0.6, rate: int = 22050) -> bytes:
+    """A WAV at another sample rate than the model's 16 kHz (the server resamples)."""
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 330 * t) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.skipif("gemma4" not in FAMILIES, reason="no audio family builder")
+def test_audio_input_equals_mlx_vlm(tmp_path):
+    """Audio in the prompt (Gemma 4's audio tower): a WAV decoded and resampled to 16 kHz by
+    PyAV gives mlx-vlm's output on the same samples."""
+    from mlxbackend.vision.media import load_audio
+
+    folder = FAMILIES["gemma4"](tmp_path / "tiny-gemma4")
+    srv = Server()
+    try:
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(Model=folder.name, ModelPath=str(folder.parent)), timeout=120
+        )
+        assert reply.success and "audio" in reply.message, reply.message
+        sound = wav()
+        req = request("What do you hear?", Audios=[b64(sound)], Logprobs=1)
+        reply = srv.stub.Predict(req, timeout=120)
+        samples = load_audio(b64(sound), "audio")
+        assert abs(len(samples) - 0.6 * 16000) <= 160
+        text, logprobs = Reference(folder).generate("What do you hear?", audio=samples)
+        assert reply.message.decode() == text
+        assert np.allclose(our_logprobs(reply), logprobs, atol=2e-3)
+    finally:
+        srv.stop()
+
+
+def test_model_metadata_reports_media_marker(qwen):
+    _, srv = qwen
+    meta = srv.stub.ModelMetadata(pb.ModelOptions(), timeout=10)
+    assert meta.media_marker == "<__media__>"
+
+
+def test_go_templated_prompt_with_marker(qwen):
+    """A raw Prompt with LocalAI's marker: the image goes where the marker is."""
+    folder, srv = qwen
+    ref = Reference(folder)
+    image = png(8)
+    chat = ref.prompt(QUESTION, n_images=1)
+    templated = chat.replace("<|vision_start|><|image_pad|><|vision_end|>", "<__media__>")
+    assert "<__media__>" in templated
+    raw = srv.stub.Predict(
+        pb.PredictOptions(Prompt=templated, Images=[b64(image)], Tokens=MAX_TOKENS), timeout=120
+    )
+    assert raw.message.decode() == ref.generate(images=[image])[0]
+
+
+def invalid(srv, req) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.Predict(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert srv.healthy()
+    return err.value.details()
+
+
+def test_bad_media_are_invalid_argument(qwen):
+    _, srv = qwen
+    assert "base64" in invalid(srv, pb.PredictOptions(Prompt="x", Images=["not base64!!"]))
+    assert "image" in invalid(srv, request(images=[b"hello, not an image"]))
+    assert "video" in invalid(srv, request(videos=[b"\x00\x00\x00\x18ftypmp42 corrupt"]))
+    assert "empty" in invalid(srv, pb.PredictOptions(Prompt="x", Videos=[""]))
+    assert "audio" in invalid(srv, request(Audios=[b64(b"RIFF....WAVE")]))
+    assert "limit of 2" in invalid(srv, request(images=[png(1), png(2), png(3)]))
+    assert "limit of 1" in invalid(srv, request(videos=[mp4(2), mp4(2)]))
+    data_uri = "data:image/png;base64," + b64(png(9))
+    ok = srv.stub.Predict(
+        pb.PredictOptions(
+            Messages=[pb.Message(role="user", content=QUESTION)], UseTokenizerTemplate=True,
+            Images=[data_uri], Tokens=4,
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert ok.message
+
+
+def test_media_to_a_text_model_is_invalid_argument(tiny_dir):
+    srv = Server()
+    try:
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(Model=tiny_dir.name, ModelPath=str(tiny_dir.parent)), timeout=120
+        )
+        assert reply.success, reply.message
+        details = invalid(srv, request(images=[png(1)]))
+        assert tiny_dir.name in details and "1 image" in details
+    finally:
+        srv.stop()
+
+
+def test_saved_prompt_cache_keeps_media_prefixes(tmp_path):
+    """Options prompt_cache_dir: an image conversation's KV (with Qwen's position shift) is saved
+    on Free and reused after the next LoadModel; the output is the same as computed afresh."""
+    folder = FAMILIES["qwen2_5_vl"](tmp_path / "tiny-qwen-saved")
+    load = pb.ModelOptions(
+        Model=folder.name, ModelPath=str(folder.parent),
+        Options=[f"prompt_cache_dir:{tmp_path / 'kv'}"],
+    )  # fmt: skip
+    image = png(12)
+    srv = Server()
+    try:
+        assert srv.stub.LoadModel(load, timeout=120).success
+        first = srv.stub.Predict(request(images=[image]), timeout=120).message.decode()
+        history = [("user", "<__media__>" + QUESTION), ("assistant", first)]
+        follow = request("And the colors?", images=[image], history=history, Logprobs=1)
+        srv.stub.Free(pb.HealthMessage(), timeout=30)
+        assert list((tmp_path / "kv").glob("*.safetensors"))
+        assert srv.stub.LoadModel(load, timeout=120).success
+        reused = srv.stub.Predict(follow, timeout=120)
+        assert counters(srv)["media_prompts_from_cache"] == 1
+        assert counters(srv)["media_prompts_encoded"] == 0
+    finally:
+        srv.stop()
+    plain = Server()  # the same second turn computed from scratch, no saved cache
+    try:
+        assert plain.stub.LoadModel(
+            pb.ModelOptions(Model=folder.name, ModelPath=str(folder.parent)), timeout=120
+        ).success
+        cold = plain.stub.Predict(follow, timeout=120)
+        assert counters(plain)["media_prompts_encoded"] == 1
+    finally:
+        plain.stop()
+    assert reused.message == cold.message
+    assert np.allclose(our_logprobs(reused), our_logprobs(cold), atol=2e-3)
