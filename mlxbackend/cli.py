@@ -30,15 +30,44 @@ def cmd_serve(args):
     os._exit(0)
 
 
+MEDIA_FLAGS = (  # PredictOptions field, argparse dest, flag
+    ("Images", "image", "--image"),
+    ("Videos", "video", "--video"),
+    ("Audios", "audio", "--audio"),
+)
+
+
+def read_media(path: str, flag: str) -> str:
+    """A media file as LocalAI sends it: base64 without a data: prefix."""
+    import base64
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise OSError(f"{flag} {path}: the file is empty")
+    return base64.b64encode(data).decode()
+
+
 def cmd_chat(args):
     """Stream one chat answer from a running server; reasoning is shown dimmed."""
     import grpc
     from rich.console import Console
 
     console = Console(highlight=False)
+    try:
+        media = {
+            field: [read_media(path, flag) for path in getattr(args, dest)]
+            for field, dest, flag in MEDIA_FLAGS
+        }
+    except OSError as exc:
+        Console(stderr=True, highlight=False).print(str(exc), style="red", markup=False)
+        sys.exit(1)
     stub = connect(args.addr)
     request = chat_request(
-        " ".join(args.text), max_tokens=args.max_tokens, temperature=args.temperature
+        " ".join(args.text), max_tokens=args.max_tokens, temperature=args.temperature, **media
     )
     if args.system:
         request.Messages.insert(
@@ -113,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=600)
+    for _, dest, flag in MEDIA_FLAGS:
+        p.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=[],
+            metavar="FILE",
+            help=f"attach this {dest} file to the question (repeatable; needs a vision-language "
+            "model)",
+        )
     p.add_argument("-v", "--verbose", action="store_true", help="print token counts and speed")
     p.set_defaults(func=cmd_chat)
 

@@ -74,18 +74,23 @@ class Reference:
 
         self.model, self.processor = load(str(folder))
 
-    def prompt(self, question: str, n_images: int = 0, n_videos: int = 0, n_audios=0) -> str:
+    def prompt(
+        self, question: str, n_images: int = 0, n_videos: int = 0, n_audios=0, system: str = ""
+    ) -> str:
         """The model's own chat template on HF content parts (media first, then the text)."""
         parts = [{"type": "video"}] * n_videos + [{"type": "image"}] * n_images
         parts += [{"type": "audio"}] * n_audios
         content = [*parts, {"type": "text", "text": question}]
         template = getattr(self.processor, "chat_template", None)
+        messages = [{"role": "system", "content": system}] if system else []
         return self.processor.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], chat_template=template or None,
+            [*messages, {"role": "user", "content": content}], chat_template=template or None,
             add_generation_prompt=True, tokenize=False,
         )  # fmt: skip
 
-    def generate(self, question=QUESTION, images=(), video=None, audio=None, max_tokens=MAX_TOKENS):
+    def generate(
+        self, question=QUESTION, images=(), video=None, audio=None, max_tokens=MAX_TOKENS, system=""
+    ):
         """(text, [logprob of each generated token]) greedily, stopping at EOS as we do."""
         from mlx_vlm.generate import stream_generate
         from PIL import Image
@@ -98,8 +103,9 @@ class Reference:
         if audio is not None:
             kwargs["audio"] = [audio]
         prompt = self.prompt(
-            question, len(pil), 1 if video is not None else 0, 1 if audio is not None else 0
-        )
+            question, len(pil), 1 if video is not None else 0, 1 if audio is not None else 0,
+            system,
+        )  # fmt: skip
         eos = set(self.processor.tokenizer.stopping_criteria.eos_token_ids)
         tokens, logprobs = [], []
         for r in stream_generate(
@@ -213,6 +219,25 @@ def test_second_turn_reuses_the_image_prefix(vlm):
     assert 0 < warm and cold - warm >= 20, (warm, cold)  # the first turn was not prefilled again
 
 
+def test_same_image_new_conversation_skips_the_tower(vlm):
+    """The vision-feature cache: the same image in a new conversation (another system prompt, so
+    no prefix to reuse) runs no vision tower, and the answer is still mlx-vlm's."""
+    _, _, srv, ref = vlm
+    image = png(21)
+    srv.stub.Predict(request(images=[image]), timeout=120)
+    before = counters(srv)
+    system = "You are a terse assistant."
+    new = request("Describe the colors.", images=[image], history=[("system", system)], Logprobs=1)
+    reply = srv.stub.Predict(new, timeout=120)
+    after = counters(srv)
+    assert after["vision_cache_hits"] == before["vision_cache_hits"] + 1, sorted(after.items())
+    assert after["vision_tower_runs"] == before["vision_tower_runs"]
+    assert 0 < after["vision_cache"] <= after["vision_cache_budget"]
+    text, logprobs = ref.generate("Describe the colors.", images=[image], system=system)
+    assert reply.message.decode() == text
+    assert np.allclose(our_logprobs(reply), logprobs, atol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     folder = FAMILIES["qwen2_5_vl"](tmp_path_factory.mktemp("vlm") / "tiny-qwen-limits")
@@ -322,6 +347,7 @@ def test_bad_media_are_invalid_argument(qwen):
     assert "audio" in invalid(srv, request(Audios=[b64(b"RIFF....WAVE")]))
     assert "limit of 2" in invalid(srv, request(images=[png(1), png(2), png(3)]))
     assert "limit of 1" in invalid(srv, request(videos=[mp4(2), mp4(2)]))
+    assert "not both" in invalid(srv, request(images=[png(1)], videos=[mp4(2)]))
     data_uri = "data:image/png;base64," + b64(png(9))
     ok = srv.stub.Predict(
         pb.PredictOptions(
@@ -380,3 +406,46 @@ def test_saved_prompt_cache_keeps_media_prefixes(tmp_path):
         plain.stop()
     assert reused.message == cold.message
     assert np.allclose(our_logprobs(reused), our_logprobs(cold), atol=2e-3)
+
+
+def test_long_media_prefill_lets_others_through_and_is_aborted_by_free(tmp_path):
+    """A media prompt prefilled in many chunks (vision_prefill_chunk:1): a text request sent
+    meanwhile finishes first, Health answers, and Free ends the media request with ABORTED."""
+    import threading
+    import time
+
+    folder = FAMILIES["qwen2_5_vl"](tmp_path / "tiny-qwen-chunks")
+    srv = Server()
+    try:
+        load = pb.ModelOptions(
+            Model=folder.name, ModelPath=str(folder.parent), ContextSize=8192,
+            Options=["vision_prefill_chunk:1"],
+        )  # fmt: skip
+        assert srv.stub.LoadModel(load, timeout=120).success
+        long_question = "Tell me about it. " * 400
+        outcome = {}
+
+        def media_request():
+            try:
+                srv.stub.Predict(request(long_question, images=[png(30)], Tokens=4), timeout=300)
+                outcome["media"] = "finished"
+            except grpc.RpcError as e:
+                outcome["media"] = e.code()
+            outcome["media_done"] = time.monotonic()
+
+        thread = threading.Thread(target=media_request)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while counters(srv)["media_prompts_encoded"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the tower has started: the prefill is under way
+        assert srv.healthy()
+        srv.stub.Predict(request("Hello there.", Tokens=8), timeout=120)
+        text_done = time.monotonic()
+        assert "media" not in outcome, "the text request waited for the whole media prefill"
+        assert srv.stub.Free(pb.HealthMessage(), timeout=30).success
+        thread.join(120)
+        assert outcome["media"] == grpc.StatusCode.ABORTED
+        assert outcome["media_done"] > text_done
+        assert srv.healthy()
+    finally:
+        srv.stop()

@@ -33,18 +33,17 @@ class BatchDriver:
         self.requests: dict[int, tuple[Job, Decoder]] = {}
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
-    def add(self, job: Job, prompt: Prompt, req: GenerationRequest):
-        """Worker thread: queue a request into the batch."""
+    def add(self, job: Job, prompt: Prompt, req: GenerationRequest, ready=None):
+        """Worker thread: queue a request into the batch. `ready`: (cache, tokens in it, tokens
+        to feed, tokens reused) of a media prompt prefilled beforehand (vision/prefill.py)."""
         from mlx_lm.generate import StopSequences
 
         tm = self.tm
         sampler, processors = sampling_for(tm, req)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
-        if prompt.media is not None:  # images / video / audio: prefilled before joining
-            from mlxbackend.vision.prefill import prefill
-
-            cache, cached, rest, decoder.cached_tokens = prefill(tm, prompt, self.adapter)
+        if ready is not None:
+            cache, cached, rest, decoder.cached_tokens = ready
         else:
             cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
             decoder.cached_tokens = len(cached)

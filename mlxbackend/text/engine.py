@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mlxbackend.errors import (
     Aborted,
+    Cancelled,
     EmptyOutput,
     InvalidInput,
     NotLoaded,
@@ -20,7 +21,7 @@ from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
 from mlxbackend.text.parse import Delta
 from mlxbackend.text.sampling import validate
 from mlxbackend.vision import prompt as vision_prompt
-from mlxbackend.worker import Job, Worker
+from mlxbackend.worker import Job, Worker, pause
 
 log = logging.getLogger("mlxbackend.text")
 DEFAULT_MAX_QUEUE = 1024
@@ -182,6 +183,11 @@ class TextEngine:
 
         def attach():
             try:
+                ready = None
+                if prompt.media is not None:  # images / video / audio: prefilled, then joins
+                    from mlxbackend.vision.prefill import prefill
+
+                    ready = prefill(tm, prompt, req.adapter, lambda: _between_chunks(job))
                 key = (id(tm), req.adapter)  # one continuous batch per model and LoRA adapter
                 driver = self.drivers.get(key)
                 if driver is None:
@@ -190,11 +196,11 @@ class TextEngine:
                     )
                     self.drivers[key] = driver
                     self.worker.add(driver, owner=tm)
-                driver.add(job, prompt, req)
+                driver.add(job, prompt, req, ready)
             except BaseException as exc:
                 job.put(exc)
 
-        self.worker.call(attach)
+        self.worker.call_owned(tm, attach)  # Free / LoadModel abort it at a prefill pause
         return job
 
     def _start_solo(self, tm, prompt, req: GenerationRequest):
@@ -306,12 +312,15 @@ class TextEngine:
                 except Exception:
                     pass
         cached = prefix_cache.nbytes(self.current)
+        vision = self.current.vision if self.current is not None else None
+        features = vision.features.nbytes if vision is not None and vision.features else 0
         mlx_cache = mx.get_cache_memory()
-        other = max(mx.get_active_memory() - weights - kv - cached, 0)
+        other = max(mx.get_active_memory() - weights - kv - cached - features, 0)
         usage = {
             "weights": weights,
             "kv_cache": kv,
             "prompt_cache": cached,
+            "vision_cache": features,
             "mlx_cache": mlx_cache,
             "other": other,
         }
@@ -342,7 +351,7 @@ class TextEngine:
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "process_rss": memory.process_rss(),
-            **(tm.vision.counts if tm is not None and tm.vision is not None else {}),
+            **(tm.vision.status() if tm is not None and tm.vision is not None else {}),
         }  # fmt: skip
 
     def metadata(self) -> dict:
@@ -378,12 +387,20 @@ class TextEngine:
 
 
 # Status breakdown keys that are bytes in use (the others are budgets and counts).
-USAGE_KEYS = ("weights", "kv_cache", "prompt_cache", "mlx_cache", "other")
+USAGE_KEYS = ("weights", "kv_cache", "prompt_cache", "vision_cache", "mlx_cache", "other")
 
 
 def usage_total(breakdown: dict) -> int:
     """Status `total`: the bytes in use of a `TextEngine.memory()` breakdown."""
     return sum(breakdown.get(k, 0) for k in USAGE_KEYS)
+
+
+def _between_chunks(job: Job) -> None:
+    """Between two prefill chunks of a media prompt: let the batch and other calls run, and stop
+    if the request was cancelled meanwhile."""
+    pause()
+    if job.cancelled.is_set():
+        raise Cancelled("request cancelled during prefill")
 
 
 def _hit_cap(req: GenerationRequest, finish: Finish) -> bool:

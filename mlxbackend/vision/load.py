@@ -32,6 +32,18 @@ class VisionParts:
     counts: dict = field(  # Status counters (vision/prefill.py)
         default_factory=lambda: {"media_prompts_encoded": 0, "media_prompts_from_cache": 0}
     )
+    features: object = None  # vision/features.FeatureCache, or None (off, or family not listed)
+
+    def status(self) -> dict:
+        """Status breakdown keys: counters and the feature cache's bytes and budget."""
+        f = self.features
+        return {
+            **self.counts,
+            "vision_cache": f.nbytes if f else 0,
+            "vision_cache_budget": f.max_bytes if f else 0,
+            "vision_tower_runs": f.misses if f else self.counts["media_prompts_encoded"],
+            "vision_cache_hits": f.hits if f else 0,
+        }
 
     @property
     def accepts(self) -> tuple:
@@ -60,6 +72,7 @@ def load_vision(path: Path, options: dict, limits: dict):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from mlx_vlm.utils import get_model_and_args, load
 
+    from mlxbackend.vision.features import install
     from mlxbackend.vision.lm import VisionLM
 
     raw = json.loads((path / "config.json").read_text())
@@ -85,6 +98,7 @@ def load_vision(path: Path, options: dict, limits: dict):
         placeholders=placeholders(hf, processor),
         token_ids=token_ids(vlm, raw, hf),
         limits=dict(limits),
+        features=install(vlm, str(raw.get("model_type", "")), options),
     )
     return model, tokenizer, tcfg, parts
 

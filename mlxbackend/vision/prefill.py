@@ -16,9 +16,10 @@ from mlxbackend.text.models import TextModel
 DEFAULT_CHUNK = 2048  # mlx-vlm's DEFAULT_PREFILL_STEP_SIZE: the same chunks, the same numbers
 
 
-def prefill(tm: TextModel, prompt: Prompt, adapter=None) -> tuple:
+def prefill(tm: TextModel, prompt: Prompt, adapter=None, between=lambda: None) -> tuple:
     """(cache, tokens in it, tokens still to feed, tokens reused from the prefix cache) for
-    BatchGenerator.insert."""
+    BatchGenerator.insert. `between()` runs after the vision tower and after each chunk (the
+    engine pauses there, and raises if the request was cancelled)."""
     media = prompt.media
     tokens = prompt.tokens
     cache, cached, _ = prefix_cache.fetch(tm, media.key_tokens, adapter)
@@ -40,6 +41,8 @@ def prefill(tm: TextModel, prompt: Prompt, adapter=None) -> tuple:
         {k: v for k, v in embedded.to_dict().items() if k != "inputs_embeds" and v is not None}
     )
     embeds = embedded.inputs_embeds
+    mx.eval(embeds)
+    between()
     lm = vlm.language_model
     if tm.model.mrope:
         lm._position_ids = None
@@ -57,6 +60,7 @@ def prefill(tm: TextModel, prompt: Prompt, adapter=None) -> tuple:
         )
         mx.eval([c.state for c in cache])
         done += n
+        between()
     if tm.model.mrope:
         delta = kwargs.get("rope_deltas")
         delta = int(mx.array(delta).reshape(-1)[0].item()) if delta is not None else 0

@@ -24,6 +24,9 @@ MARKER = "<__media__>"
 _MARKERS = re.compile(r"<__media__>|\[(img|vid|audio)-\d+\]")
 _KIND = {"img": "image", "vid": "video", "audio": "audio"}
 _LIST = {"image": "images", "video": "videos", "audio": "audios"}
+# mlx-vlm 0.7.10's get_input_embeddings of these families embeds a prompt's images or its videos,
+# never both: such a prompt is refused instead of losing its video
+IMAGES_OR_VIDEOS = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -54,6 +57,11 @@ def decode(parts, media: media_io.Media, options: dict, model_name: str) -> Deco
     for kind in ("image", "video", "audio"):
         if getattr(media, _LIST[kind]) and kind not in parts.accepts:
             raise InvalidInput(f"model {model_name} takes no {kind} input")
+    if media.images and media.videos and parts.model_type in IMAGES_OR_VIDEOS:
+        raise InvalidInput(
+            f"model {model_name} ({parts.model_type}) takes images or videos in one prompt, "
+            "not both: send them in separate requests"
+        )
     max_pixels = int(options.get("max_pixels", 0) or 0)
     fps = float(options.get("video_fps", media_io.DEFAULT_VIDEO_FPS))
     max_frames = int(options.get("video_max_frames", media_io.DEFAULT_VIDEO_MAX_FRAMES))
