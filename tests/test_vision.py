@@ -449,3 +449,46 @@ def test_long_media_prefill_lets_others_through_and_is_aborted_by_free(tmp_path)
         assert srv.healthy()
     finally:
         srv.stop()
+
+
+def test_hf_id_from_the_local_cache(tmp_path):
+    """An mlx-community-style id resolves from the local Hugging Face cache (offline), as text
+    models do, and serves an image request."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--mlx-community--tiny-qwen-vl"
+    FAMILIES["qwen2_5_vl"](repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    srv = Server(env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    try:
+        reply = srv.stub.LoadModel(pb.ModelOptions(Model="mlx-community/tiny-qwen-vl"), timeout=120)
+        assert reply.success and "vision-language" in reply.message, reply.message
+        assert srv.stub.Predict(request(images=[png(3)], Tokens=4), timeout=120).message
+    finally:
+        srv.stop()
+
+
+def test_prompt_time_includes_the_media_prefill(tmp_path):
+    """Reply.timing_prompt_processing of a media request counts the vision tower and the prefill
+    (done before the request joins the batch), not only the batch's last prompt token."""
+    import time
+
+    folder = FAMILIES["qwen2_5_vl"](tmp_path / "tiny-qwen-timing")
+    srv = Server()
+    try:
+        load = pb.ModelOptions(
+            Model=folder.name, ModelPath=str(folder.parent), ContextSize=8192,
+            Options=["vision_prefill_chunk:4"],
+        )  # fmt: skip
+        assert srv.stub.LoadModel(load, timeout=120).success
+        start = time.monotonic()
+        reply = srv.stub.Predict(
+            request("Tell me about it. " * 200, images=[png(31)], Tokens=2), timeout=300
+        )
+        wall_ms = 1000 * (time.monotonic() - start)
+        assert reply.timing_prompt_processing >= 0.5 * wall_ms, (
+            reply.timing_prompt_processing,
+            wall_ms,
+        )
+    finally:
+        srv.stop()

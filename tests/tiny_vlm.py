@@ -147,8 +147,27 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def build_qwen25_vl(out: Path, seed: int = 0) -> Path:
-    """Qwen2.5-VL: text params at the config root, <=16 merged image tokens, video config."""
+def build_qwen25_vl(
+    out: Path,
+    seed: int = 0,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    mrope_section: tuple = (2, 3, 3),
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    vision_intermediate: int = 64,
+    fullatt_blocks: tuple = (1,),
+    window_size: int = 56,
+    pixels: tuple = (56 * 56, 112 * 112),
+) -> Path:
+    """Qwen2.5-VL: text params at the config root, <=16 merged image tokens, video config.
+    The keyword arguments size it (scripts/bench_vision.py builds bigger ones); mrope_section
+    sums to head_dim / 2; `pixels` is the image processor's (min, max)."""
     out.mkdir(parents=True, exist_ok=True)
     tok, ids = make_tokenizer(QWEN_VISION_TOKENS)
     write_tokenizer(
@@ -170,8 +189,8 @@ def build_qwen25_vl(out: Path, seed: int = 0) -> Path:
             "patch_size": 14,
             "temporal_patch_size": 2,
             "merge_size": 2,
-            "min_pixels": 56 * 56,
-            "max_pixels": 112 * 112,  # <= 16 merged tokens per image
+            "min_pixels": pixels[0],
+            "max_pixels": pixels[1],  # 112² px: <= 16 merged tokens per image
             "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD,
         },
@@ -182,28 +201,27 @@ def build_qwen25_vl(out: Path, seed: int = 0) -> Path:
             "patch_size": 14,
             "temporal_patch_size": 2,
             "merge_size": 2,
-            "min_pixels": 56 * 56,
-            "max_pixels": 112 * 112,
+            "min_pixels": pixels[0],
+            "max_pixels": pixels[1],
             "fps": 2.0,
             "min_frames": 2,
             "max_frames": 8,
         },
     )
-    hidden = 64
     config = {
         "model_type": "qwen2_5_vl",
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         # Text params at the ROOT: ModelConfig.from_dict copies root -> text_config.
         "hidden_size": hidden,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_hidden_layers": layers,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-6,
         "vocab_size": tok.get_vocab_size(),
         "max_position_embeddings": 4096,
         "rope_theta": 1e6,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim/2
+        "rope_scaling": {"type": "mrope", "mrope_section": list(mrope_section)},
         "tie_word_embeddings": True,
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
@@ -214,17 +232,17 @@ def build_qwen25_vl(out: Path, seed: int = 0) -> Path:
         "pad_token_id": ids["<|endoftext|>"],
         "vision_config": {
             "model_type": "qwen2_5_vl",
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_intermediate,
             "out_hidden_size": hidden,
-            "num_heads": 2,
+            "num_heads": vision_heads,
             "patch_size": 14,
             "spatial_patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
+            "window_size": window_size,
+            "fullatt_block_indexes": list(fullatt_blocks),  # the others: windowed attention
             "in_channels": 3,
             "tokens_per_second": 2,
         },

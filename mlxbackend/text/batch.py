@@ -42,8 +42,8 @@ class BatchDriver:
         sampler, processors = sampling_for(tm, req)
         decoder = Decoder(tm, prompt, req)
         stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
-        if ready is not None:
-            cache, cached, rest, decoder.cached_tokens = ready
+        if ready is not None:  # its prompt time includes the vision tower and the prefill
+            cache, cached, rest, decoder.cached_tokens, decoder.start = ready
         else:
             cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
             decoder.cached_tokens = len(cached)

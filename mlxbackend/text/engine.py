@@ -62,6 +62,9 @@ class TextEngine:
     async def load(self, spec: LoadSpec) -> TextModel:
         tm = await self.worker.run(load_text_model, spec)
         await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
+        # the vocabulary scan behind the length check, done here rather than on the event loop
+        # at the first request
+        await asyncio.to_thread(chat.longest_token, tm.tokenizer)
         self.current = tm
         return tm
 

@@ -7,6 +7,8 @@ joins the batch like a text prompt. Otherwise the vision tower and projector run
 model prefills from the cached length up to the last prompt token in chunks, as mlx-vlm does;
 the last token is fed by the batch, whose first decode step samples the reply."""
 
+import time
+
 import mlx.core as mx
 
 from mlxbackend.text import prefix_cache
@@ -17,9 +19,10 @@ DEFAULT_CHUNK = 2048  # mlx-vlm's DEFAULT_PREFILL_STEP_SIZE: the same chunks, th
 
 
 def prefill(tm: TextModel, prompt: Prompt, adapter=None, between=lambda: None) -> tuple:
-    """(cache, tokens in it, tokens still to feed, tokens reused from the prefix cache) for
-    BatchGenerator.insert. `between()` runs after the vision tower and after each chunk (the
+    """(cache, tokens in it, tokens still to feed, tokens reused from the prefix cache, start
+    time) for BatchGenerator.insert; the request's prompt time counts from that start. `between()` runs after the vision tower and after each chunk (the
     engine pauses there, and raises if the request was cancelled)."""
+    started = time.perf_counter()
     media = prompt.media
     tokens = prompt.tokens
     cache, cached, _ = prefix_cache.fetch(tm, media.key_tokens, adapter)
@@ -27,7 +30,7 @@ def prefill(tm: TextModel, prompt: Prompt, adapter=None, between=lambda: None) -
     counts = tm.vision.counts
     if done >= media.media_end:  # every media token is in the cached prefix
         counts["media_prompts_from_cache"] += 1
-        return cache, tokens[:done], tokens[done:], reused
+        return cache, tokens[:done], tokens[done:], reused, started
     counts["media_prompts_encoded"] += 1
     if cache is None:
         cache, done = tm.model.make_cache(), 0
@@ -66,4 +69,4 @@ def prefill(tm: TextModel, prompt: Prompt, adapter=None, between=lambda: None) -
         delta = int(mx.array(delta).reshape(-1)[0].item()) if delta is not None else 0
         for c in cache:
             c.rope_delta = delta
-    return cache, tokens[:end], tokens[end:], reused
+    return cache, tokens[:end], tokens[end:], reused, started
