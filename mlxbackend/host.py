@@ -116,8 +116,9 @@ class ModelHost:
 
     async def _load(self, kind: str, where, req: LoadRequest, options: dict) -> str:
         if kind == "whisper":
-            wm = await self.audio.load(where)
-            return f"MLX whisper model loaded successfully: {wm.path}"
+            wm = await self.audio.load(where, options, req.model_path)
+            extra = " with a diarization model" if self.audio.diarizer is not None else ""
+            return f"MLX whisper model loaded successfully: {wm.path}{extra}"
         if kind == "image":
             settings = LoadSettings.from_options(
                 options,

@@ -432,6 +432,7 @@ def transcript_result(t) -> "pb.TranscriptResult":
                 end=round(s.end * 1e9),
                 text=s.text,
                 tokens=s.tokens,
+                speaker=s.speaker,
             )
             for s in t.segments
         ],

@@ -154,7 +154,7 @@ def test_unary_matches_segments_and_options(whisper_server, audio):
         ("empty", {}, grpc.StatusCode.INVALID_ARGUMENT),
         ("zero", {}, grpc.StatusCode.INVALID_ARGUMENT),
         ("wav", {"language": "xx-klingon"}, grpc.StatusCode.INVALID_ARGUMENT),
-        ("wav", {"diarize": True}, grpc.StatusCode.UNIMPLEMENTED),
+        ("wav", {"diarize": True}, grpc.StatusCode.FAILED_PRECONDITION),  # no diarizer loaded
         ("wav", {"timestamp_granularities": ["paragraph"]}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
@@ -258,3 +258,49 @@ def test_cli(whisper_dir, audio):
         timeout=120,
     )
     assert bad.returncode == 1 and "InvalidInput" in bad.stderr
+
+
+def test_diarization_beside_whisper(whisper_dir, audio, tmp_path):
+    """Options diarization_model (relative to ModelPath): every segment gets the speaker that
+    mlx-audio's own Sortformer run on the same audio puts there most (a tiny random one)."""
+    import mlx.core as mx
+    from mlx_audio.vad.utils import load
+
+    from mlxbackend.audio.decode import load_audio
+    from mlxbackend.audio.diarize import Turn, speaker_of
+    from tests.tiny_sortformer import build_tiny_sortformer
+
+    build_tiny_sortformer(whisper_dir.parent / "tiny-sortformer")
+    srv = Server()
+    try:
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(
+                Model=whisper_dir.name, ModelPath=str(whisper_dir.parent),
+                Options=["diarization_model:tiny-sortformer"],
+            ),
+            timeout=120,
+        )  # fmt: skip
+        assert reply.success and "diarization" in reply.message, reply.message
+        request = pb.TranscriptRequest(dst=str(audio["long"]), language="en", diarize=True)
+        result = srv.stub.AudioTranscription(request, timeout=300)
+        streamed = list(srv.stub.AudioTranscriptionStream(request, timeout=300))[-1].final_result
+    finally:
+        srv.stop()
+    out = load(whisper_dir.parent / "tiny-sortformer", strict=True).generate(
+        mx.array(load_audio(str(audio["long"]))), sample_rate=16000
+    )
+    turns = [Turn(s.start, s.end, s.speaker) for s in out.segments]
+    assert turns and result.segments
+    want = [speaker_of(s.start / 1e9, s.end / 1e9, turns) for s in result.segments]
+    assert [s.speaker for s in result.segments] == want
+    assert any(want) and all(w == "" or w.startswith("SPEAKER_") for w in want)
+    assert [s.speaker for s in streamed.segments] == want
+
+
+def test_diarize_without_a_diarizer_names_the_option(whisper_server, audio):
+    with pytest.raises(grpc.RpcError) as err:
+        whisper_server.stub.AudioTranscription(
+            pb.TranscriptRequest(dst=str(audio["wav"]), diarize=True), timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "diarization_model" in err.value.details()

@@ -9,6 +9,7 @@ import asyncio
 import gc
 from pathlib import Path
 
+from mlxbackend.audio import diarize as diarize_mod
 from mlxbackend.audio.decode import load_audio
 from mlxbackend.audio.whisper import (
     Options,
@@ -20,7 +21,7 @@ from mlxbackend.audio.whisper import (
     load_whisper,
     transcribe,
 )
-from mlxbackend.errors import Aborted, InvalidInput, NotLoaded, Unsupported
+from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
 from mlxbackend.worker import DONE, Job, Worker
 
 
@@ -28,20 +29,32 @@ class AudioEngine:
     def __init__(self, worker: Worker):
         self.worker = worker
         self.current = None  # WhisperModel
+        self.diarizer = None  # an mlx-audio diarizer beside it (Options diarization_model)
 
     # -- lifecycle (called by the host only) ----------------------------------------------------
-    async def load(self, path: Path):
+    async def load(self, path: Path, options: dict | None = None, model_path: str = ""):
+        """The whisper folder, and the diarizer Options diarization_model names (relative to
+        ModelPath, as LocalAI's model paths are)."""
         if not is_whisper_dir(path):
             raise InvalidInput(
                 f"{path} is not an MLX whisper folder (config.json with n_mels, n_audio_ctx, …)"
             )
         wm = await self.worker.run(load_whisper, Path(path))
+        where = str((options or {}).get(diarize_mod.OPTION, "") or "")
+        if where:
+            folder = (
+                Path(model_path) / where
+                if model_path and not Path(where).is_absolute()
+                else Path(where)
+            )
+            self.diarizer = await self.worker.run(diarize_mod.load_diarizer, folder)
         self.current = wm
         return wm
 
     async def free(self, reason: str = "the whisper model was freed"):
         """End transcriptions in flight (ABORTED at their next window), then drop the model."""
         if self.current is None:
+            self.diarizer = None
             return
 
         def drop():
@@ -50,7 +63,7 @@ class AudioEngine:
             import mlx.core as mx
 
             self.worker.abort_owned(self.current, Aborted(f"transcription aborted: {reason}"))
-            self.current = None
+            self.current = self.diarizer = None
             holder = importlib.import_module("mlx_whisper.transcribe").ModelHolder
             holder.model = holder.model_path = None  # mlx-whisper's own reference
             gc.collect()
@@ -70,9 +83,7 @@ class AudioEngine:
         """Validate and decode (off the event loop): (model, samples, language code, words?)."""
         wm = self.model()
         if diarize:
-            raise Unsupported(
-                "diarize is not supported by this backend (whisper has no speaker diarization)"
-            )
+            diarize_mod.require(self.diarizer)
         bad = [g for g in granularities if g not in ("segment", "word")]
         if bad:
             raise InvalidInput(
@@ -82,15 +93,26 @@ class AudioEngine:
         audio = await asyncio.to_thread(load_audio, dst)
         return wm, audio, code, "word" in granularities
 
-    def start(self, wm, audio, opts: Options) -> Job:
+    def start(self, wm, audio, opts: Options, diarize: bool = False) -> Job:
         """Run the transcription on the worker; the job yields Segment and Progress events and
-        ends with one Transcript."""
+        ends with one Transcript. With diarize, the diarizer runs first and every segment carries
+        its speaker as it is sent."""
 
         job = Job(asyncio.get_running_loop())
+        diarizer = self.diarizer
 
         def run():
             try:
-                job.put(transcribe(wm, audio, opts, job.put, job.cancelled.is_set))
+                emit = job.put
+                if diarize:
+                    turns = diarize_mod.speaker_turns(diarizer, audio)
+
+                    def emit(event):
+                        if isinstance(event, Segment):
+                            event.speaker = diarize_mod.speaker_of(event.start, event.end, turns)
+                        job.put(event)
+
+                job.put(transcribe(wm, audio, opts, emit, job.cancelled.is_set))
             except BaseException as exc:
                 job.put(exc)
             job.put(DONE)
@@ -102,7 +124,7 @@ class AudioEngine:
         """Segment / Progress events as decoding proceeds, then the Transcript."""
         wm, audio, code, words = await self.prepare(dst, opts.language, diarize, granularities)
         opts.language, opts.words = code, words or opts.words
-        job = self.start(wm, audio, opts)
+        job = self.start(wm, audio, opts, diarize)
         try:
             async for event in job:
                 yield event

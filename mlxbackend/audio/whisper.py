@@ -76,6 +76,7 @@ class Segment:
     end: float
     text: str
     tokens: list = field(default_factory=list)
+    speaker: str = ""  # with diarize: "SPEAKER_00" … (audio/diarize.py)
 
 
 @dataclass
