@@ -119,6 +119,54 @@ def cmd_bench(args):
     bench_main(args)
 
 
+def cmd_vad(args):
+    """Speech segments of an audio file with Silero VAD weights, in this process (no server)."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from mlxbackend.audio.decode import load_audio
+    from mlxbackend.client import failure_text
+    from mlxbackend.errors import BackendError, InvalidInput, NotFound
+    from mlxbackend.options import parse_options
+    from mlxbackend.vad import vad_source
+
+    err = Console(stderr=True, highlight=False)
+    model = Path(args.model).resolve()
+    options = parse_options(args.option)
+    try:
+        if not model.exists():
+            raise NotFound(f"model not found: {args.model}")
+        named = model.is_file() and model.suffix in (".onnx", ".jit")
+        if not named and vad_source(str(model)) is None:
+            raise InvalidInput(
+                f"{args.model} is not Silero VAD weights (the silero-vad package's "
+                "silero_vad.onnx or silero_vad_16k.safetensors, a folder holding one, or an "
+                "mlx-audio silero_vad folder)"
+            )
+        audio = load_audio(args.file)
+        from mlxbackend.vad.silero import SETTINGS, load_vad, speech_segments
+
+        for key in sorted(set(options) - set(SETTINGS)):
+            err.print(f"ignoring option {key} (known: {', '.join(SETTINGS)})", style="yellow")
+        vm = load_vad(model, options)
+        segments = speech_segments(vm, audio)
+    except BackendError as exc:
+        err.print(failure_text(exc), style="red", markup=False)
+        return 1
+    if args.format == "json":
+        print(json.dumps([{"start": start, "end": end} for start, end in segments]))
+    else:
+        for start, end in segments:
+            print(f"{start:.3f} → {end:.3f}")
+    speech = sum(end - start for start, end in segments)
+    err.print(
+        f"[dim]{len(segments)} segments, {speech:.1f} s of speech in {len(audio) / 16000:.1f} s[/dim]"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxbackend", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub)
 
     add_transcribe(sub)
+
+    p = sub.add_parser(
+        "vad", help="speech segments of an audio file with Silero VAD weights (local, no server)"
+    )
+    p.add_argument("file", help="audio file (wav, mp3, m4a, ogg, flac, webm, mp4 …)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="silero_vad.onnx or silero_vad_16k.safetensors (the silero-vad package's), a folder "
+        "holding one, or an mlx-audio silero_vad folder",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="LoadModel option key:value (threshold, min_speech_duration_ms, "
+        "min_silence_duration_ms, speech_pad_ms)",
+    )
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_vad)
 
     add_embed(sub)
 
