@@ -23,9 +23,7 @@ def main() -> int:
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--per-rpc", type=int, default=60, help="inputs per RPC and state")
-    ap.add_argument(
-        "--states", default="none,text,encoder,whisper,sd3", help=f"from {','.join(STATES)}"
-    )
+    ap.add_argument("--states", default=",".join(STATES), help=f"from {','.join(STATES)}")
     ap.add_argument("--timeout", type=float, default=60, help="deadline per call, seconds")
     ap.add_argument("--no-big", action="store_true", help="no multi-MB values or ~50 MB messages")
     ap.add_argument("--only", help="RPC:INDEX, replay one input")

@@ -546,6 +546,10 @@ def big_message(rpc: str, base, over: bool = False) -> bytes:
     )
 
 
+# a 2×2 RGB PNG, base64 (the VLM state's image)
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP4z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
+
+
 def bases(box: Sandbox) -> dict:
     """One valid request per RPC (built against the sandbox's models), the seeds of mutation."""
     text = box.models.get("text", box.root / "no-text-model")
@@ -920,7 +924,7 @@ def stop_job(channel, rpc: str, reply_bytes: bytes) -> str:
     return job
 
 
-STATES = ("none", "text", "encoder", "whisper", "sd3")
+STATES = ("none", "text", "encoder", "whisper", "sd3", "vlm", "vad")
 
 
 def build_models(box: Sandbox, states) -> None:
@@ -945,6 +949,19 @@ def build_models(box: Sandbox, states) -> None:
         from tests.tiny_diffusion import build_tiny_sd3
 
         box.models["sd3"] = build_tiny_sd3(models / "tiny-sd3")
+    if "vlm" in states:
+        from tests.tiny_vlm import build_qwen25_vl
+
+        box.models["vlm"] = build_qwen25_vl(models / "tiny-qwen-vl")
+    if "vad" in states:
+        import shutil
+
+        import silero_vad
+
+        data = Path(silero_vad.__file__).parent / "data"
+        (models / "silero").mkdir(exist_ok=True)
+        shutil.copy(data / "silero_vad.onnx", models / "silero" / "silero_vad.onnx")
+        box.models["vad"] = models / "silero"
     box.extras["wav"] = write_wav(box.root / "tone.wav")
     box.extras["dataset"] = write_dataset(box.root / "train.jsonl")
     open_tree(models)
@@ -965,6 +982,12 @@ def plan(
     if state in box.models and state != "text":  # mutate a load of this state's model
         base["LoadModel"] = load_request(box, state)
         base["ModelMetadata"] = load_request(box, state)
+    if state == "vlm":  # media in the prompt: images (and a video field to mutate into)
+        for rpc in ("Predict", "PredictStream"):
+            base[rpc] = pb.PredictOptions()
+            base[rpc].CopyFrom(bases(box)[rpc])
+            base[rpc].Images.append(TINY_PNG)
+            base[rpc].Videos.append("")
     rpcs = [only[0]] if only else RPCS
     indices = [only[1]] if only else range(per_rpc)
     for i in indices:

@@ -492,3 +492,13 @@ def test_prompt_time_includes_the_media_prefill(tmp_path):
         )
     finally:
         srv.stop()
+
+
+def test_rerank_on_a_vision_model(qwen):
+    """Rerank with a VLM loaded (the decoder-LLM reranker path: a whole prompt, no cache): the
+    fuzzer's finding was INTERNAL (TypeError) from the per-row position shift."""
+    _, srv = qwen
+    done = srv.stub.Rerank(
+        pb.RerankRequest(query="cats", documents=["a cat", "a car"], top_n=1), timeout=120
+    )
+    assert len(done.results) == 1 and 0 <= done.results[0].relevance_score <= 1

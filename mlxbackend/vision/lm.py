@@ -113,9 +113,11 @@ class VisionLM(nn.Module):
         lm = self.language_model
         if self.mrope:
             # positions come from each row's cache offset plus its own delta, never from state
-            # another request left on the shared module
+            # another request left on the shared module (no cache: a whole prompt at once, e.g.
+            # a rerank; its positions are computed from the tokens)
             lm._position_ids = None
-            kwargs["rope_deltas"] = _rope_deltas(cache)
+            if cache:
+                kwargs["rope_deltas"] = _rope_deltas(cache)
         out = lm(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
         return out.logits
 
