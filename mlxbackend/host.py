@@ -4,9 +4,9 @@ applies the one ownership rule below. The servicer calls it with plain values.
 THE RULE (what may stay loaded together; what Free and LoadModel do to work in flight)
 - One model slot. The process serves one model at a time, as LocalAI runs one backend process per
   model: a text LLM (with its draft model and LoRA adapters; it also serves decoder Embedding and
-  Rerank), an encoder (Embedding, Rerank), a whisper model, a diffusion pipeline, or a distributed
-  group. LoadModel of any kind first empties the slot, then loads; if the load fails, the slot
-  stays empty and the error says why.
+  Rerank), an encoder (Embedding, Rerank), a whisper model, a diffusion pipeline, a Silero VAD
+  model, a Kokoro TTS model, or a distributed group. LoadModel of any kind first empties the
+  slot, then loads; if the load fails, the slot stays empty and the error says why.
 - Emptying the slot (Free, or LoadModel) ends every request in flight on the model it held, at
   once: each ends with ABORTED and a message naming the cause; worker tasks stop at their next
   pause point, so the memory is returned before Free answers. Calls on a distributed group fail
@@ -38,6 +38,8 @@ from mlxbackend.quantize.service import Quantizations
 from mlxbackend.text.engine import TextEngine, usage_total
 from mlxbackend.text.models import LoadSpec
 from mlxbackend.train.service import FineTunes
+from mlxbackend.tts import tts_source
+from mlxbackend.tts.engine import TtsEngine
 from mlxbackend.vad import vad_source
 from mlxbackend.vad.engine import VadEngine
 from mlxbackend.worker import Worker
@@ -81,13 +83,12 @@ class ModelHost:
         self.audio = AudioEngine(self.worker)
         self.image = ImageEngine(self.worker)
         self.vad = VadEngine(self.worker, why_absent=self.why_no_vad)
+        self.tts = TtsEngine(self.worker, why_absent=self.why_no_tts)
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
         self.distributed = DistributedGroup(self)
         self.store = None  # store.VectorStore, opened at the first Stores call or by LoadModel
-        self.kind = (
-            ""  # what the slot holds: text, encoder, whisper, image, vad, distributed ("" = empty)
-        )
+        self.kind = ""  # what the slot holds: text, encoder, whisper, image, vad, tts, distributed ("" = empty)
         self.name = ""  # its path, for messages
         self.loading = ""  # the kind being loaded
         self.lock = asyncio.Lock()  # LoadModel and Free one at a time
@@ -133,6 +134,12 @@ class ModelHost:
         if kind == "vad":
             vm = await self.vad.load(where, options)
             return f"MLX voice activity detection model loaded successfully: Silero VAD {vm.path}"
+        if kind == "tts":
+            tm = await self.tts.load(where, options)
+            return (
+                f"MLX text-to-speech model loaded successfully: Kokoro {tm.path} "
+                f"({tm.sample_rate} Hz, {len(tm.voice_names())} voices)"
+            )
         if kind == "encoder":
             enc = await self.embed.load_encoder(where, options)
             return f"MLX embedding model loaded successfully: {enc.path}"
@@ -192,6 +199,7 @@ class ModelHost:
         await self.audio.free(reason)
         await self.image.free(reason)
         await self.vad.free(reason)
+        await self.tts.free(reason)
         self.kind = self.name = ""
 
     def why_no_text(self) -> str:
@@ -201,7 +209,7 @@ class ModelHost:
                 f"the loaded model {os.path.basename(self.name)} is an encoder: it serves Embedding and "
                 "Rerank, not text generation (load an LLM for that)"
             )
-        if self.kind in ("whisper", "image", "vad"):
+        if self.kind in ("whisper", "image", "vad", "tts"):
             return f"the loaded model {os.path.basename(self.name)} is a {self.kind} model, not a text LLM"
         return ""
 
@@ -211,6 +219,15 @@ class ModelHost:
             return (
                 f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; VAD needs "
                 "a Silero VAD model (LoadModel of silero_vad_16k.safetensors, or Type vad)"
+            )
+        return ""
+
+    def why_no_tts(self) -> str:
+        """NotLoaded's message for TTS when the slot holds another kind of model."""
+        if self.kind:
+            return (
+                f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; TTS needs "
+                "a Kokoro model (LoadModel of a Kokoro folder, or Type tts)"
             )
         return ""
 
@@ -256,6 +273,9 @@ def model_kind(req: LoadRequest, options: dict, group: DistributedGroup) -> tupl
     vad = vad_source(req.model, req.model_file, req.model_path, req.type)
     if vad is not None:
         return "vad", vad
+    tts = tts_source(req.model, req.model_file, req.model_path, req.type)
+    if tts is not None:
+        return "tts", tts
     diffusion = diffusion_dir(req.model, req.model_file, req.model_path, req.pipeline_type)
     if diffusion is not None:
         return "image", diffusion

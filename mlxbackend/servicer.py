@@ -25,8 +25,6 @@ from mlxbackend.vision.media import Media
 # RPCs whose capability has not landed yet, and what would provide it.
 PENDING = {
     "GenerateVideo": "video generation",
-    "TTS": "text-to-speech",
-    "TTSStream": "text-to-speech",
     "SoundGeneration": "sound generation",
     "Detect": "object detection",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
@@ -137,6 +135,27 @@ class Servicer:
     async def VAD(self, request, context):
         segments = await self.host.vad.detect(request.audio)
         return pb.VADResponse(segments=[pb.VADSegment(start=a, end=b) for a, b in segments])
+
+    async def TTS(self, request, context):
+        done = await self.host.tts.synthesize(
+            request.text, request.voice, tts_language(request), request.dst
+        )
+        return pb.Result(
+            success=True,
+            message=(
+                f"wrote {done.dst}: {done.seconds:.2f} s of speech, {done.sample_rate} Hz PCM16 "
+                f"mono, voice {done.voice}, lang_code {done.lang_code}, {done.segments} segments"
+            ),
+        )
+
+    async def TTSStream(self, request, context):
+        """LocalAI's contract: a first Reply whose message is {"sample_rate": N} (LocalAI then
+        writes the WAV header itself), then raw PCM16 little-endian mono in Reply.audio, one
+        chunk per text segment."""
+        speech = await self.host.tts.prepare(request.text, request.voice, tts_language(request))
+        yield pb.Reply(message=json.dumps({"sample_rate": speech.sample_rate}).encode())
+        async for pcm in self.host.tts.chunks(speech):
+            yield pb.Reply(audio=pcm)
 
     async def Embedding(self, request, context):
         vector, _ = await self.host.embed.embed(
@@ -400,6 +419,11 @@ def text_request(request):
         json_schema=request.Metadata.get("json_schema", ""),
     )
     return spec, req
+
+
+def tts_language(request) -> str:
+    """TTSRequest.language (optional; LocalAI always sets it, maybe to "")."""
+    return request.language if request.HasField("language") else ""
 
 
 def transcript_request(request):

@@ -99,8 +99,9 @@ if [ "$WITH_VISION" = 1 ]; then
   say "installing vision-language support (mlx-vlm, PyAV)"
   "${PIP[@]}" pillow requests tqdm jinja2 'av>=12' 2>&1 | grep -v '^WARNING: Location' || true
   "${PIP[@]}" --no-deps mlx-vlm==0.7.10 2>&1 | grep -v '^WARNING: Location' || true
-  # Voice activity detection: mlx-audio's Silero VAD without its sounddevice / exact mlx pin.
-  "${PIP[@]}" 'onnx>=1.16' 2>&1 | grep -v '^WARNING: Location' || true
+  # Voice activity detection and text to speech: mlx-audio's Silero VAD and Kokoro without its
+  # sounddevice / exact mlx pin; onnx reads Silero's ONNX model, espeakng-loader is the G2P.
+  "${PIP[@]}" 'onnx>=1.16' espeakng-loader==0.2.4 2>&1 | grep -v '^WARNING: Location' || true
   "${PIP[@]}" --no-deps mlx-audio==0.6.2 2>&1 | grep -v '^WARNING: Location' || true
 fi
 if [ "$WITH_GGUF" = 1 ]; then

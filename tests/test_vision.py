@@ -502,3 +502,41 @@ def test_rerank_on_a_vision_model(qwen):
         pb.RerankRequest(query="cats", documents=["a cat", "a car"], top_n=1), timeout=120
     )
     assert len(done.results) == 1 and 0 <= done.results[0].relevance_score <= 1
+
+
+def test_stop_strings_cut_a_media_reply(vlm):
+    """A stop string cuts a media request's reply exactly before it, as for text."""
+    _, _, srv, _ = vlm
+    image = png(40)
+    full = srv.stub.Predict(request(images=[image], Tokens=16), timeout=120).message.decode()
+    # a stop string first seen after some visible text: the reply is exactly what precedes it
+    ks = [
+        k for k in range(1, len(full) - 2) if full.find(full[k : k + 3]) == k and full[:k].strip()
+    ]
+    if not ks:
+        pytest.skip(f"this random model's reply has no usable stop string: {full!r}")
+    k = ks[0]
+    cut = srv.stub.Predict(
+        request(images=[image], Tokens=16, StopPrompts=[full[k : k + 3]]), timeout=120
+    )
+    assert cut.message.decode() == full[:k], (full, full[k : k + 3])
+
+
+def test_kv_reservation_refuses_what_cannot_fit(qwen):
+    """A media request whose KV cannot fit the budget (Options max_kv_bytes) is
+    RESOURCE_EXHAUSTED on its own, and the server stays up."""
+    folder, _ = qwen
+    small = Server()
+    try:
+        assert small.stub.LoadModel(
+            pb.ModelOptions(
+                Model=folder.name, ModelPath=str(folder.parent), Options=["max_kv_bytes:4096"]
+            ),
+            timeout=120,
+        ).success
+        with pytest.raises(grpc.RpcError) as err:
+            small.stub.Predict(request(images=[png(41)], Tokens=64), timeout=120)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert small.healthy()
+    finally:
+        small.stop()
