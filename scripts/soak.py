@@ -34,7 +34,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlxbackend.client import connect, stop_server  # noqa: E402
+from mlxbackend.client import spawn_server, stop_server  # noqa: E402
 from mlxbackend.proto import backend_pb2 as pb  # noqa: E402
 
 # Status breakdown keys that must be 0 once every request has ended (engine.TextEngine.memory).
@@ -236,29 +236,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def spawn(log_path: Path, env: dict | None = None, timeout: float = 120.0):
-    """A backend process as LocalAI starts it: run.sh --addr 127.0.0.1:PORT, own process group."""
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "run.sh"), "--addr", f"127.0.0.1:{port}"], env={**os.environ, **(env or {})},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    stub = connect(f"127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            stub.Health(pb.HealthMessage(), timeout=2)
-            return proc, stub
-        except grpc.RpcError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_server(proc)
-                raise RuntimeError(f"backend did not start; see {log_path}") from None
-            time.sleep(0.2)
+    """A backend process as LocalAI starts it (client.spawn_server), its output in log_path."""
+    try:
+        return spawn_server(timeout=timeout, env=env, log=open(log_path, "w"))
+    except RuntimeError:
+        raise RuntimeError(f"backend did not start; see {log_path}") from None
 
 
 def smollm2_folder(models: Path) -> Path:

@@ -540,3 +540,15 @@ def test_kv_reservation_refuses_what_cannot_fit(qwen):
         assert small.healthy()
     finally:
         small.stop()
+
+
+def test_max_pixels_downscales_images_and_frames():
+    """Options max_pixels: images and video frames over the budget are scaled down, aspect kept;
+    smaller ones are left alone."""
+    from mlxbackend.vision.media import load_image, load_video
+
+    image = load_image(b64(png(50, size=(400, 100))), "image", max_pixels=10_000)
+    assert image.width * image.height <= 10_000 and image.size == (200, 50)
+    assert load_image(b64(png(50, size=(40, 30))), "image", max_pixels=10_000).size == (40, 30)
+    video = load_video(b64(mp4(size=(64, 48))), "video", 2.0, 32, max_pixels=768)
+    assert video.frames.shape[1:3] == (24, 32)

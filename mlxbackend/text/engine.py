@@ -385,7 +385,6 @@ class TextEngine:
             else "",
             # where a Go-templated prompt puts each image / video / audio (vision/prompt.py)
             "media_marker": vision_prompt.MARKER if tm.vision and tm.vision.accepts else "",
-            "accepts": tm.vision.accepts if tm.vision else (),
         }
 
 

@@ -91,10 +91,14 @@ def load_image(item: str, what: str, max_pixels: int = 0):
         raise InvalidInput(f"{what} is not a readable image ({exc})") from None
     image = image.convert("RGB")
     if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
+        image = image.resize(fit(image.width, image.height, max_pixels), Image.Resampling.BICUBIC)
     return image
+
+
+def fit(width: int, height: int, max_pixels: int) -> tuple:
+    """(width, height) scaled down, aspect kept, to at most max_pixels."""
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def load_video(item: str, what: str, fps: float, max_frames: int, max_pixels: int = 0) -> Video:
@@ -132,9 +136,7 @@ def _resize_frames(frames, max_pixels: int):
     import numpy as np
     from PIL import Image
 
-    h, w = frames.shape[1:3]
-    scale = math.sqrt(max_pixels / (h * w))
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    size = fit(frames.shape[2], frames.shape[1], max_pixels)
     return np.stack([np.asarray(Image.fromarray(f).resize(size)) for f in frames])
 
 
