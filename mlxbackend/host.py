@@ -136,10 +136,7 @@ class ModelHost:
             return f"MLX voice activity detection model loaded successfully: Silero VAD {vm.path}"
         if kind == "tts":
             tm = await self.tts.load(where, options)
-            return (
-                f"MLX text-to-speech model loaded successfully: Kokoro {tm.path} "
-                f"({tm.sample_rate} Hz, {len(tm.voice_names())} voices)"
-            )
+            return f"MLX text-to-speech model loaded successfully: {tm.describe()}"
         if kind == "encoder":
             enc = await self.embed.load_encoder(where, options)
             return f"MLX embedding model loaded successfully: {enc.path}"
@@ -227,7 +224,7 @@ class ModelHost:
         if self.kind:
             return (
                 f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; TTS needs "
-                "a Kokoro model (LoadModel of a Kokoro folder, or Type tts)"
+                "a TTS model (LoadModel of a Kokoro or Soprano folder, or Type tts)"
             )
         return ""
 

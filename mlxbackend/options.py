@@ -1,5 +1,9 @@
 """LocalAI `Options` ("key:value" strings) parsed to typed values."""
 
+import math
+
+from mlxbackend.errors import InvalidInput
+
 
 def parse_value(text: str):
     """Type a value the way LocalAI does: bool, int, float, else string."""
@@ -51,3 +55,20 @@ def key_values(pairs) -> dict:
             raise SystemExit(f"--option expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def number_option(options: dict, key: str, kind=float, low=None, high=None, default=None):
+    """options[key] as an int or float within [low, high], else default when absent; a bad value
+    is INVALID_ARGUMENT naming the option."""
+    if key not in options:
+        return default
+    try:
+        value = kind(options[key])
+    except (TypeError, ValueError):
+        noun = "an integer" if kind is int else "a number"
+        raise InvalidInput(f"option {key}: expected {noun}, got {options[key]!r}") from None
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise InvalidInput(f"option {key}: {value} is out of range (at least {low})")
+    if high is not None and value > high:
+        raise InvalidInput(f"option {key}: {value} is out of range (at most {high})")
+    return value

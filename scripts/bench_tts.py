@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Text to speech through the backend vs mlx-audio's Kokoro called in-process.
+"""Text to speech through the backend vs mlx-audio's own model called in-process (Kokoro, or
+Soprano with --family soprano).
 
 One multi-sentence text (one sentence per line, so that each is its own segment, as mlx-audio's
 Kokoro splits text on newlines), three sides alternating (their order rotates each repeat),
@@ -11,7 +12,9 @@ RTF = audio seconds ÷ wall seconds (higher is faster):
             mx.random.seed(seed), float → PCM16 as mlx_audio.audio_io.write does. G2P: mlx-audio's
             own (misaki.en) needs spaCy's en_core_web_sm, which is not on PyPI and cannot be
             fetched offline, so the raw side runs the same offline espeak-ng G2P the backend runs
-            (mlxbackend.tts.kokoro.phonemize), inside the timed call;
+            (mlxbackend.tts.kokoro.phonemize), inside the timed call.
+            Soprano: mlx-audio's loader, then Model.generate(text, max_tokens, temperature,
+            top_p) after mx.random.seed(seed), PCM16 likewise;
   * grpc:   a backend process started as LocalAI does (spawn_server: run.sh --addr), LoadModel of
             the folder, the unary TTS RPC timed at the client (G2P, synthesis on the MLX worker,
             the WAV written atomically at dst);
@@ -21,10 +24,13 @@ The ratio RTF grpc ÷ RTF raw is the cost of serving (target ≥ 0.95); the gRPC
 equal the raw side's, and the stream's chunks the WAV's frames.
 
 Default model: a tiny RANDOM Kokoro (tests/tiny_kokoro.py: Kokoro's fixed decoder, shrunk text
-side) built in a temp dir. Its audio is noise and its RTF says nothing about real speech; the
-ratio and the streaming figures are what it is for. --model DIR for a real Kokoro folder.
+side), or with --family soprano a RANDOM Soprano with Soprano-80M's shapes (tests/tiny_soprano.py),
+built in a temp dir. Their audio is noise and its RTF says nothing about real speech; the ratio and
+the streaming figures are what it is for (a random Soprano rarely samples its stop token, so each
+sentence runs to --max-tokens). --model DIR for a real folder.
 
   LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_tts.py --repeats 3 --json out.json
+  LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_tts.py --family soprano --repeats 3
 """
 
 import argparse
@@ -43,66 +49,154 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXT = "Hi there.\nGood day.\nBye now!"  # short: the tiny model takes ~10 s per segment here
+MALLOC = {  # scripts/run.sh's defaults
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+SOPRANO_TEXT = (  # three sentences of ≥ 30 characters: mlx-audio's Soprano speaks each on its own
+    "The quick brown fox jumps over the lazy dog. Speech comes out sentence by sentence here. "
+    "Hello there, how are you on this fine day?"
+)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="a Kokoro folder (default: a tiny random Kokoro, built)")
-    ap.add_argument("--voice", default="", help="voice (default: the backend's default choice)")
-    ap.add_argument("--language", default="en")
-    ap.add_argument("--text", default=TEXT, help="text to speak (newlines separate segments)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args(argv)
-
+def raw_kokoro(args, folder: Path) -> dict:
+    """mlx-audio's Kokoro in-process, and what the gRPC side is asked for."""
     import mlx.core as mx
     import numpy as np
     from mlx_audio.tts.models.kokoro.pipeline import KokoroPipeline
     from mlx_audio.tts.utils import load_model
 
+    from mlxbackend.tts import kokoro as ours
+
+    t = time.perf_counter()
+    model = load_model(folder, strict=True)
+    load_raw = time.perf_counter() - t
+    tm = ours.TtsModel(folder, model, ours.Settings(), int(model.sample_rate))
+    voice = args.voice or ours.default_voice(tm)
+    voice_file = ours.voice_files(tm, voice)  # resolves a name / a file / a comma list
+    packs = [mx.load(str(f))["voice"] for f in voice_file]
+    pack = packs[0] if len(packs) == 1 else mx.mean(mx.stack(packs), axis=0)
+    code = ours.request_language(tm, args.language, voice)
+    limit = min(ours.MAX_PHONEMES, int(model.context_length) - 2, int(pack.shape[0]))
+    speed, seed = 1.0, 0
+
+    def run_raw():
+        t = time.perf_counter()
+        out = []
+        for _, ps in ours.phonemize(tm, args.text, code, limit):
+            mx.random.seed(seed)
+            audio = np.array(KokoroPipeline.infer(model, ps, pack, speed).audio[0])
+            out.append((np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16))
+        return time.perf_counter() - t, np.concatenate(out)
+
+    # G2P alone (part of both sides' timed calls), after a first call that starts espeak-ng
+    ours.phonemize(tm, args.text, code, limit)
+    t = time.perf_counter()
+    segments = ours.phonemize(tm, args.text, code, limit)
+    g2p_s = time.perf_counter() - t
+    return {
+        "run": run_raw,
+        "load_s": load_raw,
+        "rate": int(model.sample_rate),
+        "voice": voice,
+        "lang_code": code,
+        "segments": len(segments),
+        "options": [],
+        "note": f"G2P {g2p_s * 1000:.1f} ms of each call",
+        "g2p_ms": round(g2p_s * 1000, 2),
+    }
+
+
+def raw_soprano(args, folder: Path) -> dict:
+    """mlx-audio's Soprano in-process: generate() after mx.random.seed(seed)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_audio.tts.utils import load_model
+
+    t = time.perf_counter()
+    model = load_model(folder, strict=True)
+    load_raw = time.perf_counter() - t
+    seed, temperature, top_p = 0, 0.3, 0.95
+
+    def run_raw():
+        t = time.perf_counter()
+        mx.random.seed(seed)
+        out = [
+            np.array(r.audio)
+            for r in model.generate(
+                args.text, temperature=temperature, top_p=top_p, max_tokens=args.max_tokens
+            )
+        ]
+        audio = (np.clip(np.concatenate(out), -1.0, 1.0) * 32767).astype(np.int16)
+        return time.perf_counter() - t, audio
+
+    sentences = sum(len(model._preprocess_text([line])) for line in args.text.split("\n"))
+    return {
+        "run": run_raw,
+        "load_s": load_raw,
+        "rate": int(model.sample_rate),
+        "voice": "",
+        "lang_code": "en",
+        "segments": sentences,
+        "options": [f"max_tokens:{args.max_tokens}", f"seed:{seed}"],
+        "note": f"temperature {temperature}, top_p {top_p}, max_tokens {args.max_tokens}",
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=("kokoro", "soprano"), default="kokoro")
+    ap.add_argument("--model", help="a model folder (default: a random one of --family, built)")
+    ap.add_argument("--voice", default="", help="voice (default: the backend's default choice)")
+    ap.add_argument("--language", default="en")
+    ap.add_argument("--text", help="text to speak (newlines separate segments)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="Soprano: tokens per sentence")
+    ap.add_argument(
+        "--same-malloc",
+        action="store_true",
+        help="run the raw side under the glibc malloc settings run.sh gives the server "
+        "(MALLOC_ARENA_MAX=2, 128 KiB mmap/trim thresholds): the ratio is then the cost of "
+        "serving alone, without the allocator's",
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.same_malloc and MALLOC.items() - os.environ.items():  # glibc reads them at start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    args.text = args.text or (SOPRANO_TEXT if args.family == "soprano" else TEXT)
+
+    import numpy as np
+
     from mlxbackend.bench import machine
     from mlxbackend.client import spawn_server, stop_server
     from mlxbackend.proto import backend_pb2 as pb
-    from mlxbackend.tts import kokoro as ours
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxb-bench-tts-"))
     proc = None
     try:
         if args.model:
-            folder, kind = Path(args.model).resolve(), "Kokoro folder"
+            folder, kind = Path(args.model).resolve(), f"{args.family} folder"
+        elif args.family == "soprano":
+            from tests.tiny_soprano import SOPRANO_80M, build_tiny_soprano
+
+            folder = build_tiny_soprano(tmp / "Soprano-random", sizes=SOPRANO_80M)
+            kind = "RANDOM Soprano with Soprano-80M's shapes; audio is noise, RTF meaningless"
         else:
             from tests.tiny_kokoro import build_tiny_kokoro
 
             folder = build_tiny_kokoro(tmp / "Kokoro-tiny-random")
             kind = "tiny RANDOM Kokoro (58.6 M parameters; audio is noise, RTF meaningless)"
-
-        # -- raw side: mlx-audio's loader and call; phonemes by the backend's offline G2P ----------
-        t = time.perf_counter()
-        model = load_model(folder, strict=True)
-        load_raw = time.perf_counter() - t
-        tm = ours.TtsModel(folder, model, ours.Settings(), int(model.sample_rate))
-        voice = args.voice or ours.default_voice(tm)
-        voice_file = ours.voice_files(tm, voice)  # resolves a name / a file / a comma list
-        packs = [mx.load(str(f))["voice"] for f in voice_file]
-        pack = packs[0] if len(packs) == 1 else mx.mean(mx.stack(packs), axis=0)
-        code = ours.request_language(tm, args.language, voice)
-        limit = min(ours.MAX_PHONEMES, int(model.context_length) - 2, int(pack.shape[0]))
-        speed, seed, rate = 1.0, 0, int(model.sample_rate)
-
-        def run_raw():
-            t = time.perf_counter()
-            out = []
-            for _, ps in ours.phonemize(tm, args.text, code, limit):
-                mx.random.seed(seed)
-                audio = np.array(KokoroPipeline.infer(model, ps, pack, speed).audio[0])
-                out.append((np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16))
-            return time.perf_counter() - t, np.concatenate(out)
+        raw = (raw_soprano if args.family == "soprano" else raw_kokoro)(args, folder)
+        run_raw, rate, voice = raw["run"], raw["rate"], raw["voice"]
 
         # -- the backend process --------------------------------------------------------------------
         log = open(tmp / "server.log", "w+")
         proc, stub = spawn_server(timeout=120, log=log)
         t = time.perf_counter()
-        reply = stub.LoadModel(pb.ModelOptions(Model=str(folder)), timeout=600)
+        reply = stub.LoadModel(
+            pb.ModelOptions(Model=str(folder), Options=raw["options"]), timeout=600
+        )
         load_grpc = time.perf_counter() - t
         if not reply.success:
             raise SystemExit(f"LoadModel failed: {reply.message}")
@@ -136,17 +230,11 @@ def main(argv=None):
             run_stream.first, run_stream.chunks = first, len(chunks)
             return wall, np.frombuffer(b"".join(chunks), dtype="<i2")
 
-        # G2P alone (part of both sides' timed calls), after a first call that starts espeak-ng
-        ours.phonemize(tm, args.text, code, limit)
-        t = time.perf_counter()
-        segments = ours.phonemize(tm, args.text, code, limit)
-        g2p_s = time.perf_counter() - t
-
         print(f"machine: {machine()}")
         print(
-            f"model: {folder} ({kind}) | voice {voice}, lang_code {code} | {len(segments)} "
-            f"segments | repeats {args.repeats} | load: raw {load_raw:.1f} s, gRPC LoadModel "
-            f"{load_grpc:.1f} s",
+            f"model: {folder} ({kind}) | voice {voice or '-'}, lang_code {raw['lang_code']} | "
+            f"{raw['segments']} segments | repeats {args.repeats} | load: raw "
+            f"{raw['load_s']:.1f} s, gRPC LoadModel {load_grpc:.1f} s",
             flush=True,
         )
         sides = [("grpc", run_grpc), ("raw", run_raw), ("stream", run_stream)]
@@ -185,7 +273,12 @@ def main(argv=None):
         )
         print("|---|---|---|---|---|")
         rows = [
-            ("raw: mlx-audio's Kokoro in-process (+ the same espeak-ng G2P)", "raw"),
+            (
+                "raw: mlx-audio's Soprano in-process (generate)"
+                if args.family == "soprano"
+                else "raw: mlx-audio's Kokoro in-process (+ the same espeak-ng G2P)",
+                "raw",
+            ),
             ("gRPC `TTS` (unary, WAV written at dst)", "grpc"),
             ("gRPC `TTSStream` (to the last chunk)", "stream"),
         ]
@@ -206,16 +299,18 @@ def main(argv=None):
         )
         print()
         print(
-            f"RTF gRPC ÷ raw: {ratio:.3f} (target ≥ 0.95) | G2P {g2p_s * 1000:.1f} ms of each call "
+            f"RTF gRPC ÷ raw: {ratio:.3f} (target ≥ 0.95) | {raw['note']} "
             f"| gRPC samples == raw: {same_raw} | stream chunks == WAV: {same_stream}"
         )
         result = {
             "machine": machine(),
-            "model": str(folder) if args.model else "tiny random Kokoro (tests/tiny_kokoro.py)",
+            "family": args.family,
+            "model": str(folder) if args.model else kind,
             "voice": voice,
-            "lang_code": code,
+            "lang_code": raw["lang_code"],
             "text": args.text,
-            "segments": len(segments),
+            "segments": raw["segments"],
+            "settings": raw["note"],
             "repeats": args.repeats,
             "audio_seconds": round(audio_s, 3),
             "median_s": {k: round(v, 3) for k, v in med.items()},
@@ -226,9 +321,9 @@ def main(argv=None):
             "stream_first_chunk_s": round(first, 3),
             "stream_first_chunk_runs_s": [round(x, 3) for x in stream_first],
             "first_chunk_over_unary": round(first / med["grpc"], 3),
-            "g2p_ms": round(g2p_s * 1000, 2),
-            "load_s": {"raw": round(load_raw, 2), "grpc": round(load_grpc, 2)},
+            "load_s": {"raw": round(raw["load_s"], 2), "grpc": round(load_grpc, 2)},
             "load_average": [round(x, 2) for x in os.getloadavg()],
+            "raw_side_malloc": "run.sh's" if args.same_malloc else "glibc defaults",
             "same_samples_grpc_raw": same_raw,
             "same_samples_stream_grpc": same_stream,
         }

@@ -14,9 +14,9 @@ Each stage is its own backend process reached over gRPC, started as LocalAI star
   3. the chat LLM (--llm DIR, default: the bundled SmolLM2-135M-Instruct via
                   ensure_default_model): PredictStream with the utterances' transcripts, joined,
                   as the user turn (UseTokenizerTemplate, as LocalAI sends a chat);
-  4. TTS          (--tts DIR, a Kokoro folder; or --tts-tiny: a tiny RANDOM Kokoro built in a
-                  temp dir, for a plumbing run only — its audio is noise, not speech): TTS of the
-                  reply into -o.
+  4. TTS          (--tts DIR, a Kokoro or Soprano folder; or --tts-tiny: a tiny RANDOM Kokoro
+                  built in a temp dir, for a plumbing run only — its audio is noise, not
+                  speech): TTS of the reply into -o.
 
 Printed: the VAD segments, each utterance's transcript, the reply, and the latency of every stage
 measured at the client (load times apart). Input: a WAV/FLAC/MP3… file, or by default two
@@ -114,7 +114,7 @@ def main(argv=None):
     ap.add_argument("--whisper", help="MLX whisper folder (default: tiny.en, converted once)")
     ap.add_argument("--llm", help="chat model folder (default: the bundled SmolLM2-135M-Instruct)")
     tts = ap.add_mutually_exclusive_group(required=True)
-    tts.add_argument("--tts", help="Kokoro folder (config.json, weights, voices/)")
+    tts.add_argument("--tts", help="a Kokoro or Soprano folder (config.json, weights, …)")
     tts.add_argument(
         "--tts-tiny",
         action="store_true",

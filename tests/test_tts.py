@@ -101,7 +101,7 @@ def test_detection_of_folders(kokoro, tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "qwen3_tts"}))
     assert tts_source(str(other)) == other
     from mlxbackend.errors import InvalidInput, Unsupported
-    from mlxbackend.tts.kokoro import load_tts
+    from mlxbackend.tts.engine import load_tts
 
     with pytest.raises(Unsupported, match="qwen3_tts"):
         load_tts(other, {})

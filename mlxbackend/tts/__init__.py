@@ -1,14 +1,21 @@
-"""Text to speech (mlx-audio's Kokoro): which LoadModel requests name a TTS model. Kept free of
-MLX imports (the host imports it at start-up)."""
+"""Text to speech (mlx-audio's Kokoro and Soprano): which LoadModel requests name a TTS model,
+and which module serves each family. Kept free of MLX imports (the host imports it at start-up).
 
+A family module has `load_tts(path, options) -> TtsModel` (with .family, .path, .sample_rate,
+.describe()), `prepare(tm, text, voice, language) -> Speech` (validated, nothing synthesized
+yet; .segments, .sample_rate, .voice, .lang_code) and `synthesize(speech, is_cancelled)`, which
+yields PCM16 per segment on the worker thread."""
+
+import importlib
 import json
 import os
 from pathlib import Path
 
-from mlxbackend.errors import InvalidInput, NotFound
+from mlxbackend.errors import InvalidInput, NotFound, Unsupported
 from mlxbackend.text.models import local_candidates
 
-TTS_TYPES = ("tts", "kokoro", "text-to-speech")
+TTS_TYPES = ("tts", "kokoro", "soprano", "text-to-speech")
+SERVED = {"kokoro": "mlxbackend.tts.kokoro", "soprano": "mlxbackend.tts.soprano"}
 # mlx-audio TTS families whose config model_type cannot be mistaken for a text LLM's (mlx-audio
 # also has e.g. "llama" (Orpheus) and "qwen3"): detected so that LoadModel says they are not
 # served yet instead of loading them as LLMs.
@@ -27,7 +34,6 @@ OTHER_FAMILIES = (
     "outetts",
     "melotts",
     "pocket_tts",
-    "soprano",
     "voxcpm",
     "voxtral_tts",
     "vibevoice",
@@ -37,7 +43,7 @@ OTHER_FAMILIES = (
 
 
 def tts_family(path: Path) -> str:
-    """The mlx-audio TTS family of a folder ("kokoro", one of OTHER_FAMILIES), or ""."""
+    """The mlx-audio TTS family of a folder (a key of SERVED, one of OTHER_FAMILIES), or ""."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
@@ -47,7 +53,24 @@ def tts_family(path: Path) -> str:
     model_type = str(config.get("model_type") or "").lower()
     if model_type == "kokoro" or ("istftnet" in config and "plbert" in config):
         return "kokoro"
+    if model_type == "soprano" or "SopranoForCausalLM" in (config.get("architectures") or []):
+        return "soprano"
     return model_type if model_type in OTHER_FAMILIES else ""
+
+
+def family_module(family: str):
+    """The module serving a family; UNIMPLEMENTED for the mlx-audio families not served yet."""
+    if family in SERVED:
+        return importlib.import_module(SERVED[family])
+    served = ", ".join(SERVED)
+    if family:
+        raise Unsupported(
+            f"the mlx-audio TTS family {family!r} is not served yet (served: {served})"
+        )
+    raise InvalidInput(
+        "config.json names no mlx-audio TTS family this backend serves (Kokoro: a config with "
+        f"istftnet and plbert, or model_type kokoro; Soprano: model_type soprano); served: {served}"
+    )
 
 
 def tts_source(model: str, model_file: str = "", model_path: str = "", model_type: str = ""):

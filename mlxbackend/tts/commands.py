@@ -1,5 +1,5 @@
-"""`mlxbackend tts "text" -o out.wav --model DIR`: speak a text with a Kokoro folder, locally (no
-server), with the same code the TTS RPC runs."""
+"""`mlxbackend tts "text" -o out.wav --model DIR`: speak a text with a Kokoro or Soprano folder,
+locally (no server), with the same code the TTS RPC runs."""
 
 import sys
 
@@ -9,29 +9,37 @@ from mlxbackend.errors import BackendError
 
 def add_parser(sub):
     p = sub.add_parser(
-        "tts", help="speak a text into a WAV file with a Kokoro folder (local, no server)"
+        "tts",
+        help="speak a text into a WAV file with a Kokoro or Soprano folder (local, no server)",
     )
     p.add_argument(
         "text", help="the text to speak ('-' reads it from stdin); newlines split segments"
     )
     p.add_argument("-o", "--output", required=True, help="WAV file to write (PCM16 mono)")
     p.add_argument(
-        "--model", required=True, help="Kokoro folder (config.json, *.safetensors, voices/)"
+        "--model",
+        required=True,
+        help="Kokoro folder (config.json, *.safetensors, voices/) or Soprano folder (config.json, "
+        "model.safetensors, tokenizer)",
     )
     p.add_argument(
         "--voice",
         default="",
-        help="a voice in <model>/voices (af_heart …), a .safetensors file, or several joined by "
-        "commas (mixed); default: Options voice, else the folder's first voice",
+        help="Kokoro: a voice in <model>/voices (af_heart …), a .safetensors file, or several "
+        "joined by commas (mixed); default: Options voice, else the folder's first voice. "
+        "Soprano has one voice",
     )
     p.add_argument(
-        "--language", default="", help="en, en-gb, es, fr, hi, it, pt-br (or a Kokoro lang code)"
+        "--language",
+        default="",
+        help="en, en-gb, es, fr, hi, it, pt-br (or a Kokoro lang code); Soprano: English",
     )
     p.add_argument(
         "--option",
         action="append",
         default=[],
-        help="LoadModel option key:value (voice, lang_code, speed, seed, g2p)",
+        help="LoadModel option key:value (Kokoro: voice, lang_code, speed, seed, g2p; Soprano: "
+        "temperature, top_p, max_tokens, seed)",
     )
     p.add_argument(
         "--stream",
@@ -51,7 +59,8 @@ def cmd_tts(args):
 
     from mlxbackend.errors import NotFound
     from mlxbackend.options import parse_options
-    from mlxbackend.tts import tts_family
+    from mlxbackend.tts import family_module, tts_family
+    from mlxbackend.tts.wav import check_dst, write_wav
 
     err = Console(stderr=True, highlight=False)
     text = sys.stdin.read() if args.text == "-" else args.text
@@ -60,19 +69,12 @@ def cmd_tts(args):
     try:
         if not model.exists():
             raise NotFound(f"model not found: {args.model}")
-        from mlxbackend.tts.kokoro import check_dst, load_tts, prepare, synthesize, write_wav
-
         check_dst(args.output)
-        if not tts_family(model):
-            err.print(
-                f"{args.model} is not a Kokoro folder (config.json with istftnet and plbert)",
-                style="red",
-                markup=False,
-            )
-            return 2
+        family = family_module(tts_family(model))
         with err.status("loading model"):
-            tm = load_tts(model, parse_options(args.option))
-        speech = prepare(tm, text, args.voice, args.language)
+            tm = family.load_tts(model, parse_options(args.option))
+        speech = family.prepare(tm, text, args.voice, args.language)
+        synthesize = family.synthesize
         samples = 0
         if args.stream:
             with wave.open(args.output, "wb") as w:

@@ -9,17 +9,16 @@ function of the request alone, the same streamed or not, whatever else runs betw
 
 import importlib
 import importlib.util
-import math
 import re
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mlxbackend import publish
-from mlxbackend.errors import Cancelled, EmptyOutput, InvalidInput, Precondition, Unsupported
+from mlxbackend.errors import Cancelled, EmptyOutput, InvalidInput, Precondition
+from mlxbackend.options import number_option
 from mlxbackend.tts import tts_family
+from mlxbackend.tts.wav import pcm16
 
 MAX_PHONEMES = 510  # Kokoro's context (512 positions) less its two boundary tokens
 CHUNK_CHARS = 400  # mlx-audio's KokoroPipeline: text chunks of up to 400 characters
@@ -89,10 +88,14 @@ class TtsModel:
     sample_rate: int
     packs: dict = field(default_factory=dict)  # voice file → its style pack (N, 1, 256)
     pipelines: dict = field(default_factory=dict)  # lang code → a quiet misaki KokoroPipeline
+    family: str = "kokoro"
 
     @property
     def key(self) -> str:
         return str(self.path)
+
+    def describe(self) -> str:
+        return f"Kokoro {self.path} ({self.sample_rate} Hz, {len(self.voice_names())} voices)"
 
     def voice_names(self) -> list:
         folder = self.path / "voices"
@@ -145,22 +148,8 @@ def settings_from(options: dict) -> Settings:
         s.voice = str(options["voice"]).strip()
     if str(options.get("lang_code", "")).strip():
         s.lang_code = language_code(str(options["lang_code"]))
-    if "speed" in options:
-        try:
-            s.speed = float(options["speed"])
-        except (TypeError, ValueError):
-            raise InvalidInput(
-                f"option speed: expected a number, got {options['speed']!r}"
-            ) from None
-        if not (math.isfinite(s.speed) and 0.1 <= s.speed <= 10):
-            raise InvalidInput(f"option speed: {s.speed} is out of range (0.1 to 10)")
-    if "seed" in options:
-        try:
-            s.seed = int(options["seed"])
-        except (TypeError, ValueError):
-            raise InvalidInput(
-                f"option seed: expected an integer, got {options['seed']!r}"
-            ) from None
+    s.speed = number_option(options, "speed", float, 0.1, 10, s.speed)
+    s.seed = number_option(options, "seed", int, default=s.seed)
     if "g2p" in options:
         s.g2p = str(options["g2p"]).strip().lower()
         if s.g2p not in G2P_CHOICES:
@@ -174,16 +163,8 @@ def load_tts(path: Path, options: dict) -> TtsModel:
     path = Path(path)
     if not path.is_dir():
         raise InvalidInput(f"{path} is not a TTS model folder (config.json, weights, voices/)")
-    family = tts_family(path)
-    if not family:
-        raise InvalidInput(
-            f"{path}/config.json names no mlx-audio TTS family this backend knows (Kokoro: a "
-            "config with istftnet and plbert, or model_type kokoro)"
-        )
-    if family != "kokoro":
-        raise Unsupported(
-            f"{path}: the mlx-audio TTS family {family!r} is not served yet (Kokoro is; issue 17)"
-        )
+    if tts_family(path) != "kokoro":
+        raise InvalidInput(f"{path}/config.json is not a Kokoro config (istftnet and plbert)")
     from mlx_audio.tts.utils import load_model
 
     try:
@@ -432,37 +413,3 @@ def synthesize(speech: Speech, is_cancelled=lambda: False):
                 f"Kokoro produced no finite audio for {graphemes[:80]!r} (voice {speech.voice})"
             )
         yield pcm16(audio)
-
-
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    """float [-1, 1] → int16, as mlx_audio.audio_io.write does (clip, × 32767, truncate)."""
-    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-
-
-# -- the WAV file ------------------------------------------------------------------------------
-def check_dst(dst: str) -> Path:
-    """dst must name a file in an existing folder (checked before any synthesis)."""
-    if not dst:
-        raise InvalidInput("TTS needs dst, the path of the WAV file to write")
-    target = Path(dst)
-    if target.is_dir():
-        raise InvalidInput(f"cannot write {dst}: it is a folder")
-    if not target.parent.is_dir():
-        raise InvalidInput(f"cannot write {dst}: the folder {target.parent} does not exist")
-    return target
-
-
-def write_wav(dst: str, chunks: list, sample_rate: int) -> None:
-    """PCM16 mono WAV, written atomically (publish.atomic_file): complete under its name, or
-    the previous file untouched. A full disk raises NoSpace."""
-    target = check_dst(dst)
-    try:
-        with publish.atomic_file(target) as f:
-            with wave.open(f, "wb") as w:
-                w.setnchannels(1)
-                w.setsampwidth(2)
-                w.setframerate(sample_rate)
-                for chunk in chunks:
-                    w.writeframes(chunk.tobytes())
-    except OSError as exc:
-        raise InvalidInput(f"cannot write {dst}: {exc.strerror or exc}") from None
