@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -118,6 +119,20 @@ def test_side_by_side_requests_keep_their_draws(server, soprano, tmp_path):
     np.testing.assert_array_equal(
         np.frombuffer(got["long"], dtype="<i2"), reference(soprano, long_text)
     )
+
+
+def test_free_aborts_a_stream_between_tokens(server, soprano):
+    """Free while a sentence is being generated ends the stream with ABORTED; Health is OK."""
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+    stream = server.stub.TTSStream(pb.TTSRequest(text=text), timeout=300)
+    assert json.loads(next(stream).message) == {"sample_rate": RATE}
+    assert next(stream).audio  # the first sentence; the second is under way
+    server.stub.Free(pb.HealthMessage(), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.ABORTED and "Free" in err.value.details()
+    assert server.healthy()
+    load(server, soprano, Options=OPTIONS)
 
 
 def test_bad_inputs(server, soprano, tmp_path):
