@@ -356,6 +356,29 @@ def test_model_that_cannot_fit_is_refused(trained_dir, server):
     assert server.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), ContextSize=4096)).success
 
 
+def test_wired_memory_limit(tiny_dir, server):
+    """Options wired_limit_bytes: checked at LoadModel; Status reports the limit in force and
+    whether Metal is there (without it nothing is wired: 0, whatever the Options say)."""
+    for bad in ("-1", "lots", "1.5"):
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.LoadModel(
+                pb.ModelOptions(Model=str(tiny_dir), Options=[f"wired_limit_bytes:{bad}"])
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "wired_limit_bytes" in err.value.details()
+    assert server.healthy()
+    server.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir), Options=["wired_limit_bytes:0"]))
+    status = server.stub.Status(pb.HealthMessage()).memory.breakdown
+    import mlx.core as mx
+
+    metal = mx.metal.is_available()
+    assert status["metal"] == int(metal) and status["wired_limit"] == 0
+    server.stub.LoadModel(pb.ModelOptions(Model=str(tiny_dir)))
+    status = server.stub.Status(pb.HealthMessage()).memory.breakdown
+    most = mx.device_info().get("max_recommended_working_set_size", 0) if metal else 0
+    assert status["wired_limit"] == most  # mlx-lm's choice on a Mac; 0 here
+
+
 def test_media_are_refused_not_dropped(trained_dir):
     """Media sent to a text-only model: INVALID_ARGUMENT naming the model and what was sent."""
     srv = Server()

@@ -62,6 +62,7 @@ class TextEngine:
     async def load(self, spec: LoadSpec) -> TextModel:
         tm = await self.worker.run(load_text_model, spec)
         await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
+        await self.worker.run(memory.apply_wired_limit, tm.options)  # Options wired_limit_bytes
         # the vocabulary scan behind the length check, done here rather than on the event loop
         # at the first request
         await asyncio.to_thread(chat.longest_token, tm.tokenizer)
@@ -335,7 +336,8 @@ class TextEngine:
         Each memory part is bounded by an Options budget: `kv_budget` (max_kv_bytes) for the KV of
         running requests, which reserve their worst case (`kv_reserved`); `prompt_cache_budget`
         (prompt_cache_bytes) and `prompt_cache_max_entries` (prompt_cache_entries) for the prefix
-        cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache. `requests_in_flight`,
+        cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache; `wired_limit`
+        (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0). `requests_in_flight`,
         `batch_slots` (sequences in continuous batches and solo runs) and `kv_reserved` are 0 once
         every request has ended; `process_rss` is the whole process, as the OS counts it."""
         import mlx.core as mx
@@ -353,6 +355,7 @@ class TextEngine:
             "prompt_cache_max_entries": int(options.get("prompt_cache_entries", prefix_cache.DEFAULT_ENTRIES)),
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
+            "wired_limit": memory.wired_limit(), "metal": int(memory.metal()),
             "process_rss": memory.process_rss(),
             **(tm.vision.status() if tm is not None and tm.vision is not None else {}),
         }  # fmt: skip

@@ -99,6 +99,52 @@ def mlx_cache_limit() -> int:
     return _cache_limit
 
 
+# Metal can wire (pin) a model's buffers so that macOS never pages them out between requests;
+# mlx-lm's generate wires up to the GPU's recommended working set. Options `wired_limit_bytes`
+# sets it (0 = nothing wired); without Metal (Linux, CPU) there is nothing to wire: 0, a no-op.
+_wired_limit: int | None = None
+
+
+def metal() -> bool:
+    import mlx.core as mx
+
+    return bool(mx.metal.is_available())
+
+
+def recommended_working_set() -> int:
+    """Metal's max_recommended_working_set_size, bytes (0 without Metal)."""
+    import mlx.core as mx
+
+    return int(mx.device_info().get("max_recommended_working_set_size", 0)) if metal() else 0
+
+
+def apply_wired_limit(options: dict) -> int:
+    """Set Metal's wired-memory limit from Options `wired_limit_bytes` (default: the recommended
+    working set, as mlx-lm does); returns the limit in force (0 without Metal)."""
+    import mlx.core as mx
+
+    global _wired_limit
+    most = recommended_working_set()
+    limit = options.get("wired_limit_bytes", most)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise InvalidInput(f"Options wired_limit_bytes must be an integer >= 0, got {limit!r}")
+    if metal() and limit > most:
+        raise InvalidInput(
+            f"Options wired_limit_bytes {limit} is above this Mac's recommended working set "
+            f"{most} (Metal refuses more)"
+        )
+    limit = limit if metal() else 0
+    if limit != _wired_limit:
+        mx.set_wired_limit(limit)
+        _wired_limit = limit
+    return limit
+
+
+def wired_limit() -> int:
+    """The wired-memory limit in force, bytes (0 without Metal or before any model)."""
+    return _wired_limit or 0
+
+
 def process_rss() -> int:
     """Resident memory of this process in bytes, from /proc (0 where there is none)."""
     try:
