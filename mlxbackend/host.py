@@ -64,6 +64,8 @@ class LoadRequest:
     clip_skip: int = 0
     low_vram: bool = False
     media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
+    cache_type_k: str = ""  # LocalAI's cache_type_k / cache_type_v (text/kv_quant.py)
+    cache_type_v: str = ""
     raw: object = None  # the LoadModel message itself, forwarded as is to a distributed rank 0
 
 
@@ -155,6 +157,8 @@ class ModelHost:
             options=options,
             type_hint=req.type,
             media_limits=dict(req.media_limits),
+            cache_type_k=req.cache_type_k,
+            cache_type_v=req.cache_type_v,
         )
         self.embed.configure(options)
         tm = await self.text.load(spec)
@@ -163,7 +167,8 @@ class ModelHost:
                 f"MLX vision-language model loaded successfully: {tm.path} "
                 f"({tm.vision.model_type}, accepts {', '.join(tm.vision.accepts) or 'text only'})"
             )
-        return f"MLX model loaded successfully: {tm.path}"
+        kv = f" (KV cache {tm.kv.label()})" if tm.kv is not None and tm.kv.quantized else ""
+        return f"MLX model loaded successfully: {tm.path}{kv}"
 
     # -- Free ---------------------------------------------------------------------------------
     async def free(self) -> str:

@@ -331,6 +331,8 @@ def load_request(request) -> LoadRequest:
             "video": request.LimitVideoPerPrompt,
             "audio": request.LimitAudioPerPrompt,
         },
+        cache_type_k=request.CacheTypeKey,
+        cache_type_v=request.CacheTypeValue,
         raw=request,
     )
 

@@ -159,7 +159,7 @@ class TextEngine:
                 f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later"
             )
         tokens = len(prompt.tokens) + token_budget(tm, prompt, req.max_tokens)
-        need = memory.kv_bytes(tm.config, tokens, memory.dtype_bytes(tm.config))
+        need = memory.kv_bytes(tm.config, tokens, memory.dtype_bytes(tm.config), tm.kv)
         if tm.kv_budget and self.kv_reserved + need > tm.kv_budget:
             raise OutOfMemory(
                 f"not enough memory for this request: its KV cache may need {need / 2**20:.0f} MiB "
@@ -337,7 +337,8 @@ class TextEngine:
         running requests, which reserve their worst case (`kv_reserved`); `prompt_cache_budget`
         (prompt_cache_bytes) and `prompt_cache_max_entries` (prompt_cache_entries) for the prefix
         cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache; `wired_limit`
-        (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0). `requests_in_flight`,
+        (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0);
+        `kv_key_bits` / `kv_value_bits` the quantized KV's widths (0 = the model's float KV). `requests_in_flight`,
         `batch_slots` (sequences in continuous batches and solo runs) and `kv_reserved` are 0 once
         every request has ended; `process_rss` is the whole process, as the OS counts it."""
         import mlx.core as mx
@@ -356,6 +357,8 @@ class TextEngine:
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "wired_limit": memory.wired_limit(), "metal": int(memory.metal()),
+            "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
+            "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,
             "process_rss": memory.process_rss(),
             **(tm.vision.status() if tm is not None and tm.vision is not None else {}),
         }  # fmt: skip

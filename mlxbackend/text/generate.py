@@ -102,7 +102,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
 
     tokens = mx.array(prompt.tokens)
     if tm.draft_model is not None and req.num_draft >= 0:
-        from mlx_lm.models.cache import make_prompt_cache
+        from mlxbackend.text.kv_quant import make_cache
 
         steps = speculative_generate_step(
             tokens,
@@ -112,7 +112,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
             max_tokens=budget,
             sampler=sampler,
             logits_processors=processors,
-            prompt_cache=cache + make_prompt_cache(tm.draft_model),
+            prompt_cache=cache + make_cache(tm.draft_model, tm.kv),
         )
         return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
     return _with_adapter(
@@ -216,10 +216,10 @@ class Decoder:
 
 def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_cache=None):
     """Solo path (draft models): yield Chunks, then one Finish."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlxbackend.text.kv_quant import make_cache
 
     budget = token_budget(tm, prompt, req.max_tokens)
-    cache = make_prompt_cache(tm.model)
+    cache = make_cache(tm.model, tm.kv)
     if on_cache:
         on_cache(cache)
     decoder = Decoder(tm, prompt, req)

@@ -27,14 +27,22 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def kv_bytes(config: dict, context: int, dtype_bytes: int) -> int:
-    """KV cache of one sequence filling `context` tokens."""
+def attention_shape(config: dict) -> tuple:
+    """(layers, KV heads, head dimension) of a model's config."""
     text = config.get("text_config", config)
     layers = text.get("num_hidden_layers") or text.get("n_layer") or 0
     heads = text.get("num_attention_heads") or 1
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads)
-    return 2 * layers * kv_heads * head_dim * context * dtype_bytes
+    return layers, kv_heads, head_dim
+
+
+def kv_bytes(config: dict, context: int, dtype_bytes: int, kv=None) -> int:
+    """KV cache of one sequence filling `context` tokens; `kv` a quantized KV type
+    (text/kv_quant.KvType), whose data, scales and biases are counted."""
+    layers, kv_heads, head_dim = attention_shape(config)
+    key, value = kv.bytes_per_element(dtype_bytes) if kv else (dtype_bytes, dtype_bytes)
+    return int(layers * kv_heads * head_dim * context * (key + value))
 
 
 def dtype_bytes(config: dict) -> int:
@@ -53,10 +61,10 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def check_fits(path: Path, config: dict, context: int):
+def check_fits(path: Path, config: dict, context: int, kv_type=None):
     """Raise OutOfMemory (RESOURCE_EXHAUSTED) when weights + KV for `context` cannot fit."""
     weights = weights_bytes(path)
-    kv = kv_bytes(config, context, dtype_bytes(config))
+    kv = kv_bytes(config, context, dtype_bytes(config), kv_type)
     free = available_bytes()
     if weights + kv > HEADROOM * free:
         raise OutOfMemory(

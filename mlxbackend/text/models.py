@@ -27,6 +27,8 @@ class LoadSpec:
     options: dict = field(default_factory=dict)
     type_hint: str = ""  # LoadModel's Type ("vlm" forces the vision-language path)
     media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
+    cache_type_k: str = ""  # ModelOptions CacheTypeKey / CacheTypeValue (text/kv_quant.py)
+    cache_type_v: str = ""
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TextModel:
     adapter_names: tuple = ()
     kv_budget: int = 0  # bytes of KV that running requests may reserve (text/memory.py)
     vision: object = None  # a vision-language model's media parts (vision/load.py), or None
+    kv: object = None  # the KV cache type (text/kv_quant.KvType); None = the model's float KV
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -154,13 +157,21 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     """Load a model folder into memory; raises NotFound / InvalidInput with clear messages."""
     from mlx_lm.utils import load
 
+    from mlxbackend.text.kv_quant import check_model, kv_type
+
+    kv = kv_type(spec.cache_type_k, spec.cache_type_v, spec.options)
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     raw_config = read_config(path)
     context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
     if spec.options.get("memory_check", True) is not False:
-        check_fits(path, raw_config, int(context))
+        check_fits(path, raw_config, int(context), kv)
     budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
     if is_vision_model(path, raw_config, spec.type_hint):
+        if kv.quantized:
+            raise InvalidInput(
+                f"a quantized KV cache ({kv.label()}) is not available for vision-language "
+                "models yet: leave cache_type_k / cache_type_v unset (f16) for this one"
+            )
         return _load_vision_model(spec, path, int(context), budget)
     model, tokenizer, config = load(
         str(path),
@@ -195,6 +206,8 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         )
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
+        check_model(kv, draft, read_config(draft_path))
+    check_model(kv, model, config)
     return TextModel(
         model,
         tokenizer,
@@ -207,6 +220,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         switch=switch,
         adapter_names=tuple(hot),
         kv_budget=budget,
+        kv=kv,
     )
 
 

@@ -78,8 +78,12 @@ def nbytes(tm: TextModel | None) -> int:
 
 
 def _fingerprint(tm: TextModel, adapter: str) -> str:
-    """What the cached KV depends on: the weights, the fused adapters, the hot-swapped one."""
-    return json.dumps([str(tm.path), [list(a) for a in tm.adapters], adapter])
+    """What the cached KV depends on: the weights, the fused adapters, the hot-swapped one, and
+    the KV type (a quantized KV is not the float one)."""
+    key = [str(tm.path), [list(a) for a in tm.adapters], adapter]
+    if tm.kv is not None and tm.kv.quantized:
+        key.append(tm.kv.label())
+    return json.dumps(key)
 
 
 def _folder(tm: TextModel):
