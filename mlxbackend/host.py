@@ -167,8 +167,12 @@ class ModelHost:
                 f"MLX vision-language model loaded successfully: {tm.path} "
                 f"({tm.vision.model_type}, accepts {', '.join(tm.vision.accepts) or 'text only'})"
             )
-        kv = f" (KV cache {tm.kv.label()})" if tm.kv is not None and tm.kv.quantized else ""
-        return f"MLX model loaded successfully: {tm.path}{kv}"
+        facts = [f"context {tm.context_size} tokens"]
+        if tm.kv is not None and tm.kv.quantized:
+            facts.append(f"KV cache {tm.kv.label()}")
+        if tm.max_kv_size:
+            facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
+        return f"MLX model loaded successfully: {tm.path} ({'; '.join(facts)})"
 
     # -- Free ---------------------------------------------------------------------------------
     async def free(self) -> str:

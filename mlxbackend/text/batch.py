@@ -47,10 +47,11 @@ class BatchDriver:
         else:
             cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
             decoder.cached_tokens = len(cached)
-            if cache is None and tm.kv is not None and tm.kv.quantized:
+            if cache is None and (tm.max_kv_size or (tm.kv is not None and tm.kv.quantized)):
                 from mlxbackend.text.kv_quant import make_cache
 
-                cache = make_cache(tm.model, tm.kv)  # mlx-lm would make a float one
+                # mlx-lm would make a float one, not rotating where the model has make_cache
+                cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
         (uid,) = self.gen.insert(
             [rest],
             max_tokens=[token_budget(tm, prompt, req.max_tokens)],

@@ -159,6 +159,8 @@ class TextEngine:
                 f"too many requests in flight ({self.inflight}, max_queue {limit}); retry later"
             )
         tokens = len(prompt.tokens) + token_budget(tm, prompt, req.max_tokens)
+        if tm.max_kv_size:
+            tokens = min(tokens, tm.max_kv_size)  # a rotating cache never holds more
         need = memory.kv_bytes(tm.config, tokens, memory.dtype_bytes(tm.config), tm.kv)
         if tm.kv_budget and self.kv_reserved + need > tm.kv_budget:
             raise OutOfMemory(
@@ -357,6 +359,8 @@ class TextEngine:
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "wired_limit": memory.wired_limit(), "metal": int(memory.metal()),
+            "context_size": tm.context_size if tm is not None else 0,
+            "max_kv_size": tm.max_kv_size if tm is not None else 0,
             "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
             "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,
             "process_rss": memory.process_rss(),

@@ -72,6 +72,12 @@ def token_budget(tm: TextModel, prompt: Prompt, max_tokens: int) -> int:
     """Tokens this request may generate; rejects prompts that do not fit the context."""
     if max_tokens < 0:
         raise InvalidInput(f"Tokens must be >= 0 (0 = no limit), got {max_tokens}")
+    if tm.max_kv_size and len(prompt.tokens) > tm.max_kv_size:
+        raise InvalidInput(
+            f"prompt is {len(prompt.tokens)} tokens, more than the rotating KV cache holds "
+            f"(Options max_kv_size {tm.max_kv_size}): its start would be dropped before it is "
+            "read; shorten it or raise max_kv_size"
+        )
     room = tm.context_size - len(prompt.tokens)
     if room <= 0:
         raise InvalidInput(
@@ -112,7 +118,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
             max_tokens=budget,
             sampler=sampler,
             logits_processors=processors,
-            prompt_cache=cache + make_cache(tm.draft_model, tm.kv),
+            prompt_cache=cache + make_cache(tm.draft_model, tm.kv, tm.max_kv_size),
         )
         return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
     return _with_adapter(
@@ -219,7 +225,7 @@ def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_
     from mlxbackend.text.kv_quant import make_cache
 
     budget = token_budget(tm, prompt, req.max_tokens)
-    cache = make_cache(tm.model, tm.kv)
+    cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
     if on_cache:
         on_cache(cache)
     decoder = Decoder(tm, prompt, req)

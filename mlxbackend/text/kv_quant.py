@@ -118,7 +118,7 @@ def check_model(kv: KvType, model, config: dict) -> None:
 
     if not kv.quantized:
         return
-    kinds = {type(c).__name__ for c in mlx_cache.make_prompt_cache(model)}
+    kinds = plain_layers(model)
     if kinds != {"KVCache"}:
         raise InvalidInput(
             f"a quantized KV cache ({kv.label()}) needs plain KV caches; this model uses "
@@ -143,8 +143,17 @@ def check_model(kv: KvType, model, config: dict) -> None:
         )
 
 
-def make_cache(model, kv: KvType | None) -> list:
-    """A fresh per-layer cache for one sequence (mlx-lm's own when the KV is not quantized)."""
+def plain_layers(model) -> set:
+    """The cache classes the model's layers use by default ({"KVCache"} for plain attention)."""
+    return {type(c).__name__ for c in mlx_cache.make_prompt_cache(model)}
+
+
+def make_cache(model, kv: KvType | None, max_kv_size: int = 0) -> list:
+    """A fresh per-layer cache for one sequence: quantized, rotating (max_kv_size tokens, the
+    first 4 kept, as mlx-lm's make_prompt_cache would make it for a model without its own
+    make_cache — llama's has one, so mlx-lm ignores max_kv_size there), or the model's own."""
+    if max_kv_size:
+        return [mlx_cache.RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
     if kv is None or not kv.quantized:
         return mlx_cache.make_prompt_cache(model)
     return [QuantKVCache(kv) for _ in range(len(model.layers))]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlxbackend.default_model import platform_layout
 from mlxbackend.errors import InvalidInput, NotFound
-from mlxbackend.text.memory import check_fits, kv_budget
+from mlxbackend.text.memory import check_fits, kv_budget, largest_context
 from mlxbackend.vision.load import is_vision_model
 
 DEFAULT_CONTEXT = 4096
@@ -49,6 +49,7 @@ class TextModel:
     kv_budget: int = 0  # bytes of KV that running requests may reserve (text/memory.py)
     vision: object = None  # a vision-language model's media parts (vision/load.py), or None
     kv: object = None  # the KV cache type (text/kv_quant.KvType); None = the model's float KV
+    max_kv_size: int = 0  # > 0: a rotating KV cache of this many tokens (Options max_kv_size)
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -157,16 +158,24 @@ def load_text_model(spec: LoadSpec) -> TextModel:
     """Load a model folder into memory; raises NotFound / InvalidInput with clear messages."""
     from mlx_lm.utils import load
 
-    from mlxbackend.text.kv_quant import check_model, kv_type
+    from mlxbackend.text.kv_quant import check_model, kv_type, plain_layers
 
     kv = kv_type(spec.cache_type_k, spec.cache_type_v, spec.options)
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     raw_config = read_config(path)
+    max_kv_size = kv_window(spec.options, kv)
     context = spec.context_size or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT
-    if spec.options.get("memory_check", True) is not False:
-        check_fits(path, raw_config, int(context), kv)
+    checked = spec.options.get("memory_check", True) is not False
+    if not spec.context_size and checked and not max_kv_size:  # the most that fits, up to it
+        context = largest_context(path, raw_config, int(context), kv)
+    elif checked:
+        check_fits(path, raw_config, min(int(context), max_kv_size or int(context)), kv)
     budget = kv_budget(path, raw_config, spec.options)  # measured before the weights arrive
     if is_vision_model(path, raw_config, spec.type_hint):
+        if max_kv_size:
+            raise InvalidInput(
+                "Options max_kv_size is not available for vision-language models yet"
+            )
         if kv.quantized:
             raise InvalidInput(
                 f"a quantized KV cache ({kv.label()}) is not available for vision-language "
@@ -208,6 +217,11 @@ def load_text_model(spec: LoadSpec) -> TextModel:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
         check_model(kv, draft, read_config(draft_path))
     check_model(kv, model, config)
+    if max_kv_size and plain_layers(model) != {"KVCache"}:
+        raise InvalidInput(
+            "Options max_kv_size: this model lays out its own caches (sliding-window or "
+            "recurrent layers), which a rotating KV cache would replace; leave it unset"
+        )
     return TextModel(
         model,
         tokenizer,
@@ -221,6 +235,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         adapter_names=tuple(hot),
         kv_budget=budget,
         kv=kv,
+        max_kv_size=max_kv_size,
     )
 
 
@@ -239,6 +254,22 @@ def _load_vision_model(spec: LoadSpec, path: Path, context: int, budget: int) ->
         model, tokenizer, config, path, context, options=dict(spec.options), kv_budget=budget,
         vision=parts,
     )  # fmt: skip
+
+
+def kv_window(options: dict, kv) -> int:
+    """Options max_kv_size (LocalAI's MLX backends' key): a rotating KV cache of that many
+    tokens (mlx-lm's RotatingKVCache, keeping the first 4); 0 = none."""
+    size = options.get("max_kv_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidInput(f"Options max_kv_size must be an integer >= 0, got {size!r}")
+    if size and size < 16:
+        raise InvalidInput(f"Options max_kv_size {size} is too small (at least 16 tokens)")
+    if size and kv.quantized:
+        raise InvalidInput(
+            "Options max_kv_size (a rotating KV cache) cannot be combined with a quantized KV "
+            "cache yet: choose one"
+        )
+    return size
 
 
 def model_dir(model: str, model_file: str = "", model_path: str = "") -> Path:
