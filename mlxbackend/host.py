@@ -172,6 +172,8 @@ class ModelHost:
             facts.append(f"KV cache {tm.kv.label()}")
         if tm.max_kv_size:
             facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
+        if tm.warmed:
+            facts.append(f"{tm.warmed.prompts} warm prompts, {tm.warmed.tokens} tokens prefilled")
         return f"MLX model loaded successfully: {tm.path} ({'; '.join(facts)})"
 
     # -- Free ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from mlxbackend.errors import (
     OutOfMemory,
     Overloaded,
 )
-from mlxbackend.text import chat, memory, prefix_cache
+from mlxbackend.text import chat, memory, prefix_cache, warm
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
@@ -25,6 +25,15 @@ from mlxbackend.worker import Job, Worker, pause
 
 log = logging.getLogger("mlxbackend.text")
 DEFAULT_MAX_QUEUE = 1024
+# Status counters of finished requests since start: prompt tokens served from the prefix cache
+# in RAM and computed, and how many requests had a hit
+SERVED_COUNTERS = (
+    "requests_finished",
+    "prompt_tokens_total",
+    "prompt_tokens_from_ram",
+    "prompt_tokens_computed",
+    "prompt_cache_hits",
+)
 
 
 @dataclass
@@ -55,14 +64,18 @@ class TextEngine:
         self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
+        self.served = dict.fromkeys(SERVED_COUNTERS, 0)  # since start (Status)
         self.inflight = 0  # admitted requests (event-loop side)
         self.kv_reserved = 0  # worst-case KV bytes those requests may use
 
     # -- lifecycle (called by the host only) ----------------------------------------------------
     async def load(self, spec: LoadSpec) -> TextModel:
+        sources = await asyncio.to_thread(warm.warm_sources, spec.options, spec.model_path)
         tm = await self.worker.run(load_text_model, spec)
         await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
         await self.worker.run(memory.apply_wired_limit, tm.options)  # Options wired_limit_bytes
+        if sources:  # Options warm_prompt[.name]: into the prefix cache before the first request
+            tm.warmed = await self.worker.run(warm.prefill_all, tm, sources)
         # the vocabulary scan behind the length check, done here rather than on the event loop
         # at the first request
         await asyncio.to_thread(chat.longest_token, tm.tokenizer)
@@ -223,6 +236,11 @@ class TextEngine:
 
     def record(self, finish: Finish):
         secs = finish.generation_ms / 1000
+        self.served["prompt_tokens_total"] += finish.prompt_tokens
+        self.served["prompt_tokens_from_ram"] += finish.cached
+        self.served["prompt_tokens_computed"] += finish.prompt_tokens - finish.cached
+        self.served["prompt_cache_hits"] += 1 if finish.cached else 0
+        self.served["requests_finished"] += 1
         self.last = Metrics(
             tokens_per_second=(finish.generated - 1) / secs
             if secs > 0 and finish.generated > 1
@@ -360,6 +378,8 @@ class TextEngine:
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "wired_limit": memory.wired_limit(), "metal": int(memory.metal()),
             "context_size": tm.context_size if tm is not None else 0,
+            "warm_prompt_tokens": tm.warmed.tokens if tm is not None and tm.warmed else 0,
+            **self.served,
             "max_kv_size": tm.max_kv_size if tm is not None else 0,
             "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
             "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,
