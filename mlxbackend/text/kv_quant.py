@@ -32,6 +32,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import _BaseCache, create_attention_mask, create_causal_mask, dynamic_roll
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text.memory import attention_shape
 
 FLOAT_TYPES = ("", "f32", "f16", "bf16", "fp16", "fp32", "float16", "float32", "bfloat16")
 QUANT_TYPES = {
@@ -114,8 +115,6 @@ def kv_type(cache_type_k: str, cache_type_v: str, options: dict) -> KvType:
 
 def check_model(kv: KvType, model, config: dict) -> None:
     """The model must use plain KV caches, with a head dimension the group divides."""
-    from mlxbackend.text.memory import attention_shape
-
     if not kv.quantized:
         return
     kinds = plain_layers(model)
@@ -198,9 +197,25 @@ def _write(store: tuple, new: tuple, start: int, end: int) -> None:
 
 
 class _QuantStores:
-    """What both caches share: the KV type, and how fetched keys and values look."""
+    """What both caches share: the KV type, the stores' growth, and how fetched keys and values
+    look."""
 
     kv: KvType
+    step = 256
+
+    def _append(self, keys, values, start: int) -> int:
+        """Quantize keys and values and write them from position `start`; returns the end."""
+        k, v = self._encode_kv(keys, values)
+        end = start + keys.shape[2]
+        self.keys = _grow(self.keys, k, start, self.step)
+        self.values = _grow(self.values, v, start, self.step)
+        _write(self.keys, k, start, end)
+        _write(self.values, v, start, end)
+        return end
+
+    def _upto(self, n: int) -> tuple:
+        """The stores' first n positions (keys, values)."""
+        return tuple(a[..., :n, :] for a in self.keys), tuple(a[..., :n, :] for a in self.values)
 
     def _set_type(self, kv: KvType):
         self.kv = kv
@@ -240,26 +255,14 @@ class _QuantStores:
 class QuantKVCache(_QuantStores, _BaseCache):
     """One sequence's quantized KV (mlx-lm's QuantizedKVCache, keys and values apart)."""
 
-    step = 256
-
     def __init__(self, kv: KvType):
         self.keys = self.values = None
         self.offset = 0
         self._set_type(kv)
 
     def update_and_fetch(self, keys, values):
-        k, v = self._encode_kv(keys, values)
-        prev = self.offset
-        self.keys = _grow(self.keys, k, prev, self.step)
-        self.values = _grow(self.values, v, prev, self.step)
-        self.offset += keys.shape[2]
-        _write(self.keys, k, prev, self.offset)
-        _write(self.values, v, prev, self.offset)
-        return self._fetch(*self._used())
-
-    def _used(self) -> tuple:
-        n = self.offset
-        return tuple(a[..., :n, :] for a in self.keys), tuple(a[..., :n, :] for a in self.values)
+        self.offset = self._append(keys, values, self.offset)
+        return self._fetch(*self._upto(self.offset))
 
     def size(self) -> int:
         return self.offset
@@ -278,7 +281,7 @@ class QuantKVCache(_QuantStores, _BaseCache):
         kind = (kv.key_bits, kv.value_bits, kv.group_size, int(kv.rotate))
         if self.keys is None:
             return [], [], 0, *kind
-        keys, values = self._used()
+        keys, values = self._upto(self.offset)
         return list(keys), list(values), self.offset, *kind
 
     @state.setter
@@ -296,8 +299,6 @@ class QuantKVCache(_QuantStores, _BaseCache):
 class BatchQuantKVCache(_QuantStores, _BaseCache):
     """mlx-lm's BatchKVCache (left-padded rows, one shared write index) on quantized stores."""
 
-    step = 256
-
     def __init__(self, left_padding: list, kv: KvType):
         self.keys = self.values = None
         self.left_padding = mx.array(left_padding)
@@ -307,18 +308,9 @@ class BatchQuantKVCache(_QuantStores, _BaseCache):
         self._set_type(kv)
 
     def update_and_fetch(self, keys, values):
-        k, v = self._encode_kv(keys, values)
-        prev = self._idx
-        self.keys = _grow(self.keys, k, prev, self.step)
-        self.values = _grow(self.values, v, prev, self.step)
+        self._idx = self._append(keys, values, self._idx)
         self.offset = self.offset + keys.shape[2]
-        self._idx += keys.shape[2]
-        _write(self.keys, k, prev, self._idx)
-        _write(self.values, v, prev, self._idx)
-        return self._fetch(
-            tuple(a[..., : self._idx, :] for a in self.keys),
-            tuple(a[..., : self._idx, :] for a in self.values),
-        )
+        return self._fetch(*self._upto(self._idx))
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
         if left_padding is not None:

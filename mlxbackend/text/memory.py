@@ -65,11 +65,11 @@ def largest_context(path: Path, config: dict, limit: int, kv_type=None) -> int:
     """ContextSize 0: the most tokens (up to `limit`, the model's own) whose KV fits in what is
     left of available memory (with headroom) after the weights, with this KV type."""
     per_token = kv_bytes(config, 1, dtype_bytes(config), kv_type) or 1
-    room = int(HEADROOM * available_bytes()) - weights_bytes(path)
-    fits = max(room, 0) // per_token
+    weights = weights_bytes(path)
+    fits = max(int(HEADROOM * available_bytes()) - weights, 0) // per_token
     if fits < MIN_CONTEXT:
         raise OutOfMemory(
-            f"model does not fit: after its weights ({weights_bytes(path) / 2**30:.2f} GiB) "
+            f"model does not fit: after its weights ({weights / 2**30:.2f} GiB) "
             f"there is room for the KV of {fits} tokens, fewer than {MIN_CONTEXT}; use a smaller "
             "or quantized model, or a quantized KV cache (cache_type_k / cache_type_v)"
         )
