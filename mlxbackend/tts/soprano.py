@@ -94,25 +94,19 @@ def settings_from(options: dict) -> Settings:
 
 
 # -- loading (worker thread) --------------------------------------------------------------------
-def decoder_sizes(path: Path, config: dict) -> dict:
+def decoder_sizes(path: Path, config: dict, weights: dict) -> dict:
     """The decoder's sizes: from config.json where it says them (Soprano-80M's flat fields),
-    else from the weights' shapes. mlx-audio guesses them from the folder's name ("soprano-1.1"
-    or not), which a renamed folder gets wrong."""
-    import mlx.core as mx
-
+    else from the shapes of the folder's weights. mlx-audio guesses them from the folder's name
+    ("soprano-1.1" or not), which a renamed folder gets wrong."""
     sizes = {k: config[k] for k in DECODER_FIELDS if k in config}
     if "decoder_dim" in sizes:
         return sizes
-    shapes = {}
-    for file in sorted(path.glob("*.safetensors")):
-        for name, array in mx.load(str(file)).items():
-            if name.startswith("decoder."):
-                shapes[name] = array.shape
-    embed = shapes.get("decoder.decoder.embed.weight")  # (dim, kernel, hidden) in MLX layout
-    pw1 = shapes.get("decoder.decoder.convnext.0.pwconv1.weight")  # (intermediate, dim)
+    embed = weights.get("decoder.decoder.embed.weight")  # (dim, kernel, hidden) in MLX layout
+    pw1 = weights.get("decoder.decoder.convnext.0.pwconv1.weight")  # (intermediate, dim)
     if embed is None or pw1 is None:
         raise InvalidInput(f"{path}: no Soprano decoder weights (decoder.decoder.embed.weight)")
-    layers = {n.split(".")[3] for n in shapes if n.startswith("decoder.decoder.convnext.")}
+    embed, pw1 = embed.shape, pw1.shape
+    layers = {n.split(".")[3] for n in weights if n.startswith("decoder.decoder.convnext.")}
     return {
         **sizes,
         "decoder_dim": embed[0],
@@ -133,14 +127,15 @@ def load_tts(path: Path, options: dict) -> TtsModel:
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
-        sizes = decoder_sizes(path, config)
+        weights = load_weights(path)  # read once: sized from, then loaded
+        sizes = decoder_sizes(path, config, weights)
         model_config = soprano.ModelConfig.from_dict(
             {"model_type": "soprano", **config, "model_path": None}
         )
         for key, value in sizes.items():
             setattr(model_config.decoder_config, key, int(value))
         model = soprano.Model(model_config)
-        weights = model.sanitize(load_weights(path))
+        weights = model.sanitize(weights)
         apply_quantization(model, config, weights, getattr(model, "model_quant_predicate", None))
         model.load_weights(list(weights.items()), strict=True)
         mx.eval(model.parameters())
