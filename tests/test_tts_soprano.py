@@ -139,6 +139,7 @@ def test_bad_inputs(server, soprano, tmp_path):
     ok = str(tmp_path / "x.wav")
     cases = [
         (pb.TTSRequest(text="", dst=ok), "empty"),
+        (pb.TTSRequest(text="... !", dst=ok), "nothing to speak"),
         (pb.TTSRequest(text="Hi.", dst=ok, voice="af_heart"), "one built-in voice"),
         (pb.TTSRequest(text="Hi.", dst=ok, language="fr"), "English only"),
         (pb.TTSRequest(text="Hi.", dst=str(tmp_path / "no" / "x.wav")), "does not exist"),

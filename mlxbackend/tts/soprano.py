@@ -23,6 +23,8 @@ from mlxbackend.options import number_option
 from mlxbackend.tts.wav import pcm16
 from mlxbackend.worker import pause
 
+# mlx-audio's _preprocess_text wraps each sentence in these markers
+PROMPT_START, PROMPT_END = "[STOP][TEXT]", "[START]"
 ENGLISH = ("", "a", "en", "en-us", "en-gb", "english")  # Soprano speaks English only
 DECODER_FIELDS = (  # mlx-audio's DecoderConfig fields, which its loader reads from the path name
     "decoder_num_layers",
@@ -166,7 +168,8 @@ def prepare(tm: TtsModel, text: str, voice: str = "", language: str = "") -> Spe
         if line.strip()
         for prompt, _, _ in tm.model._preprocess_text([line])
     ]
-    if not any(re.search(r"\w", p.removeprefix("[STOP][TEXT]")) for p in prompts):
+    said = (p.removeprefix(PROMPT_START).removesuffix(PROMPT_END) for p in prompts)
+    if not any(re.search(r"\w", s) for s in said):  # the markers themselves are words
         raise InvalidInput(f"nothing to speak in {text[:80]!r}")
     return Speech(tm, prompts, "soprano", "en", tm.settings)
 
