@@ -21,6 +21,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 
 
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m mlxbackend ARGS` from the checkout, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlxbackend", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "400"},  # rich: no line wrapping inside a message
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

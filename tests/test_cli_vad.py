@@ -2,28 +2,19 @@
 equal to the silero-vad package's own reference on the same samples; clear errors, exit code 1."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import wave
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 from tests.test_vad import RATE, SENTENCES, assert_close, reference, say, silero_data
 
 
 def vad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "vad", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "400"},  # rich: no line wrapping inside a message
-    )
+    return run_cli("vad", *args, timeout=180)
 
 
 @pytest.fixture(scope="module")

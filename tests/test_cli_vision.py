@@ -1,14 +1,12 @@
 """`mlxbackend chat "question" --image FILE` against a running backend: a tiny random VLM answers,
 a text-only model refuses the image naming itself, a missing file is a clear error."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
-from tests.conftest import ROOT, Server
+from tests.conftest import Server, run_cli
 from tests.tiny_vlm import FAMILIES
 
 QUESTION = "What is in this picture?"
@@ -24,14 +22,7 @@ def write_png(path):
 
 
 def chat(addr: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "chat", "--addr", addr, "--max-tokens", "8", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "400"},  # rich: no line wrapping inside a message
-    )
+    return run_cli("chat", "--addr", addr, "--max-tokens", "8", *args, timeout=180)
 
 
 def served(folder) -> Server:

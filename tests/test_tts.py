@@ -7,9 +7,6 @@ One synthesis of the tiny model takes about 3 s per short segment on 2 CPU cores
 two-word texts and few calls."""
 
 import json
-import os
-import subprocess
-import sys
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
-from tests.conftest import ROOT, Server
+from tests.conftest import Server, run_cli
 
 TEXT = "Hi.\nBye!"  # two segments (one per line), as mlx-audio's Kokoro splits them
 PHONEMES = ["hˈI.", "bˈI!"]  # misaki's espeak mapping (EspeakFallback, en-us) of each line
@@ -231,26 +228,8 @@ def test_free_aborts_a_stream(server, kokoro):
 def test_cli_streams_the_same_speech(kokoro, tmp_path):
     """`mlxbackend tts … --stream` (local, no server) writes the same samples as mlx-audio."""
     out = tmp_path / "cli.wav"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxbackend",
-            "tts",
-            TEXT,
-            "-o",
-            str(out),
-            "--model",
-            str(kokoro),
-            "--voice",
-            "af_tiny",
-            "--stream",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "400"},
+    done = run_cli(
+        "tts", TEXT, "-o", str(out), "--model", str(kokoro), "--voice", "af_tiny", "--stream"
     )
     assert done.returncode == 0, done.stderr
     assert "2 segments" in done.stderr
@@ -259,26 +238,7 @@ def test_cli_streams_the_same_speech(kokoro, tmp_path):
     ref = reference(kokoro, PHONEMES, kokoro / "voices" / "af_tiny.safetensors")
     np.testing.assert_array_equal(frames, ref)
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlxbackend",
-            "tts",
-            "Hi.",
-            "-o",
-            str(out),
-            "--model",
-            str(kokoro),
-            "--voice",
-            "nope",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "400"},
-    )
+    bad = run_cli("tts", "Hi.", "-o", str(out), "--model", str(kokoro), "--voice", "nope")
     assert bad.returncode == 1 and "unknown voice 'nope'" in bad.stderr, bad.stderr
 
 

@@ -4,10 +4,7 @@ sentences streamed as they are made; requests side by side keep their own random
 inputs; the CLI."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
-from tests.conftest import ROOT, Server
+from tests.conftest import Server, run_cli
 from tests.test_tts import load, read_wav, status
 
 RATE = 32000
@@ -166,16 +163,8 @@ def test_bad_inputs(server, soprano, tmp_path):
 def test_cli_speaks_the_same(soprano, tmp_path):
     """`mlxbackend tts … --model <Soprano folder> --stream` writes the same samples."""
     out = tmp_path / "cli.wav"
-    done = subprocess.run(
-        [sys.executable, "-m", "mlxbackend", "tts", TEXT, "-o", str(out), "--model", str(soprano)]
-        + [f"--option={o}" for o in OPTIONS]
-        + ["--stream"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "400"},
-    )
+    options = [f"--option={o}" for o in OPTIONS]
+    done = run_cli("tts", TEXT, "-o", str(out), "--model", str(soprano), *options, "--stream")
     assert done.returncode == 0, done.stderr
     assert "3 segments" in done.stderr
     params, frames = read_wav(out)

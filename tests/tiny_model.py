@@ -280,19 +280,24 @@ def train_tokenizer() -> Tokenizer:
     return tok
 
 
-def tokenizer_config(tok: Tokenizer) -> dict:
-    """Return the contents of tokenizer_config.json."""
-    added = {
+def added_tokens_decoder(tok: Tokenizer, tokens: list, special: list) -> dict:
+    """tokenizer_config.json's `added_tokens_decoder` for these added tokens."""
+    return {
         str(tok.token_to_id(t)): {
             "content": t,
             "lstrip": False,
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": t in SPECIAL_TOKENS,
+            "special": t in special,
         }
-        for t in SPECIAL_TOKENS + EXTRA_TOKENS
+        for t in tokens
     }
+
+
+def tokenizer_config(tok: Tokenizer) -> dict:
+    """Return the contents of tokenizer_config.json."""
+    added = added_tokens_decoder(tok, SPECIAL_TOKENS + EXTRA_TOKENS, SPECIAL_TOKENS)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,

@@ -22,6 +22,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tests.tiny_model import added_tokens_decoder
+
 SPECIAL = ["[STOP]", "[TEXT]", "[START]"]
 CORPUS = """Hello there, how are you today?
 The quick brown fox jumps over the lazy dog.
@@ -93,20 +95,9 @@ def config(tok: Tokenizer, sizes: dict) -> dict:
 
 def write_tokenizer(out: Path, tok: Tokenizer) -> None:
     tok.save(str(out / "tokenizer.json"))
-    added = {
-        str(tok.token_to_id(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in SPECIAL
-    }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
+        "added_tokens_decoder": added_tokens_decoder(tok, SPECIAL, SPECIAL),
         "pad_token": "[STOP]",
         "bos_token": None,
         "eos_token": None,
