@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +72,8 @@ def make_audio(path: Path, seconds: float) -> str:
     """A 16 kHz mono WAV of about `seconds`: espeak-ng speech if present, else a chirp."""
     import numpy as np
 
+    from mlxbackend.tts.wav import pcm16, write_wav
+
     rate = 16000
     espeak = shutil.which("espeak-ng")
     if espeak:
@@ -91,12 +92,7 @@ def make_audio(path: Path, seconds: float) -> str:
         samples = 0.4 * np.sin(2 * np.pi * np.cumsum(freq) / rate)
         samples += 0.02 * np.random.default_rng(0).standard_normal(len(t))
         kind = "chirp"
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+    write_wav(str(path), [pcm16(samples)], rate)
     return kind
 
 

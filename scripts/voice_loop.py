@@ -47,14 +47,9 @@ UTTERANCES = ["Hello there.", "What is the capital of France?"]
 
 
 def write_wav16k(path: Path, samples) -> None:
-    import numpy as np
+    from mlxbackend.tts.wav import pcm16, write_wav
 
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
+    write_wav(str(path), [pcm16(samples)], RATE)
 
 
 def speak_input(path: Path, work: Path) -> str:

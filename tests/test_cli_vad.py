@@ -4,11 +4,11 @@ equal to the silero-vad package's own reference on the same samples; clear error
 import json
 import shutil
 import subprocess
-import wave
 
 import numpy as np
 import pytest
 
+from mlxbackend.tts.wav import pcm16, write_wav
 from tests.conftest import run_cli
 from tests.test_vad import RATE, SENTENCES, assert_close, reference, say, silero_data
 
@@ -27,13 +27,8 @@ def wav(tmp_path_factory):
     parts = [np.zeros(RATE // 2, np.float32)]
     for text in SENTENCES[:2]:
         parts += [say(text, folder), rng.normal(0, 0.003, RATE).astype(np.float32)]
-    pcm = (np.clip(np.concatenate(parts), -1, 1) * 32767).astype("<i2")
     path = folder / "speech.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
+    write_wav(str(path), [pcm16(np.concatenate(parts))], RATE)
     return path
 
 
