@@ -357,10 +357,12 @@ class TextEngine:
         running requests, which reserve their worst case (`kv_reserved`); `prompt_cache_budget`
         (prompt_cache_bytes) and `prompt_cache_max_entries` (prompt_cache_entries) for the prefix
         cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache; `wired_limit`
-        (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0);
-        `kv_key_bits` / `kv_value_bits` the quantized KV's widths (0 = the model's float KV). `requests_in_flight`,
-        `batch_slots` (sequences in continuous batches and solo runs) and `kv_reserved` are 0 once
-        every request has ended; `process_rss` is the whole process, as the OS counts it."""
+        (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0).
+        The model's shape of KV: `context_size`, `max_kv_size` (0 = not rotating),
+        `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `warm_prompt_tokens`; and
+        the SERVED_COUNTERS since start. `requests_in_flight`, `batch_slots` (sequences in
+        continuous batches and solo runs) and `kv_reserved` are 0 once every request has ended;
+        `process_rss` is the whole process, as the OS counts it."""
         import mlx.core as mx
 
         tm = self.current
