@@ -48,10 +48,22 @@ def small_fs(tmp_path):
 
 
 def shrink(mnt: Path, leave: int = PAGE):
-    """Remount `mnt` to its current use plus `leave` bytes: the next sizeable write fails."""
-    st = os.statvfs(mnt)
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    subprocess.run(["mount", "-o", f"remount,size={used + leave}", str(mnt)], check=True)
+    """Remount `mnt` to its current use plus `leave` bytes: the next sizeable write fails.
+
+    A job may still be writing: tmpfs refuses a size below what is used by then ("bad option"),
+    so measure again and retry."""
+    for _ in range(50):
+        st = os.statvfs(mnt)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        r = subprocess.run(
+            ["mount", "-o", f"remount,size={used + leave}", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode == 0:
+            break
+    else:
+        raise AssertionError(f"cannot shrink {mnt}: {r.stderr.strip()}")
     free = os.statvfs(mnt).f_bavail * st.f_frsize
     assert free <= leave + PAGE, free
 
@@ -117,10 +129,16 @@ def test_checkpoint(srv, small_fs, tiny_dir, dataset):
     every listed checkpoint is complete and loads, nothing else is left."""
     out = small_fs / "ft"
     job = finetune(srv, tiny_dir, dataset, out, "full-disk-ckpt", max_steps=400, save_steps=2)
-    first = ft_updates(srv, job, until=lambda u: bool(u.checkpoint_path) or u.status in TERMINAL)
-    assert first[-1].checkpoint_path.endswith("checkpoint-2"), first[-1]
-    shrink(small_fs)
-    last = ft_updates(srv, job)[-1]
+    try:
+        first = ft_updates(
+            srv, job, until=lambda u: bool(u.checkpoint_path) or u.status in TERMINAL
+        )
+        assert first[-1].checkpoint_path.endswith("checkpoint-2"), first[-1]
+        shrink(small_fs)
+        last = ft_updates(srv, job)[-1]
+    finally:  # a failed check must not leave the job running into the next test
+        srv.stub.StopFineTune(pb.FineTuneStopRequest(job_id=job))
+        ft_updates(srv, job)  # until it has ended
     assert last.status == "failed" and NO_SPACE in last.message.lower(), last
     assert last.current_step < 400
     listed = srv.stub.ListCheckpoints(pb.ListCheckpointsRequest(output_dir=str(out))).checkpoints
