@@ -174,6 +174,13 @@ class ModelHost:
             facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
         if tm.warmed:
             facts.append(f"{tm.warmed.prompts} warm prompts, {tm.warmed.tokens} tokens prefilled")
+        if tm.ssd is not None and tm.ssd.off:
+            facts.append(f"SSD prompt cache off: {tm.ssd.why}")
+        elif tm.ssd is not None:
+            facts.append(
+                f"SSD prompt cache {len(tm.ssd.files)} blocks, {tm.ssd.nbytes / 2**20:.0f} of "
+                f"{tm.ssd.budget / 2**20:.0f} MiB"
+            )
         return f"MLX model loaded successfully: {tm.path} ({'; '.join(facts)})"
 
     # -- Free ---------------------------------------------------------------------------------

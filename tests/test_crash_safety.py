@@ -243,29 +243,33 @@ def test_store(srv, tmp_path):
 
 
 def test_prompt_cache(srv, trained_dir, tmp_path):
-    """Killed half-way through saving a new prompt-cache entry on Free: the next process restores
-    the entries saved before and ignores the torn one."""
-    from mlx_lm.models.cache import load_prompt_cache
-
+    """Killed half-way through writing an SSD-tier block: the next process keeps every block
+    written before, removes the torn one's temp file and reuses the blocks."""
     kv = tmp_path / "crash-kv"
-    load = pb.ModelOptions(Model=str(trained_dir), Options=[f"prompt_cache_dir:{kv}"])
+    load = pb.ModelOptions(
+        Model=str(trained_dir), Options=[f"prompt_cache_dir:{kv}", "prompt_cache_block:16"]
+    )
     first = chat("What is the capital of France? " * 8)
     assert srv.stub.LoadModel(load).success
     srv.stub.Predict(first)
-    assert srv.stub.Free(pb.HealthMessage()).success
-    saved = {p.name: digest(p) for p in kv.glob("*.safetensors")}
+    assert srv.stub.Free(pb.HealthMessage()).success  # Free waits for the queued blocks
+    saved = {p.name: digest(p) for p in (kv / "blocks").glob("*.safetensors")}
     assert saved
-    doomed_srv = doomed("write", "crash-kv")
+    doomed_srv = doomed("write", "crash-kv/blocks")
     assert doomed_srv.stub.LoadModel(load).success
-    doomed_srv.stub.Predict(chat("Tell me a long story about a dragon. " * 8))
-    killed(doomed_srv, lambda: doomed_srv.stub.Free(pb.HealthMessage(), timeout=60))
-    assert {p.name: digest(p) for p in kv.glob("*.safetensors")} == saved  # no torn final file
-    for name in saved:
-        load_prompt_cache(str(kv / name))
+    try:  # the block is written as the request finishes: the reply may get out first
+        doomed_srv.stub.Predict(chat("A long story, please. " * 8), timeout=120)
+    except grpc.RpcError:
+        pass
+    killed(doomed_srv)
+    assert {p.name: digest(p) for p in (kv / "blocks").glob("*.safetensors")} == saved
+    assert litter(kv)  # the torn block's temp file ...
     assert srv.stub.LoadModel(load).success
+    assert not litter(kv)  # ... removed by the next load
     srv.stub.Predict(first)
-    assert srv.stub.GetMetrics(pb.MetricsRequest()).prompt_tokens_processed == 1  # restored hit
-    assert not litter(kv)
+    breakdown = srv.stub.Status(pb.HealthMessage()).memory.breakdown
+    assert breakdown["prompt_tokens_from_ssd"] > 0
+    assert srv.stub.GetMetrics(pb.MetricsRequest()).prompt_tokens_processed <= 16
 
 
 # -- the helper itself, in a plain subprocess -----------------------------------------------------

@@ -179,6 +179,18 @@ def _logprobs(raw: bytes):
     return json.loads(raw) if raw else None
 
 
+def close(a, b, tol: float = 1e-4) -> bool:
+    """Equal outputs, logprobs within `tol`: a prompt-cache hit re-feeds the last prompt token
+    alone where a cold prefill computes it in its last chunk, which moves logprobs by ~1e-6."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    return a == b
+
+
 def load(srv, model: Path, options=(), timeout=180, **kw):
     return srv.stub.LoadModel(
         pb.ModelOptions(Model=model.name, ModelPath=str(model.parent), Options=list(options), **kw),
@@ -281,7 +293,7 @@ def test_pipeline_tiny_matches_single_process(group, reference, trained_dir):
     srv = group["srv"]
     reply = load(srv, trained_dir, [f"hostfile:{group['hostfile']}"], ContextSize=8192)
     assert reply.success and "pipeline over 2 ranks" in reply.message, reply.message
-    assert outputs(srv.stub, tiny_requests()) == reference["tiny"]
+    assert close(outputs(srv.stub, tiny_requests()), reference["tiny"])
     # concurrent requests interleave step by step, each on its own twin KV cache on every rank
     results = [None] * 3
     threads = [
@@ -294,7 +306,7 @@ def test_pipeline_tiny_matches_single_process(group, reference, trained_dir):
         t.start()
     for t in threads:
         t.join()
-    assert all(r == [reference["tiny"][0], reference["tiny"][-1]] for r in results)
+    assert all(close(r, [reference["tiny"][0], reference["tiny"][-1]]) for r in results)
     state, memory = status(srv)
     assert state == pb.StatusResponse.READY
     assert memory["ranks"] == 2 and memory["rank0_weights"] > 0 and memory["rank1_weights"] > 0
@@ -322,7 +334,7 @@ def test_pipeline_smollm2_matches_single_process(group, reference, smollm2_dir):
     reply = load(srv, smollm2_dir, [f"hostfile:{group['hostfile']}"])
     assert reply.success and "layers 15-29" in reply.message, reply.message
     got = outputs(srv.stub, smol_requests())
-    assert got == reference["smol"]
+    assert close(got, reference["smol"])
     assert "Paris" in got[0][0] and got[0][1] > 3
     _, memory = status(srv)
     # each rank read only its own layers (plus the shared embedding): well under the whole model
@@ -361,7 +373,9 @@ def test_killed_worker_fails_fast_and_group_rebuilds(group, reference, trained_d
     )  # a fresh worker; the next LoadModel rebuilds the group
     assert load(srv, trained_dir, [f"hostfile:{hostfile}"], ContextSize=8192).success
     assert status(srv)[0] == pb.StatusResponse.READY
-    assert outputs(srv.stub, tiny_requests()[:1]) == [reference["tiny"][0], reference["tiny"][-1]]
+    assert close(
+        outputs(srv.stub, tiny_requests()[:1]), [reference["tiny"][0], reference["tiny"][-1]]
+    )
 
 
 def test_frozen_worker_times_out_and_worker_rejoins(group, reference, trained_dir):
@@ -395,7 +409,9 @@ def test_frozen_worker_times_out_and_worker_rejoins(group, reference, trained_di
     assert load(srv, trained_dir, [f"hostfile:{hostfile}"], ContextSize=8192).success, (
         worker.output()
     )
-    assert outputs(srv.stub, tiny_requests()[:1]) == [reference["tiny"][0], reference["tiny"][-1]]
+    assert close(
+        outputs(srv.stub, tiny_requests()[:1]), [reference["tiny"][0], reference["tiny"][-1]]
+    )
     assert srv.stub.Free(pb.HealthMessage()).success
     assert status(srv)[0] == pb.StatusResponse.UNINITIALIZED
 

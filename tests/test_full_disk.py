@@ -286,12 +286,15 @@ def test_store_persist(srv, small_fs):
 
 
 def test_prompt_cache_write(srv, small_fs, trained_dir):
-    """Free saves the prompt cache; on a full disk it logs the error, still frees, and the
-    entries saved before still restore in a new process."""
+    """Whole-entry persistence (a rotating KV cache, which the SSD tier does not store): Free
+    saves the prompt cache; on a full disk it logs the error, still frees, and the entries saved
+    before still restore in a new process."""
     from mlx_lm.models.cache import load_prompt_cache
 
     kv = small_fs / "kv"
-    load = pb.ModelOptions(Model=str(trained_dir), Options=[f"prompt_cache_dir:{kv}"])
+    load = pb.ModelOptions(
+        Model=str(trained_dir), Options=[f"prompt_cache_dir:{kv}", "max_kv_size:512"]
+    )
     first = chat("What is the capital of France? " * 8)
     assert srv.stub.LoadModel(load).success
     srv.stub.Predict(first)
@@ -315,3 +318,25 @@ def test_prompt_cache_write(srv, small_fs, trained_dir):
         )  # restored hit
     finally:
         fresh.stop()
+
+
+def test_prompt_cache_ssd_tier(srv, small_fs, trained_dir):
+    """The SSD tier on a disk with no room for one block and none of its own to evict: it turns
+    off (Status says why), requests are still served, nothing half-written is left."""
+    kv = small_fs / "kv"
+    load = pb.ModelOptions(
+        Model=str(trained_dir), Options=[f"prompt_cache_dir:{kv}", "prompt_cache_block:16"]
+    )  # a block: 16 tokens × 768 bytes of KV, 3 pages
+    st = os.statvfs(small_fs)
+    with open(small_fs / "filler", "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - PAGE))
+    reply = srv.stub.LoadModel(load)
+    assert reply.success and "SSD prompt cache 0 blocks" in reply.message, reply.message
+    for text in ("What is the capital of France? " * 8, "Tell me about dragons. " * 8):
+        assert srv.stub.Predict(chat(text)).message
+    breakdown = srv.stub.Status(pb.HealthMessage()).memory.breakdown
+    assert breakdown["prompt_cache_ssd_off.no_space"] == 1, dict(breakdown)
+    assert breakdown["prompt_cache_ssd_blocks"] == 0
+    assert "SSD prompt cache off" in srv.output() and NO_SPACE in srv.output().lower()
+    assert srv.stub.Free(pb.HealthMessage()).success
+    assert not litter(small_fs) and not list((kv / "blocks").glob("*.safetensors"))

@@ -6,12 +6,18 @@ prefilled in chunks between decode steps, so they do not stall the others."""
 
 from mlxbackend.text import prefix_cache
 from mlxbackend.text.chat import Prompt
-from mlxbackend.text.generate import Decoder, GenerationRequest, sampling_for, token_budget
+from mlxbackend.text.generate import (
+    Decoder,
+    GenerationRequest,
+    first_token,
+    prefill_chunk,
+    sampling_for,
+    token_budget,
+)
 from mlxbackend.text.models import TextModel
 from mlxbackend.worker import DONE, Job
 
 DEFAULT_MAX_BATCH = 32
-DEFAULT_PREFILL_CHUNK = 512
 
 
 class BatchDriver:
@@ -28,35 +34,60 @@ class BatchDriver:
             tm.model,
             completion_batch_size=max_batch,
             prefill_batch_size=min(8, max_batch),
-            prefill_step_size=int(tm.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)),
+            prefill_step_size=prefill_chunk(tm),
         )
         self.requests: dict[int, tuple[Job, Decoder]] = {}
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
-    def add(self, job: Job, prompt: Prompt, req: GenerationRequest, ready=None):
-        """Worker thread: queue a request into the batch. `ready`: (cache, tokens in it, tokens
-        to feed, tokens reused) of a media prompt prefilled beforehand (vision/prefill.py)."""
+    def add(self, job: Job, prompt: Prompt, req: GenerationRequest, ready=None, between=None):
+        """Worker thread: prefill a request, send its first token, and queue it into the batch.
+        `ready`: (cache, tokens in it, tokens to feed, tokens reused, start) of a media prompt
+        prefilled beforehand (vision/prefill.py). `between()` runs between prefill chunks (the
+        engine pauses there and raises if the request was cancelled)."""
         from mlx_lm.generate import StopSequences
 
         tm = self.tm
         sampler, processors = sampling_for(tm, req)
         decoder = Decoder(tm, prompt, req)
-        stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
         if ready is not None:  # its prompt time includes the vision tower and the prefill
             cache, cached, rest, decoder.cached_tokens, decoder.start = ready
         else:
-            cache, cached, rest = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
-            decoder.cached_tokens = len(cached)
-            if cache is None and (tm.max_kv_size or (tm.kv is not None and tm.kv.quantized)):
+            hit = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
+            cache, cached, rest = hit.cache, hit.cached, hit.rest
+            decoder.cached_tokens, decoder.ssd_tokens = len(cached), hit.from_ssd
+            if cache is None:
                 from mlxbackend.text.kv_quant import make_cache
 
-                # mlx-lm would make a float one, not rotating where the model has make_cache
                 cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
+        if tm.switch is not None:
+            tm.switch.active = self.adapter
+        prompt_tokens = list(cached) + list(rest)
+        budget = token_budget(tm, prompt, req.max_tokens)
+        first, logprobs = first_token(
+            tm.model,
+            cache,
+            prompt_tokens,
+            len(rest),
+            sampler,
+            processors,
+            prefill_chunk(tm),
+            between,
+        )
+        out = decoder.add(first, logprobs)
+        if out is not None:
+            job.put(out)
+        if decoder.reason or budget <= 1:  # done at its first token: never joins the batch
+            key = prompt.media.key_tokens if prompt.media is not None else None
+            prefix_cache.store(tm, _keyed(key, prompt_tokens), cache, self.adapter)
+            job.put(decoder.finish("length"))
+            job.put(DONE)
+            return
+        stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
         (uid,) = self.gen.insert(
-            [rest],
-            max_tokens=[token_budget(tm, prompt, req.max_tokens)],
+            [[first]],  # the batch feeds it (its KV) and reports tokens from the second on
+            max_tokens=[budget - 1],
             caches=[cache],
-            all_tokens=[cached],
+            all_tokens=[prompt_tokens],
             samplers=[sampler],
             logits_processors=[processors],
             stop_sequences=[stops],
@@ -110,9 +141,7 @@ class BatchDriver:
             prefix_cache.store(self.tm, self._key(uid, tokens), cache, self.adapter)
 
     def _key(self, uid: int, tokens: list) -> list:
-        """The prefix-cache key of a sequence's tokens: media tokens stand for their content."""
-        key = self.keys.get(uid)
-        return tokens if key is None else key + list(tokens[len(key) :])
+        return _keyed(self.keys.get(uid), tokens)
 
     def _close(self, uid: int, reason):
         self.keys.pop(uid, None)
@@ -138,3 +167,8 @@ class BatchDriver:
                 job.put(exc)
         self.requests.clear()
         self._shutdown()
+
+
+def _keyed(key: list | None, tokens: list) -> list:
+    """The prefix-cache key of a sequence's tokens: media tokens stand for their content."""
+    return tokens if key is None else key + list(tokens[len(key) :])

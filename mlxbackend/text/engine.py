@@ -26,11 +26,12 @@ from mlxbackend.worker import Job, Worker, pause
 log = logging.getLogger("mlxbackend.text")
 DEFAULT_MAX_QUEUE = 1024
 # Status counters of finished requests since start: prompt tokens served from the prefix cache
-# in RAM and computed, and how many requests had a hit
+# in RAM, from its SSD tier and computed, and how many requests had a hit
 SERVED_COUNTERS = (
     "requests_finished",
     "prompt_tokens_total",
     "prompt_tokens_from_ram",
+    "prompt_tokens_from_ssd",
     "prompt_tokens_computed",
     "prompt_cache_hits",
 )
@@ -74,6 +75,7 @@ class TextEngine:
         tm = await self.worker.run(load_text_model, spec)
         await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
         await self.worker.run(memory.apply_wired_limit, tm.options)  # Options wired_limit_bytes
+        await self.worker.run(prefix_cache.cache_for, tm)  # RAM and SSD tiers, saved entries
         if sources:  # Options warm_prompt[.name]: into the prefix cache before the first request
             tm.warmed = await self.worker.run(warm.prefill_all, tm, sources)
         # the vocabulary scan behind the length check, done here rather than on the event loop
@@ -215,7 +217,7 @@ class TextEngine:
                     )
                     self.drivers[key] = driver
                     self.worker.add(driver, owner=tm)
-                driver.add(job, prompt, req, ready)
+                driver.add(job, prompt, req, ready, lambda: _between_chunks(job))
             except BaseException as exc:
                 job.put(exc)
 
@@ -237,7 +239,8 @@ class TextEngine:
     def record(self, finish: Finish):
         secs = finish.generation_ms / 1000
         self.served["prompt_tokens_total"] += finish.prompt_tokens
-        self.served["prompt_tokens_from_ram"] += finish.cached
+        self.served["prompt_tokens_from_ram"] += finish.cached - finish.cached_ssd
+        self.served["prompt_tokens_from_ssd"] += finish.cached_ssd
         self.served["prompt_tokens_computed"] += finish.prompt_tokens - finish.cached
         self.served["prompt_cache_hits"] += 1 if finish.cached else 0
         self.served["requests_finished"] += 1
@@ -359,8 +362,10 @@ class TextEngine:
         cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache; `wired_limit`
         (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0).
         The model's shape of KV: `context_size`, `max_kv_size` (0 = not rotating),
-        `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `warm_prompt_tokens`; and
-        the SERVED_COUNTERS since start. `requests_in_flight`, `batch_slots` (sequences in
+        `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `warm_prompt_tokens`; the
+        SERVED_COUNTERS since start and `prompt_cache_hit_permille`; with Options
+        prompt_cache_dir, the SSD tier's `prompt_cache_ssd_bytes` / `_budget` / `_blocks` /
+        `_queued` / `_writes` / `_evictions`, and `prompt_cache_ssd_off.<reason>` (1) while it is off. `requests_in_flight`, `batch_slots` (sequences in
         continuous batches and solo runs) and `kv_reserved` are 0 once every request has ended;
         `process_rss` is the whole process, as the OS counts it."""
         import mlx.core as mx
@@ -382,6 +387,8 @@ class TextEngine:
             "context_size": tm.context_size if tm is not None else 0,
             "warm_prompt_tokens": tm.warmed.tokens if tm is not None and tm.warmed else 0,
             **self.served,
+            "prompt_cache_hit_permille": 1000 * self.served["prompt_cache_hits"] // max(self.served["requests_finished"], 1),
+            **prefix_cache.status(tm),
             "max_kv_size": tm.max_kv_size if tm is not None else 0,
             "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
             "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,

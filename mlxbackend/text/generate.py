@@ -13,6 +13,8 @@ from mlxbackend.text.parse import Delta, OutputParser
 from mlxbackend.text.sampling import SamplingParams, make_processors, make_sampler
 from mlxbackend.text.stops import StopMatcher
 
+DEFAULT_PREFILL_CHUNK = 512
+
 
 @dataclass
 class GenerationRequest:
@@ -49,6 +51,7 @@ class Finish:
     generation_ms: float
     calls: list  # fully parsed tool calls
     cached: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+    cached_ssd: int = 0  # of those, tokens read from its SSD tier
 
 
 class Cancelled(Exception):
@@ -98,7 +101,7 @@ def sampling_for(tm: TextModel, req: GenerationRequest):
 
 def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, cache, is_cancelled):
     import mlx.core as mx
-    from mlx_lm.generate import generate_step, speculative_generate_step
+    from mlx_lm.generate import speculative_generate_step
 
     sampler, processors = sampling_for(tm, req)
 
@@ -121,19 +124,46 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
             prompt_cache=cache + make_cache(tm.draft_model, tm.kv, tm.max_kv_size),
         )
         return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
-    return _with_adapter(
-        tm,
-        req.adapter,
-        generate_step(
-            tokens,
-            tm.model,
-            max_tokens=budget,
-            sampler=sampler,
-            logits_processors=processors,
-            prompt_cache=cache,
-            prompt_progress_callback=check,
-        ),
+    between = lambda: check(0, 0)  # noqa: E731
+    fused = _after_first(tm, prompt.tokens, budget, sampler, processors, cache, between)
+    return _with_adapter(tm, req.adapter, fused)
+
+
+def _after_first(tm: TextModel, tokens: list, budget: int, sampler, processors, cache, between):
+    """The first token sampled as the batch samples it (`first_token`: the solo and batched
+    paths compute the same numbers), then mlx-lm's generate_step from it, its processors
+    seeing the prompt before their own context as they do in the batch."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    chunk = prefill_chunk(tm)
+    first, logprobs = first_token(
+        tm.model, cache, tokens, len(tokens), sampler, processors, chunk, between
     )
+    yield first, logprobs
+    if budget > 1:
+        prefix = mx.array(tokens, dtype=mx.int32)
+        yield from generate_step(
+            mx.array([first]),
+            tm.model,
+            max_tokens=budget - 1,
+            sampler=sampler,
+            logits_processors=[_after_prompt(p, prefix) for p in processors],
+            prompt_cache=cache,
+        )
+
+
+def _after_prompt(processor, prefix):
+    import mlx.core as mx
+
+    return lambda context, logits: processor(
+        mx.concatenate([prefix, context.astype(mx.int32)]), logits
+    )
+
+
+def prefill_chunk(tm: TextModel) -> int:
+    """Tokens per prefill forward pass (Options prefill_chunk)."""
+    return int(tm.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK))
 
 
 def _with_adapter(tm: TextModel, adapter, steps):
@@ -165,6 +195,7 @@ class Decoder:
         self.first_at = None
         self.generated = 0
         self.cached_tokens = 0
+        self.ssd_tokens = 0  # of cached_tokens, read from the SSD tier
         self.reason = None  # set once the request is over
         self.pending = Chunk()
         if prompt.assistant_prefix:
@@ -217,6 +248,7 @@ class Decoder:
             generation_ms=(now - first_at) * 1000,
             calls=self.parser.calls,
             cached=self.cached_tokens,
+            cached_ssd=self.ssd_tokens,
         )
 
 
@@ -243,3 +275,30 @@ def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_
     except Cancelled:
         reason = "cancelled"
     yield decoder.finish(reason)
+
+
+def first_token(model, cache, tokens, n_new, sampler, processors, chunk, between=None):
+    """Prefill the last `n_new` of `tokens` into `cache` in chunks and sample the first reply
+    token from the last position's logits, as a batch decode step would (processors see every
+    prompt token, the sampler the normalized log-probabilities). mlx-lm's batch prefills all
+    but the last token and feeds that one in a decode step of its own: one forward pass more
+    and two batch steps before the first token."""
+    import mlx.core as mx
+
+    ids = mx.array(tokens[len(tokens) - n_new :])[None]
+    while ids.shape[1] > chunk:
+        model(ids[:, :chunk], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        ids = ids[:, chunk:]
+        if between is not None:
+            between()
+    logits = model(ids, cache=cache)[:, -1, :]
+    if processors:
+        context = mx.array(tokens, dtype=mx.int32)
+        for processor in processors:
+            logits = processor(context, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = sampler(logprobs)
+    mx.eval(token, logprobs, [c.state for c in cache])
+    return token.item(), logprobs[0]

@@ -51,6 +51,7 @@ class TextModel:
     kv: object = None  # the KV cache type (text/kv_quant.KvType); None = the model's float KV
     max_kv_size: int = 0  # > 0: a rotating KV cache of this many tokens (Options max_kv_size)
     warmed: object = None  # warm prompts prefilled at load (text/warm.py Warmed), or None
+    ssd: object = None  # the prefix cache's SSD tier (text/ssd_cache.py Tier), or None
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -2,21 +2,34 @@
 
 A multi-turn chat prefills only what is new; an exact hit re-feeds only its last token (the
 cache is trimmed by one so the model still produces fresh logits). With Options
-`prompt_cache_dir`, entries are saved there on Free and shutdown and restored at the next load."""
+`prompt_cache_dir`, a second tier on disk (text/ssd_cache.py) keeps KV blocks written as they
+become reusable; a lookup takes the longer of the RAM and the disk prefix. Models whose cache
+that tier cannot store (rotating, sliding-window or recurrent layers, vision-language models)
+save whole entries there on Free and shutdown instead, restored at the next load."""
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxbackend import publish
 from mlxbackend.errors import NoSpace
+from mlxbackend.text import ssd_cache
 from mlxbackend.text.models import TextModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BYTES = 512 << 20
 DEFAULT_ENTRIES = 32
+
+
+@dataclass
+class Hit:
+    cache: list | None  # the KV to extend, None = start empty
+    cached: list  # the prompt tokens already in it
+    rest: list  # the tokens still to prefill (never empty)
+    from_ssd: int = 0  # of `cached`, tokens read from the SSD tier
 
 
 def cache_for(tm: TextModel):
@@ -30,35 +43,64 @@ def cache_for(tm: TextModel):
             max_size=int(tm.options.get("prompt_cache_entries", DEFAULT_ENTRIES)),
             max_bytes=int(tm.options.get("prompt_cache_bytes", DEFAULT_BYTES)),
         )
-        restore(tm)
+        folder = _folder(tm)
+        if folder is not None and _blocks_fit(tm):
+            tm.ssd = ssd_cache.open_tier(folder, tm.options)
+        else:
+            restore(tm)
     return tm.prompt_cache
 
 
-def fetch(tm: TextModel, tokens: list, adapter=None):
-    """(kv cache or None, tokens already in it, tokens still to prefill — never empty)."""
+def _blocks_fit(tm: TextModel) -> bool:
+    """Whether the SSD tier can store this model's KV (plain layers, text only)."""
+    from mlxbackend.text.kv_quant import make_cache
+
+    return (
+        tm.vision is None
+        and not tm.max_kv_size
+        and ssd_cache.supported(make_cache(tm.model, tm.kv, 0))
+    )
+
+
+def fetch(tm: TextModel, tokens: list, adapter=None) -> Hit:
+    """The longest cached prefix of `tokens`, from RAM or the SSD tier."""
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     lru = cache_for(tm)
     if lru is None:
-        return None, [], tokens
+        return Hit(None, [], tokens)
     cache, rest = lru.fetch_nearest_cache(adapter or "", tokens)
+    if cache is not None and not rest:  # exact hit: re-feed the last token
+        if can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, 1)
+            rest = tokens[-1:]
+        else:
+            cache = None
+    in_ram = len(tokens) - len(rest) if cache is not None else 0
+    if tm.ssd is not None and in_ram + tm.ssd.block < len(tokens):
+        names = ssd_cache.lookup(tm.ssd, _fingerprint(tm, adapter or ""), tokens, len(tokens) - 1)
+        if len(names) * tm.ssd.block > in_ram:
+            from mlxbackend.text.kv_quant import make_cache
+
+            fresh = make_cache(tm.model, tm.kv, 0)
+            n = ssd_cache.load(tm.ssd, names, fresh)
+            if n > in_ram:
+                return Hit(fresh, tokens[:n], tokens[n:], n)
     if cache is None:
-        return None, [], tokens
-    if not rest:  # exact hit: re-feed the last token
-        if not can_trim_prompt_cache(cache):
-            return None, [], tokens
-        trim_prompt_cache(cache, 1)
-        rest = tokens[-1:]
-    return cache, tokens[: len(tokens) - len(rest)], rest
+        return Hit(None, [], tokens)
+    return Hit(cache, tokens[:in_ram], rest)
 
 
 def store(tm: TextModel, tokens: list, cache, adapter=None):
-    """Keep a finished request's KV (its prompt and reply) for later prefixes; entries are
-    keyed by the LoRA adapter that produced them ("" = the base model)."""
+    """Keep a finished request's KV (its prompt and reply) for later prefixes, in RAM and in the
+    SSD tier's blocks; entries are keyed by the LoRA adapter that produced them ("" = the base
+    model)."""
     lru = cache_for(tm)
     if lru is not None and cache and tokens:
         materialize(cache)
         lru.insert_cache(adapter or "", list(tokens), cache)
+        if tm.ssd is not None:
+            ssd_cache.save(tm.ssd, _fingerprint(tm, adapter or ""), list(tokens), cache)
 
 
 def materialize(cache):
@@ -71,6 +113,11 @@ def materialize(cache):
     import mlx.core as mx
 
     mx.eval([c.state for c in cache])
+
+
+def status(tm: TextModel | None) -> dict:
+    """Status keys of the SSD tier (none without one)."""
+    return tm.ssd.status() if tm is not None and tm.ssd is not None else {}
 
 
 def nbytes(tm: TextModel | None) -> int:
@@ -92,9 +139,13 @@ def _folder(tm: TextModel):
 
 
 def persist(tm: TextModel | None):
-    """Save the cache's entries to `prompt_cache_dir` (one file each, published atomically).
-    Called on Free and shutdown, which must not fail for it: a full disk is logged as an error
-    naming the file; the entries saved before stay loadable and nothing half-written is left."""
+    """On Free and shutdown: wait for the SSD tier's queued blocks, or (models without the tier)
+    save the cache's entries to `prompt_cache_dir` (one file each, published atomically). Must
+    not fail: a full disk is logged as an error naming the file; the entries saved before stay
+    loadable and nothing half-written is left."""
+    if tm is not None and tm.ssd is not None:
+        ssd_cache.flush(tm.ssd)
+        return
     try:
         _persist(tm)
     except NoSpace as exc:

@@ -75,7 +75,7 @@ def prefill_all(tm: TextModel, sources: list) -> Warmed:
     import mlx.core as mx
 
     from mlxbackend.text import prefix_cache
-    from mlxbackend.text.batch import DEFAULT_PREFILL_CHUNK
+    from mlxbackend.text.generate import prefill_chunk
     from mlxbackend.text.kv_quant import make_cache
 
     done = Warmed()
@@ -83,7 +83,7 @@ def prefill_all(tm: TextModel, sources: list) -> Warmed:
         if sources:
             raise InvalidInput("warm prompts need the prefix cache (Options prompt_cache:false)")
         return done
-    chunk = int(tm.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK))
+    chunk = prefill_chunk(tm)
     for name, source in sources:
         tokens = tokens_of(tm, source)
         if not tokens:

@@ -5,7 +5,7 @@ the first turn's KV and, when that prefix covers every media token, skips the vi
 joins the batch like a text prompt. Otherwise the vision tower and projector run once
 (mlx-vlm's `get_input_embeddings`, the same call its `generate_step` makes) and the language
 model prefills from the cached length up to the last prompt token in chunks, as mlx-vlm does;
-the last token is fed by the batch, whose first decode step samples the reply."""
+the last token is fed by the batch driver (`batch.first_token`), which samples the reply."""
 
 import time
 
@@ -25,7 +25,8 @@ def prefill(tm: TextModel, prompt: Prompt, adapter=None, between=lambda: None) -
     started = time.perf_counter()
     media = prompt.media
     tokens = prompt.tokens
-    cache, cached, _ = prefix_cache.fetch(tm, media.key_tokens, adapter)
+    hit = prefix_cache.fetch(tm, media.key_tokens, adapter)
+    cache, cached = hit.cache, hit.cached
     done = reused = len(cached)
     counts = tm.vision.counts
     if done >= media.media_end:  # every media token is in the cached prefix
