@@ -12,6 +12,23 @@ from pathlib import Path
 from mlxbackend.client import spawn_server, stop_server
 from mlxbackend.default_model import bundled_gguf, ensure_default_model
 
+# run.sh's glibc malloc settings (issue 15): a raw side measured in-process runs under them too
+# (`same_malloc`), or the comparison includes their cost (5-10 % of prefill and TTS here)
+RUN_SH_MALLOC = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+
+
+def same_malloc() -> None:
+    """Re-run this process under RUN_SH_MALLOC (glibc reads them at start) unless it already is."""
+    import sys
+
+    if RUN_SH_MALLOC.items() - os.environ.items():
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RUN_SH_MALLOC})
+
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 

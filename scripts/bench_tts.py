@@ -49,11 +49,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXT = "Hi there.\nGood day.\nBye now!"  # short: the tiny model takes ~10 s per segment here
-MALLOC = {  # scripts/run.sh's defaults
-    "MALLOC_ARENA_MAX": "2",
-    "MALLOC_MMAP_THRESHOLD_": "131072",
-    "MALLOC_TRIM_THRESHOLD_": "131072",
-}
 SOPRANO_TEXT = (  # three sentences of ≥ 30 characters: mlx-audio's Soprano speaks each on its own
     "The quick brown fox jumps over the lazy dog. Speech comes out sentence by sentence here. "
     "Hello there, how are you on this fine day?"
@@ -162,8 +157,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.same_malloc and MALLOC.items() - os.environ.items():  # glibc reads them at start
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    if args.same_malloc:
+        from mlxbackend.bench import same_malloc
+
+        same_malloc()
     args.text = args.text or (SOPRANO_TEXT if args.family == "soprano" else TEXT)
 
     import numpy as np

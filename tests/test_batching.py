@@ -164,3 +164,18 @@ def test_request_that_cannot_fit_is_refused_alone(trained_dir):
         assert srv.stub.Predict(long).tokens == 2000  # its reservation was given back
     finally:
         srv.stop()
+
+
+def test_prompts_prefilled_in_many_chunks(trained_dir, trained_server):
+    """prefill_chunk:8: every prompt pauses between chunks before its first token, with no batch
+    running yet or beside others (a batch left empty during a prefill closed under it once, and
+    the request never finished); outputs equal the default server's."""
+    srv = Server()
+    try:
+        srv.stub.LoadModel(pb.ModelOptions(Model=str(trained_dir), Options=["prefill_chunk:8"]))
+        want = [summary(trained_server.stub.Predict(r, timeout=120)) for r in requests()]
+        assert [summary(srv.stub.Predict(r, timeout=120)) for r in requests()] == want
+        got = run_concurrently(lambda r: summary(srv.stub.Predict(r, timeout=120)), requests())
+        assert got == want
+    finally:
+        srv.stop()

@@ -4,6 +4,9 @@ Each request keeps its own sampler (own RNG key), logits processors, stop hold-b
 detokenizer (a `Decoder`); the forward pass of every decode step is shared. Long prompts are
 prefilled in chunks between decode steps, so they do not stall the others."""
 
+import time
+from dataclasses import dataclass
+
 from mlxbackend.text import prefix_cache
 from mlxbackend.text.chat import Prompt
 from mlxbackend.text.generate import (
@@ -18,6 +21,66 @@ from mlxbackend.text.models import TextModel
 from mlxbackend.worker import DONE, Job
 
 DEFAULT_MAX_BATCH = 32
+
+
+@dataclass
+class Started:
+    """A request prefilled and past its first token, ready to join a batch."""
+
+    decoder: Decoder
+    cache: list
+    tokens: list  # the prompt tokens in `cache`
+    first: int  # the first reply token (sent, not yet in `cache`)
+    budget: int  # tokens it may generate, the first included
+    sampler: object
+    processors: list
+    stops: object  # mlx-lm StopSequences of its EOS tokens
+    key: list | None  # the prefix-cache key of a media prompt's tokens
+
+
+def start(
+    tm: TextModel, job: Job, prompt: Prompt, req: GenerationRequest, ready=None, between=None
+):
+    """Worker thread: prefill a request and send its first token; the Started state to join a
+    batch with, or None when it ended at that token. `ready`: (cache, tokens in it, tokens to
+    feed, tokens reused, start) of a media prompt prefilled beforehand (vision/prefill.py).
+    `between()` runs between prefill chunks (the engine pauses there and raises if the request
+    was cancelled), so this runs before the request's batch is looked up: a batch left empty
+    meanwhile closes."""
+    from mlx_lm.generate import StopSequences
+
+    sampler, processors = sampling_for(tm, req)
+    decoder = Decoder(tm, prompt, req)
+    if ready is not None:  # its prompt time includes the vision tower and the prefill
+        cache, cached, rest, decoder.cached_tokens, decoder.start = ready
+    else:
+        hit = prefix_cache.fetch(tm, prompt.tokens, req.adapter)
+        cache, cached, rest = hit.cache, hit.cached, hit.rest
+        decoder.cached_tokens, decoder.ssd_tokens = len(cached), hit.from_ssd
+        if cache is None:
+            from mlxbackend.text.kv_quant import make_cache
+
+            cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
+    if tm.switch is not None:
+        tm.switch.active = req.adapter
+    tokens = list(cached) + list(rest)
+    budget = token_budget(tm, prompt, req.max_tokens)
+    # a media prompt's prefill started before the vision tower (vision/prefill.py)
+    decoder.prefill_at = decoder.start if ready is not None else time.perf_counter()
+    first, logprobs = first_token(
+        tm.model, cache, tokens, len(rest), sampler, processors, prefill_chunk(tm), between
+    )
+    out = decoder.add(first, logprobs)
+    if out is not None:
+        job.put(out)
+    key = prompt.media.key_tokens if prompt.media is not None else None
+    if decoder.reason or budget <= 1:  # done at its first token: never joins a batch
+        prefix_cache.store(tm, _keyed(key, tokens), cache, req.adapter)
+        job.put(decoder.finish("length"))
+        job.put(DONE)
+        return None
+    stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
+    return Started(decoder, cache, tokens, first, budget, sampler, processors, stops, key)
 
 
 class BatchDriver:
@@ -39,62 +102,20 @@ class BatchDriver:
         self.requests: dict[int, tuple[Job, Decoder]] = {}
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
-    def add(self, job: Job, prompt: Prompt, req: GenerationRequest, ready=None, between=None):
-        """Worker thread: prefill a request, send its first token, and queue it into the batch.
-        `ready`: (cache, tokens in it, tokens to feed, tokens reused, start) of a media prompt
-        prefilled beforehand (vision/prefill.py). `between()` runs between prefill chunks (the
-        engine pauses there and raises if the request was cancelled)."""
-        from mlx_lm.generate import StopSequences
-
-        tm = self.tm
-        sampler, processors = sampling_for(tm, req)
-        decoder = Decoder(tm, prompt, req)
-        if ready is not None:  # its prompt time includes the vision tower and the prefill
-            cache, cached, rest, decoder.cached_tokens, decoder.start = ready
-        else:
-            hit = prefix_cache.fetch(tm, prompt.tokens, self.adapter)
-            cache, cached, rest = hit.cache, hit.cached, hit.rest
-            decoder.cached_tokens, decoder.ssd_tokens = len(cached), hit.from_ssd
-            if cache is None:
-                from mlxbackend.text.kv_quant import make_cache
-
-                cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
-        if tm.switch is not None:
-            tm.switch.active = self.adapter
-        prompt_tokens = list(cached) + list(rest)
-        budget = token_budget(tm, prompt, req.max_tokens)
-        first, logprobs = first_token(
-            tm.model,
-            cache,
-            prompt_tokens,
-            len(rest),
-            sampler,
-            processors,
-            prefill_chunk(tm),
-            between,
-        )
-        out = decoder.add(first, logprobs)
-        if out is not None:
-            job.put(out)
-        if decoder.reason or budget <= 1:  # done at its first token: never joins the batch
-            key = prompt.media.key_tokens if prompt.media is not None else None
-            prefix_cache.store(tm, _keyed(key, prompt_tokens), cache, self.adapter)
-            job.put(decoder.finish("length"))
-            job.put(DONE)
-            return
-        stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
+    def add(self, job: Job, started: "Started"):
+        """Worker thread: queue a request whose first token was sent (`start`) into the batch."""
         (uid,) = self.gen.insert(
-            [[first]],  # the batch feeds it (its KV) and reports tokens from the second on
-            max_tokens=[budget - 1],
-            caches=[cache],
-            all_tokens=[prompt_tokens],
-            samplers=[sampler],
-            logits_processors=[processors],
-            stop_sequences=[stops],
+            [[started.first]],  # the batch feeds it (its KV) and reports tokens from the second on
+            max_tokens=[started.budget - 1],
+            caches=[started.cache],
+            all_tokens=[started.tokens],
+            samplers=[started.sampler],
+            logits_processors=[started.processors],
+            stop_sequences=[started.stops],
         )
-        self.requests[uid] = (job, decoder)
-        if prompt.media is not None:
-            self.keys[uid] = prompt.media.key_tokens
+        self.requests[uid] = (job, started.decoder)
+        if started.key is not None:
+            self.keys[uid] = started.key
 
     @property
     def nbytes(self) -> int:

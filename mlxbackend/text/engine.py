@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import logging
+import time
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import (
@@ -14,7 +15,7 @@ from mlxbackend.errors import (
     OutOfMemory,
     Overloaded,
 )
-from mlxbackend.text import chat, memory, prefix_cache, warm
+from mlxbackend.text import batch, chat, memory, prefix_cache, warm
 from mlxbackend.text.batch import BatchDriver
 from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
@@ -34,6 +35,7 @@ SERVED_COUNTERS = (
     "prompt_tokens_from_ssd",
     "prompt_tokens_computed",
     "prompt_cache_hits",
+    "request_to_prefill_us_total",
 )
 
 
@@ -66,6 +68,7 @@ class TextEngine:
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
         self.served = dict.fromkeys(SERVED_COUNTERS, 0)  # since start (Status)
+        self.last_overhead_us = 0  # the last request's arrival → first prefill step
         self.inflight = 0  # admitted requests (event-loop side)
         self.kv_reserved = 0  # worst-case KV bytes those requests may use
 
@@ -124,6 +127,7 @@ class TextEngine:
     # -- requests ----------------------------------------------------------------------------
     async def prepare(self, spec: chat.PromptSpec, req: GenerationRequest):
         """Validate and render off the event loop (tokenizers are thread-safe)."""
+        req.received = time.perf_counter()
         tm = self.model()
         validate(req.sampling)
         chat.check_length(tm.tokenizer, spec, tm.context_size)
@@ -209,6 +213,9 @@ class TextEngine:
                     from mlxbackend.vision.prefill import prefill
 
                     ready = prefill(tm, prompt, req.adapter, lambda: _between_chunks(job))
+                started = batch.start(tm, job, prompt, req, ready, lambda: _between_chunks(job))
+                if started is None:  # it ended at its first token
+                    return
                 key = (id(tm), req.adapter)  # one continuous batch per model and LoRA adapter
                 driver = self.drivers.get(key)
                 if driver is None:
@@ -217,7 +224,7 @@ class TextEngine:
                     )
                     self.drivers[key] = driver
                     self.worker.add(driver, owner=tm)
-                driver.add(job, prompt, req, ready, lambda: _between_chunks(job))
+                driver.add(job, started)
             except BaseException as exc:
                 job.put(exc)
 
@@ -244,6 +251,8 @@ class TextEngine:
         self.served["prompt_tokens_computed"] += finish.prompt_tokens - finish.cached
         self.served["prompt_cache_hits"] += 1 if finish.cached else 0
         self.served["requests_finished"] += 1
+        self.served["request_to_prefill_us_total"] += int(finish.overhead_ms * 1000)
+        self.last_overhead_us = int(finish.overhead_ms * 1000)
         self.last = Metrics(
             tokens_per_second=(finish.generated - 1) / secs
             if secs > 0 and finish.generated > 1
@@ -363,7 +372,8 @@ class TextEngine:
         (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0).
         The model's shape of KV: `context_size`, `max_kv_size` (0 = not rotating),
         `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `warm_prompt_tokens`; the
-        SERVED_COUNTERS since start and `prompt_cache_hit_permille`; with Options
+        SERVED_COUNTERS since start, `prompt_cache_hit_permille` and `request_to_prefill_us_last`
+        (arrival at the engine → first prefill step: templating, admission, the worker hop); with Options
         prompt_cache_dir, the SSD tier's `prompt_cache_ssd_bytes` / `_budget` / `_blocks` /
         `_queued` / `_writes` / `_evictions`, and `prompt_cache_ssd_off.<reason>` (1) while it is off. `requests_in_flight`, `batch_slots` (sequences in
         continuous batches and solo runs) and `kv_reserved` are 0 once every request has ended;
@@ -387,6 +397,7 @@ class TextEngine:
             "context_size": tm.context_size if tm is not None else 0,
             "warm_prompt_tokens": tm.warmed.tokens if tm is not None and tm.warmed else 0,
             **self.served,
+            "request_to_prefill_us_last": self.last_overhead_us,
             "prompt_cache_hit_permille": 1000 * self.served["prompt_cache_hits"] // max(self.served["requests_finished"], 1),
             **prefix_cache.status(tm),
             "max_kv_size": tm.max_kv_size if tm is not None else 0,

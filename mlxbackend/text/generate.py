@@ -28,6 +28,7 @@ class GenerationRequest:
     json_schema: str = ""  # a JSON schema, enforced the same way
     constraint: object = None  # built from grammar/json_schema by the engine (text/grammar.py)
     adapter: str | None = None  # hot-swapped LoRA adapter (Metadata "lora"), None = base model
+    received: float = 0.0  # perf_counter when the engine got it (TTFT overhead, Status)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Finish:
     calls: list  # fully parsed tool calls
     cached: int = 0  # prompt tokens served from the prefix cache (not prefilled)
     cached_ssd: int = 0  # of those, tokens read from its SSD tier
+    overhead_ms: float = 0.0  # from arrival to the first prefill step (template, queue, hops)
 
 
 class Cancelled(Exception):
@@ -192,6 +194,8 @@ class Decoder:
         self.token_text = TokenText(tokenizer) if req.logprobs > 0 else None
         self.top_logprobs = req.top_logprobs
         self.start = time.perf_counter()
+        self.received = req.received
+        self.prefill_at = None  # when its first forward pass starts
         self.first_at = None
         self.generated = 0
         self.cached_tokens = 0
@@ -249,6 +253,9 @@ class Decoder:
             calls=self.parser.calls,
             cached=self.cached_tokens,
             cached_ssd=self.ssd_tokens,
+            overhead_ms=(self.prefill_at - self.received) * 1000
+            if self.received and self.prefill_at
+            else 0.0,
         )
 
 
@@ -261,6 +268,7 @@ def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_
     if on_cache:
         on_cache(cache)
     decoder = Decoder(tm, prompt, req)
+    decoder.prefill_at = time.perf_counter()
     reason = None
     try:
         for token, logprobs in _steps(tm, prompt, req, budget, cache, is_cancelled):

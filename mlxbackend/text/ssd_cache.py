@@ -1,6 +1,6 @@
 """The SSD tier of the prefix cache (Options `prompt_cache_dir`).
 
-KV is kept in blocks of `prompt_cache_block` tokens (256), one safetensors file per block, named
+KV is kept in blocks of `prompt_cache_block` tokens (64), one safetensors file per block, named
 by a hash chained from what the KV depends on (`root`: weights, adapters, KV type) over every
 token up to the block's end. So a prefix that many conversations share (a system prompt and
 tools) is one set of files, and a lookup walks the chain until a block is missing.
@@ -34,7 +34,7 @@ from mlxbackend.errors import NoSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 64  # tokens: a miss recomputes at most this many past the stored prefix
 DEFAULT_BYTES = 8 << 30
 MAX_PENDING = 64  # blocks queued for the writer; past that new ones are skipped, not queued
 SUFFIX = ".safetensors"

@@ -93,8 +93,9 @@ def prefill_all(tm: TextModel, sources: list) -> Warmed:
                 f"Options {name}: the warm prompt is {len(tokens)} tokens, which does not fit "
                 f"the context ({tm.context_size}) or max_kv_size"
             )
-        cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
-        for start in range(0, len(tokens), chunk):
+        hit = prefix_cache.fetch(tm, tokens)  # after a restart: the SSD tier's blocks
+        cache = hit.cache or make_cache(tm.model, tm.kv, tm.max_kv_size)
+        for start in range(len(hit.cached), len(tokens), chunk):
             tm.model(mx.array(tokens[start : start + chunk])[None], cache=cache)
             mx.eval([c.state for c in cache])
             pause()
