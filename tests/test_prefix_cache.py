@@ -57,6 +57,8 @@ def test_prefix_reuse_and_identical_outputs(trained_dir):
         assert prefilled[2] == 1
         status = cached_srv.stub.Status(pb.HealthMessage())
         assert status.memory.breakdown["prompt_cache"] > 0
+        assert status.memory.breakdown["prompt_cache_hit_permille"] == 666  # 2 of 3 requests
+        assert 0 < status.memory.breakdown["request_to_prefill_us_last"] < 10_000_000
         assert plain_srv.stub.Status(pb.HealthMessage()).memory.breakdown["prompt_cache"] == 0
     finally:
         cached_srv.stop()

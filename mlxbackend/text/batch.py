@@ -1,8 +1,10 @@
 """Continuous batching: concurrent requests on one model share mlx-lm's BatchGenerator.
 
-Each request keeps its own sampler (own RNG key), logits processors, stop hold-back, parser and
-detokenizer (a `Decoder`); the forward pass of every decode step is shared. Long prompts are
-prefilled in chunks between decode steps, so they do not stall the others."""
+A request is first prefilled on its own (`start`: chunks with pauses between them, so that long
+prompts do not stall the batch) up to its first token, sampled from the last chunk's logits and
+sent at once; then it joins its model's batch (`BatchDriver.add`). Each request keeps its own
+sampler (own RNG key), logits processors, stop hold-back, parser and detokenizer (a `Decoder`);
+the forward pass of every decode step is shared."""
 
 import time
 from dataclasses import dataclass
@@ -39,14 +41,20 @@ class Started:
 
 
 def start(
-    tm: TextModel, job: Job, prompt: Prompt, req: GenerationRequest, ready=None, between=None
-):
+    tm: TextModel,
+    job: Job,
+    prompt: Prompt,
+    req: GenerationRequest,
+    ready=None,
+    between=None,
+    on_cache=None,
+) -> Started | None:
     """Worker thread: prefill a request and send its first token; the Started state to join a
     batch with, or None when it ended at that token. `ready`: (cache, tokens in it, tokens to
     feed, tokens reused, start) of a media prompt prefilled beforehand (vision/prefill.py).
     `between()` runs between prefill chunks (the engine pauses there and raises if the request
     was cancelled), so this runs before the request's batch is looked up: a batch left empty
-    meanwhile closes."""
+    meanwhile closes. `on_cache(cache)`: the KV being filled (Status counts it)."""
     from mlx_lm.generate import StopSequences
 
     sampler, processors = sampling_for(tm, req)
@@ -61,6 +69,8 @@ def start(
             from mlxbackend.text.kv_quant import make_cache
 
             cache = make_cache(tm.model, tm.kv, tm.max_kv_size)
+    if on_cache is not None:
+        on_cache(cache)
     if tm.switch is not None:
         tm.switch.active = req.adapter
     tokens = list(cached) + list(rest)
@@ -102,7 +112,7 @@ class BatchDriver:
         self.requests: dict[int, tuple[Job, Decoder]] = {}
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
-    def add(self, job: Job, started: "Started"):
+    def add(self, job: Job, started: Started):
         """Worker thread: queue a request whose first token was sent (`start`) into the batch."""
         (uid,) = self.gen.insert(
             [[started.first]],  # the batch feeds it (its KV) and reports tokens from the second on

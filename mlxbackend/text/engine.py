@@ -64,7 +64,7 @@ class TextEngine:
             why_absent  # () -> why there is no text model (the host knows what is loaded)
         )
         self.jobs: set[Job] = set()  # requests in flight (event-loop side), ended by free()
-        self.caches: dict[int, list] = {}  # live KV caches of solo requests, for Status
+        self.caches: dict[int, list] = {}  # live KV of solo requests and prefills, for Status
         self.drivers: dict[tuple, BatchDriver] = {}  # continuous batches by (model, adapter)
         self.last = Metrics()
         self.served = dict.fromkeys(SERVED_COUNTERS, 0)  # since start (Status)
@@ -213,7 +213,15 @@ class TextEngine:
                     from mlxbackend.vision.prefill import prefill
 
                     ready = prefill(tm, prompt, req.adapter, lambda: _between_chunks(job))
-                started = batch.start(tm, job, prompt, req, ready, lambda: _between_chunks(job))
+                started = batch.start(
+                    tm,
+                    job,
+                    prompt,
+                    req,
+                    ready,
+                    lambda: _between_chunks(job),
+                    lambda cache: self.caches.__setitem__(id(job), cache),
+                )
                 if started is None:  # it ended at its first token
                     return
                 key = (id(tm), req.adapter)  # one continuous batch per model and LoRA adapter
@@ -227,6 +235,8 @@ class TextEngine:
                 driver.add(job, started)
             except BaseException as exc:
                 job.put(exc)
+            finally:
+                self.caches.pop(id(job), None)  # in the batch now, counted there
 
         self.worker.call_owned(tm, attach)  # Free / LoadModel abort it at a prefill pause
         return job
