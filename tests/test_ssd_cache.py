@@ -6,6 +6,7 @@ serving goes on."""
 import time
 from pathlib import Path
 
+import grpc
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
@@ -133,6 +134,19 @@ def test_an_unwritable_directory_turns_the_tier_off(trained_dir, tmp_path):
         assert "SSD prompt cache off" in srv.output()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("option", ["prompt_cache_block:0", "prompt_cache_disk_bytes:lots"])
+def test_bad_tier_options_are_invalid_argument(trained_dir, tmp_path, server, option):
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.LoadModel(
+            pb.ModelOptions(
+                Model=str(trained_dir), Options=[f"prompt_cache_dir:{tmp_path}", option]
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert option.split(":")[0] in err.value.details()
+    assert server.healthy()
 
 
 # -- the module on caches built here ----------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mlxbackend import publish
 from mlxbackend.errors import NoSpace
+from mlxbackend.options import number_option
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,12 @@ class Tier:
 
 def open_tier(folder: Path, options: dict) -> Tier:
     """The tier under `folder`/blocks: stale temp files of a killed writer removed, the blocks
-    already there indexed in use order. Never raises: a folder it cannot write is reported."""
+    already there indexed in use order. A folder it cannot write is reported, not raised; bad
+    Options values are INVALID_ARGUMENT."""
     tier = Tier(
         folder / "blocks",
-        block=int(options.get("prompt_cache_block", DEFAULT_BLOCK)),
-        budget=int(options.get("prompt_cache_disk_bytes", DEFAULT_BYTES)),
+        block=number_option(options, "prompt_cache_block", int, 1, default=DEFAULT_BLOCK),
+        budget=number_option(options, "prompt_cache_disk_bytes", int, 0, default=DEFAULT_BYTES),
     )
     try:
         tier.folder.mkdir(parents=True, exist_ok=True)
