@@ -29,6 +29,13 @@ def same_malloc() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RUN_SH_MALLOC})
 
 
+def model_folder(model: str) -> Path:
+    """A benchmark's --model: "default" (the bundled SmolLM2, converted once) or a folder."""
+    if model == "default":
+        return ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models"))).resolve()
+    return Path(model).resolve()
+
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -182,11 +189,7 @@ def main(args):
     from rich.table import Table
 
     console = Console()
-    if args.model == "default":
-        model_dir = ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
-    else:
-        model_dir = Path(args.model)
-    model_dir = model_dir.resolve()
+    model_dir = model_folder(args.model)
     from mlx_lm.utils import load
 
     model, tokenizer = load(str(model_dir))

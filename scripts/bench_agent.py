@@ -208,16 +208,11 @@ def main():
     from rich.console import Console
     from rich.table import Table
 
-    from mlxbackend.bench import machine
+    from mlxbackend.bench import machine, model_folder
     from mlxbackend.client import stop_server
-    from mlxbackend.default_model import ensure_default_model
 
     console = Console()
-    if args.model == "default":
-        model_dir = ensure_default_model(Path(os.environ.get("MLXB_MODELS_DIR", "models")))
-    else:
-        model_dir = Path(args.model)
-    model_dir = model_dir.resolve()
+    model_dir = model_folder(args.model)
     model, tokenizer = load(str(model_dir))
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     log = open(work / "server.log", "wb")  # noqa: SIM115 — the servers write to it throughout

@@ -107,7 +107,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
 
     sampler, processors = sampling_for(tm, req)
 
-    def check(_done, _total):
+    def check():
         if is_cancelled():
             raise Cancelled
 
@@ -126,8 +126,7 @@ def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, c
             prompt_cache=cache + make_cache(tm.draft_model, tm.kv, tm.max_kv_size),
         )
         return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
-    between = lambda: check(0, 0)  # noqa: E731
-    fused = _after_first(tm, prompt.tokens, budget, sampler, processors, cache, between)
+    fused = _after_first(tm, prompt.tokens, budget, sampler, processors, cache, check)
     return _with_adapter(tm, req.adapter, fused)
 
 
@@ -293,15 +292,10 @@ def first_token(model, cache, tokens, n_new, sampler, processors, chunk, between
     and two batch steps before the first token."""
     import mlx.core as mx
 
-    ids = mx.array(tokens[len(tokens) - n_new :])[None]
-    while ids.shape[1] > chunk:
-        model(ids[:, :chunk], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-        ids = ids[:, chunk:]
-        if between is not None:
-            between()
-    logits = model(ids, cache=cache)[:, -1, :]
+    new = tokens[len(tokens) - n_new :]
+    last = (len(new) - 1) // chunk * chunk  # the last chunk starts here, as in `prefill`
+    prefill(model, cache, new[:last], chunk, between)
+    logits = model(mx.array(new[last:])[None], cache=cache)[:, -1, :]
     if processors:
         context = mx.array(tokens, dtype=mx.int32)
         for processor in processors:
@@ -310,3 +304,16 @@ def first_token(model, cache, tokens, n_new, sampler, processors, chunk, between
     token = sampler(logprobs)
     mx.eval(token, logprobs, [c.state for c in cache])
     return token.item(), logprobs[0]
+
+
+def prefill(model, cache, tokens: list, chunk: int, between=None) -> None:
+    """Feed `tokens` into `cache` in chunks of `chunk`, evaluating each and calling `between()`
+    after it (a pause, a cancellation check)."""
+    import mlx.core as mx
+
+    for start in range(0, len(tokens), chunk):
+        model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+        if between is not None:
+            between()

@@ -72,10 +72,9 @@ def tokens_of(tm: TextModel, source) -> list:
 def prefill_all(tm: TextModel, sources: list) -> Warmed:
     """Worker thread: prefill each warm prompt in chunks (pausing between them) and keep its KV
     in the prefix cache."""
-    import mlx.core as mx
 
     from mlxbackend.text import prefix_cache
-    from mlxbackend.text.generate import prefill_chunk
+    from mlxbackend.text.generate import prefill, prefill_chunk
     from mlxbackend.text.kv_quant import make_cache
 
     done = Warmed()
@@ -95,10 +94,7 @@ def prefill_all(tm: TextModel, sources: list) -> Warmed:
             )
         hit = prefix_cache.fetch(tm, tokens)  # after a restart: the SSD tier's blocks
         cache = hit.cache or make_cache(tm.model, tm.kv, tm.max_kv_size)
-        for start in range(len(hit.cached), len(tokens), chunk):
-            tm.model(mx.array(tokens[start : start + chunk])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-            pause()
+        prefill(tm.model, cache, tokens[len(hit.cached) :], chunk, pause)
         prefix_cache.store(tm, tokens, cache)
         done.prompts += 1
         done.tokens += len(tokens)
