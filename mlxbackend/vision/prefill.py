@@ -5,7 +5,7 @@ the first turn's KV and, when that prefix covers every media token, skips the vi
 joins the batch like a text prompt. Otherwise the vision tower and projector run once
 (mlx-vlm's `get_input_embeddings`, the same call its `generate_step` makes) and the language
 model prefills from the cached length up to the last prompt token in chunks, as mlx-vlm does;
-the last token is fed by the batch driver (`batch.first_token`), which samples the reply."""
+the last token is fed by `batch.start` (`generate.first_token`), which samples the reply."""
 
 import time
 
