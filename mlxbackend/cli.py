@@ -1,5 +1,5 @@
 """`mlxbackend` command line: serve, chat, convert, bench, finetune, export, quantize, transcribe,
-vad, tts, …"""
+vad, tts, music, …"""
 
 import argparse
 import asyncio
@@ -14,6 +14,7 @@ from mlxbackend.distributed.supervisor import add_parser as add_worker
 from mlxbackend.distributed.supervisor import localai_argv
 from mlxbackend.embed.commands import add_parser as add_embed
 from mlxbackend.image.commands import add_parser as add_image
+from mlxbackend.music.commands import add_parser as add_music
 from mlxbackend.quantize.commands import add_parser as add_quantize
 from mlxbackend.server import serve
 from mlxbackend.train.commands import add_parsers
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_vad)
 
     add_tts(sub)
+    add_music(sub)
 
     add_embed(sub)
 

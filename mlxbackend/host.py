@@ -5,7 +5,7 @@ THE RULE (what may stay loaded together; what Free and LoadModel do to work in f
 - One model slot. The process serves one model at a time, as LocalAI runs one backend process per
   model: a text LLM (with its draft model and LoRA adapters; it also serves decoder Embedding and
   Rerank), an encoder (Embedding, Rerank), a whisper model, a diffusion pipeline, a Silero VAD
-  model, a Kokoro TTS model, or a distributed group. LoadModel of any kind first empties the
+  model, a TTS model, a music model, or a distributed group. LoadModel of any kind first empties the
   slot, then loads; if the load fails, the slot stays empty and the error says why.
 - Emptying the slot (Free, or LoadModel) ends every request in flight on the model it held, at
   once: each ends with ABORTED and a message naming the cause; worker tasks stop at their next
@@ -33,6 +33,8 @@ from mlxbackend.embed.engine import EmbedEngine
 from mlxbackend.image import diffusion_dir
 from mlxbackend.image.engine import ImageEngine
 from mlxbackend.image.pipeline import LoadSettings
+from mlxbackend.music import music_source
+from mlxbackend.music.engine import MusicEngine
 from mlxbackend.options import parse_options
 from mlxbackend.quantize.service import Quantizations
 from mlxbackend.text.engine import TextEngine, usage_total
@@ -86,11 +88,12 @@ class ModelHost:
         self.image = ImageEngine(self.worker)
         self.vad = VadEngine(self.worker, why_absent=self.why_no_vad)
         self.tts = TtsEngine(self.worker, why_absent=self.why_no_tts)
+        self.music = MusicEngine(self.worker, why_absent=self.why_no_music)
         self.finetunes = FineTunes(self.worker)
         self.quantizations = Quantizations(self.worker)
         self.distributed = DistributedGroup(self)
         self.store = None  # store.VectorStore, opened at the first Stores call or by LoadModel
-        self.kind = ""  # what the slot holds: text, encoder, whisper, image, vad, tts, distributed ("" = empty)
+        self.kind = ""  # what the slot holds: text, encoder, whisper, image, vad, tts, music, distributed ("" = empty)
         self.name = ""  # its path, for messages
         self.loading = ""  # the kind being loaded
         self.lock = asyncio.Lock()  # LoadModel and Free one at a time
@@ -139,6 +142,9 @@ class ModelHost:
         if kind == "tts":
             tm = await self.tts.load(where, options)
             return f"MLX text-to-speech model loaded successfully: {tm.describe()}"
+        if kind == "music":
+            mm = await self.music.load(where, options)
+            return f"MLX music model loaded successfully: {mm.describe()}"
         if kind == "encoder":
             enc = await self.embed.load_encoder(where, options)
             return f"MLX embedding model loaded successfully: {enc.path}"
@@ -215,6 +221,7 @@ class ModelHost:
         await self.image.free(reason)
         await self.vad.free(reason)
         await self.tts.free(reason)
+        await self.music.free(reason)
         self.kind = self.name = ""
 
     def why_no_text(self) -> str:
@@ -224,7 +231,7 @@ class ModelHost:
                 f"the loaded model {os.path.basename(self.name)} is an encoder: it serves Embedding and "
                 "Rerank, not text generation (load an LLM for that)"
             )
-        if self.kind in ("whisper", "image", "vad", "tts"):
+        if self.kind in ("whisper", "image", "vad", "tts", "music"):
             return f"the loaded model {os.path.basename(self.name)} is a {self.kind} model, not a text LLM"
         return ""
 
@@ -243,6 +250,16 @@ class ModelHost:
             return (
                 f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; TTS needs "
                 "a TTS model (LoadModel of a Kokoro or Soprano folder, or Type tts)"
+            )
+        return ""
+
+    def why_no_music(self) -> str:
+        """NotLoaded's message for SoundGeneration when the slot holds another kind of model."""
+        if self.kind:
+            return (
+                f"the loaded model {os.path.basename(self.name)} is a {self.kind} model; "
+                "SoundGeneration needs a music model (LoadModel of a MiniMax Music 3 folder, or "
+                "Type music)"
             )
         return ""
 
@@ -291,6 +308,9 @@ def model_kind(req: LoadRequest, options: dict, group: DistributedGroup) -> tupl
     tts = tts_source(req.model, req.model_file, req.model_path, req.type)
     if tts is not None:
         return "tts", tts
+    music = music_source(req.model, req.model_file, req.model_path, req.type)
+    if music is not None:
+        return "music", music
     diffusion = diffusion_dir(req.model, req.model_file, req.model_path, req.pipeline_type)
     if diffusion is not None:
         return "image", diffusion

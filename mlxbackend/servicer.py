@@ -12,6 +12,7 @@ from mlxbackend.distributed.group import forwarded
 from mlxbackend.errors import InvalidInput, Unsupported
 from mlxbackend.host import LoadRequest, ModelHost
 from mlxbackend.image.generate import ImageRequest
+from mlxbackend.music import SongRequest
 from mlxbackend.proto import backend_pb2 as pb
 from mlxbackend.quantize import config as quantize_config
 from mlxbackend.text.chat import ChatMessage, PromptSpec
@@ -25,7 +26,6 @@ from mlxbackend.vision.media import Media
 # RPCs whose capability has not landed yet, and what would provide it.
 PENDING = {
     "GenerateVideo": "video generation",
-    "SoundGeneration": "sound generation",
     "Detect": "object detection",
     "AudioEncode": "audio codec (served by LocalAI's opus backend)",
     "AudioDecode": "audio codec (served by LocalAI's opus backend)",
@@ -156,6 +156,17 @@ class Servicer:
         yield pb.Reply(message=json.dumps({"sample_rate": speech.sample_rate}).encode())
         async for pcm in self.host.tts.chunks(speech):
             yield pb.Reply(audio=pcm)
+
+    async def SoundGeneration(self, request, context):
+        done = await self.host.music.generate(sound_request(request))
+        return pb.Result(
+            success=True,
+            message=(
+                f"wrote {done.dst}: {done.seconds:.2f} s of music, {done.sample_rate} Hz PCM16 "
+                f"{'stereo' if done.channels == 2 else 'mono'}, seed {done.seed}, "
+                f"{done.steps} flow steps"
+            ),
+        )
 
     async def Embedding(self, request, context):
         vector, _ = await self.host.embed.embed(
@@ -421,6 +432,31 @@ def text_request(request):
         json_schema=request.Metadata.get("json_schema", ""),
     )
     return spec, req
+
+
+def sound_request(request) -> SongRequest:
+    """SoundGenerationRequest → SongRequest (an optional field left unset stays None)."""
+
+    def opt(name: str):
+        return getattr(request, name) if request.HasField(name) else None
+
+    return SongRequest(
+        text=request.text,
+        dst=request.dst,
+        duration=opt("duration"),
+        temperature=opt("temperature"),
+        sample=opt("sample"),
+        src=request.src,
+        src_divisor=opt("src_divisor"),
+        think=opt("think"),
+        caption=request.caption,
+        lyrics=opt("lyrics"),
+        bpm=opt("bpm"),
+        keyscale=request.keyscale,
+        language=request.language,
+        timesignature=request.timesignature,
+        instrumental=opt("instrumental"),
+    )
 
 
 def tts_language(request) -> str:

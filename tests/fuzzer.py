@@ -924,7 +924,7 @@ def stop_job(channel, rpc: str, reply_bytes: bytes) -> str:
     return job
 
 
-STATES = ("none", "text", "encoder", "whisper", "sd3", "vlm", "vad")
+STATES = ("none", "text", "encoder", "whisper", "sd3", "vlm", "vad", "music")
 
 
 def build_models(box: Sandbox, states) -> None:
@@ -962,6 +962,10 @@ def build_models(box: Sandbox, states) -> None:
         (models / "silero").mkdir(exist_ok=True)
         shutil.copy(data / "silero_vad.onnx", models / "silero" / "silero_vad.onnx")
         box.models["vad"] = models / "silero"
+    if "music" in states:
+        from tests.tiny_music import build_tiny_music
+
+        box.models["music"] = build_tiny_music(models / "tiny-music")
     box.extras["wav"] = write_wav(box.root / "tone.wav")
     box.extras["dataset"] = write_dataset(box.root / "train.jsonl")
     open_tree(models)

@@ -91,14 +91,19 @@ def resolve_model_path(model: str, model_file: str = "", model_path: str = "") -
 
 
 def _from_hub(repo_id: str, tried: list):
-    """Find repo_id in the local HF cache, else download it (Mac users); None if neither works."""
-    from huggingface_hub import snapshot_download
+    """An mlx-lm model's files (DEFAULT_ALLOW_PATTERNS) from the hub; None if not found."""
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
+    return hub_snapshot(repo_id, tried, DEFAULT_ALLOW_PATTERNS)
+
+
+def hub_snapshot(repo_id: str, tried: list, patterns: list):
+    """Find repo_id's files matching `patterns` in the local HF cache, else download them (Mac
+    users); None if neither works, with what was tried appended to `tried`."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return Path(
-            snapshot_download(repo_id, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS)
-        )
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
     except Exception:
         tried.append(
             f"HF cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'}) for {repo_id}"
@@ -107,9 +112,7 @@ def _from_hub(repo_id: str, tried: list):
         tried.append(f"download of {repo_id} (skipped: HF_HUB_OFFLINE is set)")
         return None
     try:
-        return Path(
-            snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS, etag_timeout=10)
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
     except Exception as exc:  # network down, unknown repo, gated repo…
         tried.append(
             f"download of {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mlxbackend.errors import InvalidInput, NotFound, Unsupported
-from mlxbackend.text.models import local_candidates
+from mlxbackend.text.models import hub_snapshot, local_candidates
 
 TTS_TYPES = ("tts", "kokoro", "soprano", "text-to-speech")
 SERVED = {"kokoro": "mlxbackend.tts.kokoro", "soprano": "mlxbackend.tts.soprano"}
@@ -95,22 +95,10 @@ def tts_source(model: str, model_file: str = "", model_path: str = "", model_typ
 def _from_hub(repo_id: str, tried: list):
     """A Kokoro snapshot (config, weights and voices) from the HF cache, else downloaded."""
     tried = [str(p) for p in tried]
-    if not repo_id or os.path.isabs(repo_id) or repo_id.count("/") != 1:
-        if not repo_id:
-            raise InvalidInput("LoadModel needs Model (a TTS model folder) or ModelFile")
-        raise NotFound(f"TTS model {repo_id!r} not found; tried: {', '.join(tried) or 'nothing'}")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "voices/*"]
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
-    except Exception:
-        tried.append(f"HF cache for {repo_id}")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        tried.append(f"download of {repo_id} (skipped: HF_HUB_OFFLINE is set)")
-    else:
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
-        except Exception as exc:
-            tried.append(f"download of {repo_id} ({type(exc).__name__})")
-    raise NotFound(f"TTS model {repo_id!r} not found; tried: {', '.join(tried)}")
+    if not repo_id:
+        raise InvalidInput("LoadModel needs Model (a TTS model folder) or ModelFile")
+    if not os.path.isabs(repo_id) and repo_id.count("/") == 1:
+        found = hub_snapshot(repo_id, tried, ["*.json", "*.safetensors", "voices/*"])
+        if found is not None:
+            return found
+    raise NotFound(f"TTS model {repo_id!r} not found; tried: {', '.join(tried) or 'nothing'}")

@@ -1,4 +1,4 @@
-"""What every TTS family shares: float audio → PCM16, and the WAV file written atomically."""
+"""What every TTS family (and music generation) shares: float audio → PCM16, and the WAV file written atomically."""
 
 import wave
 from pathlib import Path
@@ -14,10 +14,10 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
 
 
-def check_dst(dst: str) -> Path:
+def check_dst(dst: str, rpc: str = "TTS") -> Path:
     """dst must name a file in an existing folder (checked before any synthesis)."""
     if not dst:
-        raise InvalidInput("TTS needs dst, the path of the WAV file to write")
+        raise InvalidInput(f"{rpc} needs dst, the path of the WAV file to write")
     target = Path(dst)
     if target.is_dir():
         raise InvalidInput(f"cannot write {dst}: it is a folder")
@@ -27,13 +27,14 @@ def check_dst(dst: str) -> Path:
 
 
 def write_wav(dst: str, chunks: list, sample_rate: int) -> None:
-    """PCM16 mono WAV, written atomically (publish.atomic_file): complete under its name, or
-    the previous file untouched. A full disk raises NoSpace."""
+    """PCM16 WAV, mono or (chunks of shape (samples, channels)) interleaved, written atomically
+    (publish.atomic_file): complete under its name, or the previous file untouched. A full disk
+    raises NoSpace."""
     target = check_dst(dst)
     try:
         with publish.atomic_file(target) as f:
             with wave.open(f, "wb") as w:
-                w.setnchannels(1)
+                w.setnchannels(chunks[0].shape[1] if chunks and chunks[0].ndim == 2 else 1)
                 w.setsampwidth(2)
                 w.setframerate(sample_rate)
                 for chunk in chunks:
