@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from mlxbackend import BACKEND_NAME
+from mlxbackend import BACKEND_NAME, malloc
 from mlxbackend.audio import whisper_dir
 from mlxbackend.audio.engine import AudioEngine
 from mlxbackend.distributed.group import DistributedGroup
@@ -97,6 +97,7 @@ class ModelHost:
         self.name = ""  # its path, for messages
         self.loading = ""  # the kind being loaded
         self.lock = asyncio.Lock()  # LoadModel and Free one at a time
+        self.malloc_mmap = 0  # glibc's mmap threshold set for the loaded kind (malloc.py), or 0
 
     # -- LoadModel ----------------------------------------------------------------------------
     async def load(self, req: LoadRequest) -> str:
@@ -112,6 +113,7 @@ class ModelHost:
                 return "MLX backend ready (job process, no model loaded)"
             kind, where = await asyncio.to_thread(model_kind, req, options, self.distributed)
             await self._empty(f"replaced by LoadModel of {req.model or req.model_file or where}")
+            self.malloc_mmap = malloc.apply(kind)  # glibc thresholds for this kind (Linux)
             self.loading = kind
             try:
                 message = await self._load(kind, where, req, options)
@@ -271,6 +273,8 @@ class ModelHost:
         else:
             state = "BUSY" if self.loading else "UNINITIALIZED"
         memory = self.text.memory() if self.text.current is not None else self.embed.memory()
+        if self.malloc_mmap:
+            memory["malloc_mmap_threshold"] = self.malloc_mmap
         return Status(state, memory, usage_total(memory))
 
     # -- the vector store ------------------------------------------------------------------------

@@ -17,6 +17,14 @@ fi
 # glibc malloc (Linux): two arenas and a fixed mmap threshold, so freed request buffers go back to
 # the OS instead of staying in per-thread arenas (soak at concurrency 8: 1.7 GB → 1.3 GB RSS,
 # README "Reliability"). No effect on macOS; the caller's own settings win.
+# With run.sh's thresholds the server may change them per model kind (mlxbackend/malloc.py).
+if [ -z "${MALLOC_MMAP_THRESHOLD_:-}" ] && [ -z "${MALLOC_TRIM_THRESHOLD_:-}" ]; then
+  export MLXB_MALLOC=run.sh
+fi
+# With run.sh's thresholds the server may change them per model kind (mlxbackend/malloc.py).
+if [ -z "${MALLOC_MMAP_THRESHOLD_:-}" ] && [ -z "${MALLOC_TRIM_THRESHOLD_:-}" ]; then
+  export MLXB_MALLOC=run.sh
+fi
 export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-131072}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-131072}"

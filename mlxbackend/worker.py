@@ -21,6 +21,7 @@ at its pause point (the host uses this when a model is freed or replaced).
 Results cross into asyncio through `loop.call_soon_threadsafe`; the event loop never runs MLX."""
 
 import asyncio
+import gc
 import queue
 import threading
 from concurrent.futures import Future
@@ -130,6 +131,20 @@ class Worker:
 
     async def run(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
+
+    async def release(self, owner, exc: BaseException, forget) -> None:
+        """Free / LoadModel of a model: end owner's paused tasks with exc, call forget() (drop
+        the references), then collect and return MLX's buffer cache, all on the worker."""
+
+        def drop():
+            import mlx.core as mx
+
+            self.abort_owned(owner, exc)
+            forget()
+            gc.collect()
+            mx.clear_cache()
+
+        await self.run(drop)
 
     def add(self, stepper, owner=None) -> Future:
         """Drive a stepper (`step() -> keep going?`, `abort(exc)`) as a task, one step per turn."""

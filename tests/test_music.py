@@ -180,6 +180,7 @@ def test_bad_inputs(server, music, tmp_path):
         ({"sample": False}, "always samples"),
         ({"src": str(ok)}, "text only"),
         ({"think": True}, "thinking"),
+        ({"bpm": 0}, "beats per minute"),
         ({"instrumental": True}, "one or the other"),
         ({"lyrics": "la " * 6000}, "prompt tokens"),
         ({"dst": str(tmp_path / "no" / "x.wav")}, "does not exist"),
@@ -208,13 +209,30 @@ def test_bad_inputs(server, music, tmp_path):
     load(server, music, Options=OPTIONS)
 
 
-def test_text_model_refuses(tiny_dir, tmp_path):
+def malloc_mmap(srv) -> int:
+    return srv.stub.Status(pb.HealthMessage(), timeout=5).memory.breakdown.get(
+        "malloc_mmap_threshold", 0
+    )
+
+
+def test_text_model_refuses(server, tiny_dir, tmp_path):
+    """SoundGeneration with a text model loaded: FAILED_PRECONDITION. And glibc's thresholds
+    follow the kind loaded (mlxbackend/malloc.py): large for music, run.sh's for text, untouched
+    when the caller set MALLOC_MMAP_THRESHOLD_ itself."""
+    assert malloc_mmap(server) == 32 * 2**20
     srv = Server()
     try:
         load(srv, tiny_dir)
+        assert malloc_mmap(srv) == 128 * 1024
         got, details = status(lambda: song(srv, tmp_path / "x.wav", timeout=60))
         assert got.name == "FAILED_PRECONDITION" and "music model" in details, details
         assert srv.healthy()
+    finally:
+        srv.stop()
+    srv = Server(env={"MALLOC_MMAP_THRESHOLD_": "262144"})
+    try:
+        load(srv, tiny_dir)
+        assert malloc_mmap(srv) == 0
     finally:
         srv.stop()
 

@@ -6,7 +6,6 @@ segments reach the caller window by window through the request's Job while it ru
 request stops at the next window; a Free or LoadModel (host.py) ends it with ABORTED."""
 
 import asyncio
-import gc
 from pathlib import Path
 
 from mlxbackend.audio import diarize as diarize_mod
@@ -56,20 +55,15 @@ class AudioEngine:
         if self.current is None:
             self.diarizer = None
             return
+        exc = Aborted(f"transcription aborted: {reason}")
+        await self.worker.release(self.current, exc, self.forget)
 
-        def drop():
-            import importlib
+    def forget(self):
+        import importlib
 
-            import mlx.core as mx
-
-            self.worker.abort_owned(self.current, Aborted(f"transcription aborted: {reason}"))
-            self.current = self.diarizer = None
-            holder = importlib.import_module("mlx_whisper.transcribe").ModelHolder
-            holder.model = holder.model_path = None  # mlx-whisper's own reference
-            gc.collect()
-            mx.clear_cache()
-
-        await self.worker.run(drop)
+        self.current = self.diarizer = None
+        holder = importlib.import_module("mlx_whisper.transcribe").ModelHolder
+        holder.model = holder.model_path = None  # mlx-whisper's own reference
 
     def model(self):
         if self.current is None:

@@ -7,7 +7,6 @@ atomically. A client that goes away stops it at the next step; a Free or LoadMod
 ends it with ABORTED there."""
 
 import asyncio
-import gc
 import sys
 import threading
 from dataclasses import dataclass
@@ -48,18 +47,12 @@ class MusicEngine:
         return self.current
 
     async def free(self, reason: str = "the music model was freed"):
-        if self.current is None:
-            return
+        if self.current is not None:
+            exc = Aborted(f"music generation aborted: {reason}")
+            await self.worker.release(self.current, exc, self.forget)
 
-        def drop():
-            import mlx.core as mx
-
-            self.worker.abort_owned(self.current, Aborted(f"music generation aborted: {reason}"))
-            self.current = None
-            gc.collect()
-            mx.clear_cache()
-
-        await self.worker.run(drop)
+    def forget(self):
+        self.current = None
 
     def model(self):
         mm = self.current

@@ -14,7 +14,8 @@ call), and runs off the worker."""
 
 import math
 import random
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ class MusicModel:
     settings: Settings
     sample_rate: int
     family: str = "minimax_music3"
+    tokenizing: threading.Lock = field(default_factory=threading.Lock)  # one encode at a time
 
     def describe(self) -> str:
         return f"MiniMax Music 3 {self.path} ({self.sample_rate} Hz stereo)"
@@ -121,7 +123,8 @@ def plan_song(mm: MusicModel, req: SongRequest) -> Song:
     duration = mm.settings.duration if req.duration is None else float(req.duration)
     if not math.isfinite(duration) or not 0 < duration <= MAX_SECONDS:
         raise InvalidInput(f"duration {req.duration}: must be more than 0 and at most 360 seconds")
-    ids = mm.tokenizer(assemble_prompt(description, lyrics), return_tensors="np")["input_ids"]
+    with mm.tokenizing:  # requests plan in threads; a fast tokenizer is not re-entrant
+        ids = mm.tokenizer(assemble_prompt(description, lyrics), return_tensors="np")["input_ids"]
     if ids.shape[1] > MAX_PROMPT_TOKENS:
         raise InvalidInput(
             f"the description and lyrics make {ids.shape[1]} prompt tokens; "
@@ -155,8 +158,10 @@ def describe(req: SongRequest) -> str:
         parts = parts[:1]
     if not parts:
         raise InvalidInput("SoundGeneration needs text (or caption): a description of the music")
-    for field, tag in TAGS:
-        value = getattr(req, field)
+    if req.bpm is not None and not 0 < req.bpm < 1000:
+        raise InvalidInput(f"bpm {req.bpm}: expected beats per minute, 1 to 999")
+    for name, tag in TAGS:
+        value = getattr(req, name)
         if value not in (None, ""):
             parts.append(f"<|{tag} {str(value).strip()}|>")
     if req.language and req.language.strip():

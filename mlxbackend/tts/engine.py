@@ -9,7 +9,6 @@ and writes the WAV atomically; TTSStream hands each segment's PCM16 on as it is 
 
 import asyncio
 import contextlib
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,18 +53,12 @@ class TtsEngine:
         return self.current
 
     async def free(self, reason: str = "the TTS model was freed"):
-        if self.current is None:
-            return
+        if self.current is not None:
+            exc = Aborted(f"speech synthesis aborted: {reason}")
+            await self.worker.release(self.current, exc, self.forget)
 
-        def drop():
-            import mlx.core as mx
-
-            self.worker.abort_owned(self.current, Aborted(f"speech synthesis aborted: {reason}"))
-            self.current = None
-            gc.collect()
-            mx.clear_cache()
-
-        await self.worker.run(drop)
+    def forget(self):
+        self.current = None
 
     def model(self):
         tm = self.current

@@ -1,7 +1,6 @@
 """VAD capability: the loaded Silero model, and requests run on the shared MLX worker."""
 
 import asyncio
-import gc
 from pathlib import Path
 
 from mlxbackend.errors import Aborted, NotLoaded
@@ -22,18 +21,11 @@ class VadEngine:
         return self.current
 
     async def free(self, reason: str = "the VAD model was freed"):
-        if self.current is None:
-            return
+        if self.current is not None:
+            await self.worker.release(self.current, Aborted(f"VAD aborted: {reason}"), self.forget)
 
-        def drop():
-            import mlx.core as mx
-
-            self.worker.abort_owned(self.current, Aborted(f"VAD aborted: {reason}"))
-            self.current = None
-            gc.collect()
-            mx.clear_cache()
-
-        await self.worker.run(drop)
+    def forget(self):
+        self.current = None
 
     # -- requests ----------------------------------------------------------------------------
     async def detect(self, samples) -> list:
