@@ -4,9 +4,10 @@ no-op).
 run.sh starts the server with fixed 128 KiB thresholds. Under sustained text load, freed request
 buffers then go back to the OS and RSS stays flat (README "Reliability"). But the same settings make
 every buffer over 128 KiB a fresh mmap. Speech and music generation are slowed by that: one request
-at a time makes large, short-lived buffers. Measured on Soprano-80M's shapes, three runs each:
-default malloc 13.8-14.3 s, run.sh's settings 14.9-18.3 s, and run.sh's settings with the large
-thresholds below set at run time 14.0-14.5 s.
+at a time makes large, short-lived buffers. mlx-audio's Soprano on Soprano-80M's shapes, two
+rounds of three runs: default malloc 13.8-15.7 s, run.sh's settings 13.8-18.3 s, run.sh's
+settings with the large thresholds below set at run time 12.6-14.5 s. Through gRPC against the
+default-malloc raw side: 0.89 of its speed before, 1.05 after (README, "Soprano").
 
 So the host sets the thresholds with `mallopt` at each LoadModel: run.sh's for every kind but TTS
 and music, and large ones for those two. It does this only when run.sh chose the thresholds
