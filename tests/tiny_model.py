@@ -263,19 +263,26 @@ A long time ago the best baker in the valley lived at the foot of a hill.
 """
 
 
-def train_tokenizer() -> Tokenizer:
-    """Train a byte-level BPE tokenizer on the inline corpus."""
+def byte_bpe(corpus: str, vocab_size: int, special: list) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on `corpus`, with `special` added as special tokens
+    (the tiny test models' tokenizers)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=1,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok
+
+
+def train_tokenizer() -> Tokenizer:
+    """Train a byte-level BPE tokenizer on the inline corpus."""
+    tok = byte_bpe(CORPUS, BPE_VOCAB_SIZE, SPECIAL_TOKENS)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
     return tok
 

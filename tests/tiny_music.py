@@ -20,9 +20,9 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-from tests.tiny_model import added_tokens_decoder
+from tests.tiny_model import added_tokens_decoder, byte_bpe
 
 SPECIAL = [
     "<|im_start|>",
@@ -47,17 +47,7 @@ IDS = {  # text ids stay below 400; then the CFG and end tokens, then the audio 
 
 
 def tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=330,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok = byte_bpe(CORPUS, 330, SPECIAL)
     assert tok.get_vocab_size() < IDS["audio_cfg_token_id"]
     return tok
 

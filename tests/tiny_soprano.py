@@ -20,9 +20,9 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
-from tests.tiny_model import added_tokens_decoder
+from tests.tiny_model import added_tokens_decoder, byte_bpe
 
 SPECIAL = ["[STOP]", "[TEXT]", "[START]"]
 CORPUS = """Hello there, how are you today?
@@ -44,18 +44,7 @@ DECODER = {  # Soprano-80M's decoder fields
 
 
 def tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    return tok
+    return byte_bpe(CORPUS, 320, SPECIAL)
 
 
 TINY = {
