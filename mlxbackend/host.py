@@ -68,6 +68,8 @@ class LoadRequest:
     media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
     cache_type_k: str = ""  # LocalAI's cache_type_k / cache_type_v (text/kv_quant.py)
     cache_type_v: str = ""
+    rope: dict = field(default_factory=dict)  # ModelOptions Rope*/Yarn* by field name
+    grammar_triggers: list = field(default_factory=list)  # ModelOptions GrammarTriggers words
     raw: object = None  # the LoadModel message itself, forwarded as is to a distributed rank 0
 
 
@@ -167,6 +169,8 @@ class ModelHost:
             media_limits=dict(req.media_limits),
             cache_type_k=req.cache_type_k,
             cache_type_v=req.cache_type_v,
+            rope=dict(req.rope),
+            grammar_triggers=list(req.grammar_triggers),
         )
         self.embed.configure(options)
         tm = await self.text.load(spec)

@@ -344,6 +344,16 @@ def load_request(request) -> LoadRequest:
         },
         cache_type_k=request.CacheTypeKey,
         cache_type_v=request.CacheTypeValue,
+        rope={
+            "RopeFreqBase": request.RopeFreqBase,
+            "RopeFreqScale": request.RopeFreqScale,
+            "RopeScaling": request.RopeScaling,
+            "YarnExtFactor": request.YarnExtFactor,
+            "YarnAttnFactor": request.YarnAttnFactor,
+            "YarnBetaFast": request.YarnBetaFast,
+            "YarnBetaSlow": request.YarnBetaSlow,
+        },
+        grammar_triggers=[t.word for t in request.GrammarTriggers],
         raw=request,
     )
 
@@ -420,6 +430,11 @@ def text_request(request):
         logit_bias=request.LogitBias,
         seed=request.Seed,
         ignore_eos=request.IgnoreEOS,
+        typical_p=request.TypicalP,
+        tail_free_z=request.TailFreeSamplingZ,
+        mirostat=request.Mirostat,
+        mirostat_tau=request.MirostatTAU,
+        mirostat_eta=request.MirostatETA,
     )
     req = GenerationRequest(
         sampling=sampling,
@@ -430,6 +445,8 @@ def text_request(request):
         num_draft=request.NDraft,
         grammar=request.Grammar,
         json_schema=request.Metadata.get("json_schema", ""),
+        negative_prompt=request.NegativePrompt,
+        rope_freq=(request.RopeFreqBase, request.RopeFreqScale),
     )
     return spec, req
 

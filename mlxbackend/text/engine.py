@@ -15,12 +15,19 @@ from mlxbackend.errors import (
     OutOfMemory,
     Overloaded,
 )
+from mlxbackend.options import number_option
 from mlxbackend.text import batch, chat, memory, prefix_cache, warm
 from mlxbackend.text.batch import BatchDriver
-from mlxbackend.text.generate import Finish, GenerationRequest, run, token_budget
+from mlxbackend.text.generate import (
+    Finish,
+    GenerationRequest,
+    refuse_unhonoured,
+    run,
+    token_budget,
+)
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
 from mlxbackend.text.parse import Delta
-from mlxbackend.text.sampling import validate
+from mlxbackend.text.sampling import validate, with_option_defaults
 from mlxbackend.vision import prompt as vision_prompt
 from mlxbackend.worker import Job, Worker, pause
 
@@ -129,7 +136,11 @@ class TextEngine:
         """Validate and render off the event loop (tokenizers are thread-safe)."""
         req.received = time.perf_counter()
         tm = self.model()
+        with_option_defaults(req.sampling, tm.options)
+        if not req.max_tokens:
+            req.max_tokens = number_option(tm.options, "max_tokens", int, low=0, default=0)
         validate(req.sampling)
+        refuse_unhonoured(tm, req)
         chat.check_length(tm.tokenizer, spec, tm.context_size)
         if spec.media:
             prompt = await self.media_prompt(tm, spec)
@@ -400,7 +411,7 @@ class TextEngine:
             "requests_in_flight": self.inflight, "kv_reserved": self.kv_reserved, "batch_slots": slots,
             "kv_budget": tm.kv_budget if tm is not None else 0,
             "prompt_cache_entries": len(lru) if lru is not None else 0,
-            "prompt_cache_max_entries": int(options.get("prompt_cache_entries", prefix_cache.DEFAULT_ENTRIES)),
+            "prompt_cache_max_entries": prefix_cache.max_entries(options),
             "prompt_cache_budget": int(options.get("prompt_cache_bytes", prefix_cache.DEFAULT_BYTES)),
             "mlx_cache_limit": memory.mlx_cache_limit(), "mlx_peak": mx.get_peak_memory(),
             "wired_limit": memory.wired_limit(), "metal": int(memory.metal()),

@@ -29,6 +29,8 @@ class GenerationRequest:
     constraint: object = None  # built from grammar/json_schema by the engine (text/grammar.py)
     adapter: str | None = None  # hot-swapped LoRA adapter (Metadata "lora"), None = base model
     received: float = 0.0  # perf_counter when the engine got it (TTFT overhead, Status)
+    negative_prompt: str = ""  # refused when set (README "Request fields")
+    rope_freq: tuple = (0.0, 0.0)  # PredictOptions RopeFreqBase/Scale: refused when set
 
 
 @dataclass
@@ -92,12 +94,46 @@ def token_budget(tm: TextModel, prompt: Prompt, max_tokens: int) -> int:
     return min(max_tokens, room) if max_tokens else room
 
 
+def refuse_unhonoured(tm: TextModel, req: GenerationRequest) -> None:
+    """Request fields this backend cannot honour are refused when set to values that would
+    change the reply (README "Request fields"), never silently dropped."""
+    if req.negative_prompt:
+        raise InvalidInput(
+            "NegativePrompt (classifier-free guidance for text generation) is not supported by "
+            "this backend; leave it empty"
+        )
+    if any(req.rope_freq):
+        raise InvalidInput(
+            f"RopeFreqBase={req.rope_freq[0]} / RopeFreqScale={req.rope_freq[1]} per request: "
+            "RoPE comes from the model's config.json here; leave them 0"
+        )
+    if tm.grammar_triggers and (req.grammar or req.json_schema):
+        raise InvalidInput(
+            f"GrammarTriggers {list(tm.grammar_triggers)!r} (a lazy grammar started by a "
+            "trigger word) are not supported: this backend enforces Grammar from the first "
+            "token; load the model without grammar triggers"
+        )
+    if req.sampling.mirostat:
+        req.num_draft = -1  # Mirostat's mu moves token by token: no speculative batches
+
+
 def sampling_for(tm: TextModel, req: GenerationRequest):
     """This request's sampler (own RNG key) and logits processors (penalties, bias, grammar)."""
     vocab = tm.model.args.vocab_size if hasattr(tm.model, "args") else len(tm.tokenizer)
     return (
-        make_sampler(req.sampling, vocab),
+        make_sampler(
+            req.sampling,
+            vocab,
+            xtc_special_ids(tm.tokenizer) if req.sampling.xtc_probability > 0 else (),
+        ),
         make_processors(req.sampling, vocab, tm.tokenizer.eos_token_ids, req.constraint),
+    )
+
+
+def xtc_special_ids(tokenizer) -> list:
+    """Tokens XTC never drops: EOS and newline, as mlx-lm's server and LocalAI's mlx pass."""
+    return sorted(
+        set(tokenizer.eos_token_ids) | set(tokenizer.encode("\n", add_special_tokens=False))
     )
 
 

@@ -29,6 +29,12 @@ class LoadSpec:
     media_limits: dict = field(default_factory=dict)  # image/video/audio → Limit*PerPrompt
     cache_type_k: str = ""  # ModelOptions CacheTypeKey / CacheTypeValue (text/kv_quant.py)
     cache_type_v: str = ""
+    rope: dict = field(default_factory=dict)  # ModelOptions Rope*/Yarn*: refused when set
+    grammar_triggers: list = field(default_factory=list)  # ModelOptions GrammarTriggers words
+
+
+# LocalAI's mlx backend passes these Options to the tokenizer (mlx-lm's tokenizer_config).
+TOKENIZER_OPTIONS = ("pad_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TextModel:
     max_kv_size: int = 0  # > 0: a rotating KV cache of this many tokens (Options max_kv_size)
     warmed: object = None  # warm prompts prefilled at load (text/warm.py Warmed), or None
     ssd: object = None  # the prefix cache's SSD tier (text/ssd_cache.py Tier), or None
+    grammar_triggers: tuple = ()  # ModelOptions GrammarTriggers: a Grammar with them is refused
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -165,6 +172,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
 
     from mlxbackend.text.kv_quant import check_model, kv_type, plain_layers
 
+    refuse_rope(spec.rope)
     kv = kv_type(spec.cache_type_k, spec.cache_type_v, spec.options)
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     raw_config = read_config(path)
@@ -187,12 +195,25 @@ def load_text_model(spec: LoadSpec) -> TextModel:
                 "models yet: leave cache_type_k / cache_type_v unset (f16) for this one"
             )
         return _load_vision_model(spec, path, int(context), budget)
-    model, tokenizer, config = load(
-        str(path),
-        model_config=fix_config(raw_config),
-        return_config=True,
-        trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
-    )
+    trust = spec.trust_remote_code or bool(spec.options.get("trust_remote_code"))
+    tokenizer_config = {k: str(spec.options[k]) for k in TOKENIZER_OPTIONS if k in spec.options}
+    if trust:  # mlx-lm's load passes trust_remote_code to the model only, not the tokenizer
+        tokenizer_config["trust_remote_code"] = True
+    try:
+        model, tokenizer, config = load(
+            str(path),
+            tokenizer_config=tokenizer_config,
+            model_config=fix_config(raw_config),
+            return_config=True,
+            trust_remote_code=trust,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise InvalidInput(
+            f"{path.name} ships its own code (tokenizer or model); load it with TrustRemoteCode "
+            "or Options trust_remote_code:true if you trust it"
+        ) from None
     for token in str(spec.options.get("eos_token", "")).split(","):
         if token.strip():
             try:
@@ -241,7 +262,21 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         kv_budget=budget,
         kv=kv,
         max_kv_size=max_kv_size,
+        grammar_triggers=tuple(w for w in spec.grammar_triggers if w),
     )
+
+
+def refuse_rope(rope: dict) -> None:
+    """ModelOptions RoPE overrides (llama.cpp's rope_freq_base / rope_freq_scale / rope_scaling /
+    yarn_*) would change every logit; MLX models take RoPE from config.json, so a set one is
+    refused, naming it, instead of being silently ignored (0 / "" = unset, what LocalAI sends)."""
+    bad = {k: v for k, v in rope.items() if v not in (0, 0.0, "", "none")}
+    if bad:
+        raise InvalidInput(
+            f"{', '.join(f'{k}={v!r}' for k, v in bad.items())}: RoPE overrides are not applied "
+            "by this backend; set rope_theta / rope_scaling in the model's config.json instead "
+            '(README "Request fields")'
+        )
 
 
 def _load_vision_model(spec: LoadSpec, path: Path, context: int, budget: int) -> TextModel:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlxbackend import publish
 from mlxbackend.errors import NoSpace
+from mlxbackend.options import number_option
 from mlxbackend.text import ssd_cache
 from mlxbackend.text.models import TextModel
 
@@ -32,6 +33,12 @@ class Hit:
     from_ssd: int = 0  # of `cached`, tokens read from the SSD tier
 
 
+def max_entries(options: dict) -> int:
+    """Options prompt_cache_entries, else max_cache_entries (LocalAI's mlx backend's name)."""
+    key = "prompt_cache_entries" if "prompt_cache_entries" in options else "max_cache_entries"
+    return number_option(options, key, int, low=1, default=DEFAULT_ENTRIES)
+
+
 def cache_for(tm: TextModel):
     """The model's prefix cache (created on first use), or None when disabled by Options."""
     if tm.options.get("prompt_cache", True) is False:
@@ -40,7 +47,7 @@ def cache_for(tm: TextModel):
         from mlx_lm.models.cache import LRUPromptCache
 
         tm.prompt_cache = LRUPromptCache(
-            max_size=int(tm.options.get("prompt_cache_entries", DEFAULT_ENTRIES)),
+            max_size=max_entries(tm.options),
             max_bytes=int(tm.options.get("prompt_cache_bytes", DEFAULT_BYTES)),
         )
         folder = _folder(tm)

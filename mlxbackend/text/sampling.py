@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.options import number_option
 
 
 @dataclass
@@ -19,9 +20,43 @@ class SamplingParams:
     logit_bias: str = ""
     seed: int = 0
     ignore_eos: bool = False
+    typical_p: float = 0.0  # 0 or 1 = off (LocalAI sends 1)
+    tail_free_z: float = 0.0  # 0 or 1 = off (LocalAI sends 1)
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    mirostat: int = 0  # 0 = off, 1 or 2 = llama.cpp's Mirostat versions
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
 
 DEFAULT_PENALTY_WINDOW = 64
+
+# Options keys (LocalAI's mlx backend reads the first seven) → SamplingParams field and type.
+# A request field left at 0 takes the Options value; xtc_* have no request field.
+OPTION_KEYS = {
+    "temperature": ("temperature", float),
+    "temp": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "xtc_probability": ("xtc_probability", float),
+    "xtc_threshold": ("xtc_threshold", float),
+    "seed": ("seed", int),
+    "typical_p": ("typical_p", float),
+    "mirostat": ("mirostat", int),
+    "mirostat_tau": ("mirostat_tau", float),
+    "mirostat_eta": ("mirostat_eta", float),
+}
+ALWAYS_FROM_OPTIONS = {"xtc_probability", "xtc_threshold"}
+
+
+def with_option_defaults(p: SamplingParams, options: dict) -> SamplingParams:
+    """Fill the fields a request left at 0 from the model's Options (their defaults)."""
+    for key, (name, kind) in OPTION_KEYS.items():
+        value = number_option(options, key, kind)
+        if value is not None and (name in ALWAYS_FROM_OPTIONS or not getattr(p, name)):
+            setattr(p, name, value)
+    return p
 
 
 def validate(p: SamplingParams):
@@ -35,6 +70,23 @@ def validate(p: SamplingParams):
         raise InvalidInput(f"MinP must be in [0, 1], got {p.min_p}")
     if p.repeat_penalty < 0:
         raise InvalidInput(f"Penalty (repeat penalty) must be >= 0, got {p.repeat_penalty}")
+    if p.typical_p < 0:
+        raise InvalidInput(f"TypicalP must be in (0, 1] (0 or 1 = off), got {p.typical_p}")
+    if p.tail_free_z < 0:
+        raise InvalidInput(
+            f"TailFreeSamplingZ must be in (0, 1] (0 or 1 = off), got {p.tail_free_z}"
+        )
+    if not 0 <= p.xtc_probability <= 1:
+        raise InvalidInput(f"xtc_probability must be in [0, 1], got {p.xtc_probability}")
+    if not 0 <= p.xtc_threshold <= 0.5:
+        raise InvalidInput(f"xtc_threshold must be in [0, 0.5], got {p.xtc_threshold}")
+    if p.mirostat not in (0, 1, 2):
+        raise InvalidInput(f"Mirostat must be 0 (off), 1 or 2, got {p.mirostat}")
+    if p.mirostat_tau < 0 or p.mirostat_eta < 0:
+        raise InvalidInput(
+            f"MirostatTAU and MirostatETA must be >= 0 (0 = llama.cpp's 5.0 and 0.1), got "
+            f"{p.mirostat_tau} and {p.mirostat_eta}"
+        )
     parse_logit_bias(p.logit_bias, None)
 
 
@@ -56,29 +108,58 @@ def parse_logit_bias(text: str, vocab_size) -> dict:
     return bias
 
 
-def make_sampler(p: SamplingParams, vocab_size: int):
-    """Greedy at temperature 0; else top-k → top-p → min-p, then a categorical draw from a
-    per-request key, so a seed gives the same tokens whatever else runs."""
+def make_sampler(p: SamplingParams, vocab_size: int, special_ids=()):
+    """Greedy at temperature 0; else Mirostat when asked (it replaces the truncation chain, as
+    in llama.cpp), or top-k → tail-free → typical → top-p → min-p → XTC, then a categorical
+    draw from a per-request key, so a seed gives the same tokens whatever else runs.
+    `special_ids` (EOS, newline) are never dropped by XTC, as in mlx-lm's server."""
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
 
+    from mlxbackend.text import samplers
+
     if p.temperature <= 0:
         return greedy_sampler
+    state = {"key": mx.random.key(p.seed & 0xFFFFFFFF)}
+    inv_temp = 1.0 / p.temperature
+
+    def next_key():
+        state["key"], sub = mx.random.split(state["key"])
+        return sub
+
+    if p.mirostat:
+        tau, eta = p.mirostat_tau or 5.0, p.mirostat_eta or 0.1  # 0 = llama.cpp's defaults
+        state["mu"] = mx.array([2.0 * tau])  # llama.cpp's starting mu
+
+        def mirostat(logprobs):
+            mu = mx.broadcast_to(state["mu"][:1], logprobs.shape[:1])
+            token, state["mu"] = samplers.mirostat_step(
+                logprobs * inv_temp, mu, p.mirostat, tau, eta, next_key()
+            )
+            return token
+
+        return mirostat
+    special = mx.array(sorted(set(special_ids)), dtype=mx.int32)
     methods = []
     if 0 < p.top_k < vocab_size:
         methods.append(lambda x: apply_top_k(x, p.top_k))
+    if 0 < p.tail_free_z < 1:
+        methods.append(lambda x: samplers.apply_tail_free(x, p.tail_free_z))
+    if 0 < p.typical_p < 1:
+        methods.append(lambda x: samplers.apply_typical(x, p.typical_p))
     if 0 < p.top_p < 1:
         methods.append(lambda x: apply_top_p(x, p.top_p))
     if p.min_p > 0:
         methods.append(lambda x: apply_min_p(x, p.min_p))
-    state = {"key": mx.random.key(p.seed & 0xFFFFFFFF)}
-    inv_temp = 1.0 / p.temperature
+    if p.xtc_probability > 0:
+        methods.append(
+            lambda x: samplers.apply_xtc(x, p.xtc_probability, p.xtc_threshold, special, next_key())
+        )
 
     def sampler(logprobs):
         for method in methods:
             logprobs = method(logprobs)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
+        return mx.random.categorical(logprobs * inv_temp, key=next_key())
 
     return sampler
 
