@@ -2,10 +2,11 @@
 # One-line installer for the mlxbackend LocalAI backend.
 #
 #   curl -fsSL <raw url of this file> | bash                  # on a Mac
-#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio] [--no-image] [--no-vision] [--with-gguf]
+#   bash scripts/install.sh [--target DIR] [--source SPEC] [--no-default-model] [--no-audio] [--no-image] [--no-vision] [--with-gguf] [--drop-in]
 #
-# Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json), then prints how
-# to register it with LocalAI. Uses uv when present, else python3 -m venv + pip.
+# Lays out a LocalAI backend folder: DIR/run.sh + DIR/venv (+ metadata.json, gallery.yaml), then
+# prints how to register it with LocalAI. --drop-in: it also answers as mlx-vlm and
+# mlx-distributed (sibling folders). Uses uv when present, else python3 -m venv + pip.
 set -euo pipefail
 
 TARGET="${MLXB_TARGET:-${LOCALAI_BACKENDS_PATH:-$HOME/.localai/backends}/mlx}"
@@ -15,6 +16,7 @@ WITH_AUDIO="${MLXB_WITH_AUDIO:-1}"
 WITH_IMAGE="${MLXB_WITH_IMAGE:-1}"
 WITH_VISION="${MLXB_WITH_VISION:-1}"
 WITH_GGUF="${MLXB_WITH_GGUF:-0}"
+DROP_IN="${MLXB_DROP_IN:-0}"
 PYTHON="${PYTHON:-python3}"
 
 while [ $# -gt 0 ]; do
@@ -28,7 +30,8 @@ while [ $# -gt 0 ]; do
     --no-image) WITH_IMAGE=0; shift ;;
     --no-vision) WITH_VISION=0; shift ;;
     --with-gguf) WITH_GGUF=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --drop-in) DROP_IN=1; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -124,9 +127,10 @@ from pathlib import Path
 Path(sys.argv[1]).write_text(r.files("mlxbackend").joinpath("run.sh").read_text())
 PY
 chmod +x "$TARGET/run.sh"
-cat > "$TARGET/metadata.json" <<JSON
-{"name": "$(basename "$TARGET")", "alias": "mlx", "description": "MLX backend (mlxbackend)"}
-JSON
+# metadata.json (LocalAI's BackendMetadata) and gallery.yaml (a backend gallery pointing here)
+GALLERY_ARGS=("$TARGET"); [ "$DROP_IN" = 1 ] && GALLERY_ARGS+=(--drop-in)
+"$TARGET/venv/bin/python" -m mlxbackend.gallery "${GALLERY_ARGS[@]}" >/dev/null \
+  || die "could not write metadata.json / gallery.yaml"
 
 cat <<MSG
 
@@ -137,6 +141,9 @@ Register it with LocalAI, either
       local-ai run --backends-path $(dirname "$TARGET")
   * or explicitly:
       LOCALAI_EXTERNAL_GRPC_BACKENDS="$(basename "$TARGET"):$TARGET/run.sh" local-ai run
+  * or through its backend gallery (installs the folder as metal-mlxbackend on a Mac):
+      local-ai run --backend-galleries '[{"name":"mlxbackend","url":"file://$TARGET/gallery.yaml"}]'
+      local-ai backends install mlxbackend
 
 Then a model YAML in LocalAI's models directory, e.g. qwen.yaml:
   name: qwen
