@@ -508,3 +508,110 @@ def build_tiny_model(out_dir: Path, trained: bool = False, seed: int = 0) -> Pat
         train(model, load_tokenizer(out_dir))
     save_weights(out_dir, model)
     return out_dir
+
+
+# --- Any chat template: a tiny model over-fitted to scripted replies (tests/test_tool_formats) ---
+
+
+def train_on_pairs(model, tokenizer, pairs: list, max_steps: int = 600) -> int:
+    """Over-fit ``model`` until greedy decoding turns every (prompt, target) into target.
+
+    Returns the number of Adam steps taken; raises if ``max_steps`` is not enough."""
+    batch = make_batch(encode_pairs(tokenizer, pairs), tokenizer.pad_token_id)
+    inputs, targets, mask = batch
+    optimizer = optim.Adam(learning_rate=TRAIN_LEARNING_RATE)
+
+    def loss_fn(m):
+        ce = nn.losses.cross_entropy(m(inputs), targets, reduction="none")
+        return (ce * mask).sum() / mask.sum()
+
+    def reproduced() -> bool:
+        for prompt, target in pairs:
+            n = len(tokenizer.encode(target, add_special_tokens=False))
+            if greedy_text(model, tokenizer, prompt, n) != target:
+                return False
+        return True
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    for step in range(1, max_steps + 1):
+        _, grads = loss_and_grad(model)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        if step % TRAIN_CHECK_EVERY == 0 and margins(model, *batch).min().item() >= TRAIN_MARGIN:
+            if reproduced():
+                return step
+    raise RuntimeError("tiny chat model not trained")
+
+
+def write_chat_tokenizer(
+    out_dir: Path, corpus: str, template: str, special: list, eos: list, bos: str | None
+) -> Tokenizer:
+    """tokenizer.json + tokenizer_config.json (``template`` as chat template) for ``special``
+    tokens (the family's markers, each one token) on a BPE trained over ``corpus``."""
+    special = list(dict.fromkeys([PAD_TOKEN, *([bos] if bos else []), *eos, *special]))
+    tok = byte_bpe(corpus, BPE_VOCAB_SIZE, special)
+    tok.save(str(out_dir / "tokenizer.json"))
+    write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "added_tokens_decoder": added_tokens_decoder(tok, special, special),
+            "bos_token": bos,
+            "eos_token": eos[0],
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+            "split_special_tokens": False,
+            "chat_template": template,
+        },
+    )
+    return tok
+
+
+def build_chat_model(
+    out_dir: Path,
+    template: str,
+    special: list,
+    eos: list,
+    conversations: list,
+    bos: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tiny llama folder whose tokenizer has ``special`` tokens and ``template``, over-fitted
+    so that greedy decoding of each rendered conversation reproduces its scripted reply.
+
+    ``conversations``: (messages, tools, template kwargs, reply ending with an ``eos`` token).
+    The BPE is trained on the rendered prompts and replies too, so they stay short."""
+    from mlx_lm.utils import load_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_chat_tokenizer(out_dir, CORPUS, template, special, eos, bos)
+    wrapper = load_tokenizer(out_dir)  # renders as the server does (mlx-lm's thinking default)
+    prompts = [
+        wrapper.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        for messages, tools, kwargs, _ in conversations
+    ]
+    replies = [c[3] for c in conversations]
+    corpus = CORPUS + "\n".join(prompts + replies) + "\n"
+    tok = write_chat_tokenizer(out_dir, corpus, template, special, eos, bos)
+    eos_ids = [tok.token_to_id(t) for t in eos]
+    config = {
+        **MODEL_CONFIG,
+        "vocab_size": tok.get_vocab_size(),
+        "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        "pad_token_id": tok.token_to_id(PAD_TOKEN),
+    }
+    write_json(out_dir / "config.json", config)
+    write_json(
+        out_dir / "generation_config.json",
+        {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
+    )
+    tokenizer = load_tokenizer(out_dir, eos_token_ids=eos_ids)
+    model = make_model(config, seed)
+    train_on_pairs(model, tokenizer, list(zip(prompts, replies, strict=True)))
+    save_weights(out_dir, model)
+    return out_dir

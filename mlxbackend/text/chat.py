@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import InvalidInput, Precondition
+from mlxbackend.text.tool_formats import forced_prefix, format_for
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -250,10 +251,8 @@ def _opens_reasoning(tokenizer, text: str) -> bool:
 
 
 def _forced_prefix(tokenizer, tools: list, choice) -> str:
-    """tool_choice required / a named function: start the reply inside a tool call."""
-    if not tools or choice in ("auto", "none") or not getattr(tokenizer, "has_tool_calling", False):
+    """tool_choice required / a named function: start the reply inside a tool call, in the
+    family's own format (text/tool_formats.py)."""
+    if not tools or choice in ("auto", "none"):
         return ""
-    start = tokenizer.tool_call_start
-    if isinstance(choice, tuple) and tokenizer.tool_parser.__module__.endswith("json_tools"):
-        return f'{start}\n{{"name": "{choice[1]}", "arguments": '
-    return start
+    return forced_prefix(format_for(tokenizer), choice[1] if isinstance(choice, tuple) else None)
