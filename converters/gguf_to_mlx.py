@@ -6,8 +6,17 @@ tensors; Q2_K, Q4_K and Q6_K are expanded to float16 by ``mx.load`` and stored
 unquantized. ``dequantize=True`` turns everything into plain float tensors
 (``dtype="float32"`` is the fast layout on Linux CPUs). All float tensors,
 quantization scales included, are cast to ``dtype`` (see ``default_dtype``).
-Architectures: llama (incl. SmolLM2), qwen2, qwen3. The tokenizer is rebuilt
-from ``tokenizer.ggml.*`` (byte-level BPE only).
+Architectures (GGUF name -> mlx-lm model): llama (incl. SmolLM2 and Mistral),
+qwen2, qwen3, gemma, gemma2, gemma3 (text-only, -> gemma3_text), phi3, granite,
+olmo2, starcoder2, qwen3moe (-> qwen3_moe), qwen2moe (-> qwen2_moe); see
+``ARCHITECTURES``. llama.cpp's Q/K row permutation (llama, granite) and Gemma's
+``1 + w`` RMSNorm weights are undone; MoE experts stay stacked (``switch_mlp``);
+Phi-3 LongRoPE factors become ``rope_scaling``. Where mlx-lm's model differs from
+llama.cpp's, the import cannot help: Gemma 2 has no sliding window there (full
+attention: equal up to the 4096-token window; Phi-3's llama.cpp ignores too),
+LongRoPE always uses the long factors, StarCoder2 uses exact rather than tanh GELU.
+The tokenizer is rebuilt from ``tokenizer.ggml.*``: byte-level BPE (``gpt2``) or
+SentencePiece BPE (``llama``, e.g. Gemma, Mistral, Llama 2).
 
 Usage: ``python -m converters.gguf_to_mlx IN.gguf OUT [--dtype float32] [--dequantize]``
 """
@@ -45,12 +54,124 @@ SUPPORTED_TYPES = NATIVE_TYPES | EXPANDED_TYPES | {"F32", "BF16"}
 GROUP_SIZE = 32
 DTYPES = ("float16", "bfloat16", "float32")
 
-# GGUF architecture -> mlx-lm model_type and whether llama.cpp permuted Q/K rows.
+# GGUF architecture -> mlx-lm model. Keys: model_type/class for config.json;
+# permute_qk: llama.cpp permuted the Q/K rows (undone on import); norm_shift:
+# llama.cpp stored Gemma's RMSNorm weights as 1 + w (mlx-lm adds the 1 itself);
+# names: GGUF tensor names that map differently from _TOP_NAMES/_LAYER_NAMES
+# (None: not loadable by that mlx-lm model);
+# metadata: config key -> (GGUF key below "<arch>.", default; None = required);
+# partial_rotary: rope may cover part of the head; longrope: rope_factors_*
+# tensors become rope_scaling (LongRoPE); always_lm_head: the mlx-lm
+# model cannot tie lm_head to the embedding, so a tied GGUF gets a copy.
+_GEMMA2_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Mixture of experts: llama.cpp stacks the experts as [n_expert, ...] like mlx-lm's SwitchGLU.
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+}
+_MOE_METADATA = {
+    "num_experts": ("expert_count", None),
+    "num_experts_per_tok": ("expert_used_count", None),
+    "moe_intermediate_size": ("expert_feed_forward_length", None),
+}
 ARCHITECTURES = {
     "llama": {"model_type": "llama", "class": "LlamaForCausalLM", "permute_qk": True},
-    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM", "permute_qk": False},
-    "qwen3": {"model_type": "qwen3", "class": "Qwen3ForCausalLM", "permute_qk": False},
+    "qwen2": {"model_type": "qwen2", "class": "Qwen2ForCausalLM"},
+    "qwen3": {"model_type": "qwen3", "class": "Qwen3ForCausalLM"},
+    "gemma": {"model_type": "gemma", "class": "GemmaForCausalLM", "norm_shift": True},
+    "gemma2": {
+        "model_type": "gemma2",
+        "class": "Gemma2ForCausalLM",
+        "norm_shift": True,
+        "names": _GEMMA2_NAMES,
+        "metadata": {
+            "attn_logit_softcapping": ("attn_logit_softcapping", None),
+            "final_logit_softcapping": ("final_logit_softcapping", None),
+        },
+    },
+    "gemma3": {
+        "model_type": "gemma3_text",
+        "class": "Gemma3ForCausalLM",
+        "norm_shift": True,
+        "names": _GEMMA2_NAMES,
+        "metadata": {
+            "sliding_window": ("attention.sliding_window", None),
+            "sliding_window_pattern": ("attention.sliding_window_pattern", 6),
+            "rope_local_base_freq": ("rope.freq_base_swa", 10000.0),
+        },
+    },
+    "phi3": {
+        "model_type": "phi3",
+        "class": "Phi3ForCausalLM",
+        "partial_rotary": True,
+        "longrope": True,
+        # mlx-lm's phi3 has only the fused projections (what llama.cpp's converter writes).
+        "names": {
+            "attn_qkv": "self_attn.qkv_proj",
+            "ffn_up": "mlp.gate_up_proj",
+            **dict.fromkeys(("attn_q", "attn_k", "attn_v", "ffn_gate")),
+        },
+        "metadata": {
+            "original_max_position_embeddings": ("rope.scaling.original_context_length", 4096)
+        },
+    },
+    "granite": {
+        "model_type": "granite",
+        "class": "GraniteForCausalLM",
+        "permute_qk": True,
+        "metadata": {
+            "embedding_multiplier": ("embedding_scale", 1.0),
+            "residual_multiplier": ("residual_scale", 1.0),
+            "attention_multiplier": ("attention.scale", None),
+            "logits_scaling": ("logit_scale", 1.0),
+        },
+    },
+    "olmo2": {
+        "model_type": "olmo2",
+        "class": "Olmo2ForCausalLM",
+        "names": {
+            "post_attention_norm": "post_attention_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
+    },
+    "starcoder2": {
+        "model_type": "starcoder2",
+        "class": "Starcoder2ForCausalLM",
+        "names": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+        "metadata": {"norm_epsilon": ("attention.layer_norm_epsilon", 1e-5)},
+    },
+    "qwen3moe": {
+        "model_type": "qwen3_moe",
+        "class": "Qwen3MoeForCausalLM",
+        "names": _MOE_NAMES,
+        "metadata": _MOE_METADATA,
+    },
+    "qwen2moe": {
+        "model_type": "qwen2_moe",
+        "class": "Qwen2MoeForCausalLM",
+        "always_lm_head": True,
+        "names": {
+            **_MOE_NAMES,
+            "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+            "ffn_up_shexp": "mlp.shared_expert.up_proj",
+            "ffn_down_shexp": "mlp.shared_expert.down_proj",
+            "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+        },
+        "metadata": {
+            **_MOE_METADATA,
+            "shared_expert_intermediate_size": ("expert_shared_feed_forward_length", None),
+        },
+    },
 }
+
+# Phi-3 LongRoPE frequency factors: rope settings, not weights (see rope_scaling).
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -87,7 +208,7 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -282,7 +403,7 @@ def model_config(metadata: dict, tensors: dict) -> dict:
     hidden = get("embedding_length")
     head_dim = metadata.get(f"{arch}.attention.key_length", hidden // n_heads)
     rope_dim = metadata.get(f"{arch}.rope.dimension_count", head_dim)
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and not spec.get("partial_rotary"):
         raise ValueError(
             f"partial rotary embeddings (rope dim {rope_dim} != head dim {head_dim}) are not supported"
         )
@@ -290,6 +411,8 @@ def model_config(metadata: dict, tensors: dict) -> dict:
         raise ValueError(
             "rope frequency factors (rope_freqs.weight, llama3-style rope scaling) are not supported"
         )
+    if _ROPE_FACTORS[0] in tensors and not spec.get("longrope"):
+        raise ValueError(f"LongRoPE factors ({_ROPE_FACTORS[0]}) are not supported for {arch}")
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise ValueError("GGUF has no token_embd.weight tensor")
@@ -310,9 +433,16 @@ def model_config(metadata: dict, tensors: dict) -> dict:
         "vocab_size": embed["shape"][0],
         "tie_word_embeddings": "output.weight" not in tensors,
     }
-    if arch == "llama":
+    if rope_dim != head_dim:
+        config["partial_rotary_factor"] = rope_dim / head_dim
+    if arch in ("llama", "granite"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    for key, (gguf_key, default) in spec.get("metadata", {}).items():
+        value = get(gguf_key, default)
+        config[key] = _float32(value) if isinstance(value, float) else value
+    if arch in _CONFIG_HOOKS:
+        _CONFIG_HOOKS[arch](config, metadata)
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": _float32(get("rope.scaling.factor"))}
@@ -325,36 +455,81 @@ def model_config(metadata: dict, tensors: dict) -> dict:
     return config
 
 
+def _gemma_scale(config: dict, n_layers_27b: int) -> None:
+    """llama.cpp's Gemma attention scale: 1/sqrt(head_dim), but 1/sqrt(hidden/heads)
+    for the 27B models, which it recognises by their layer count."""
+    if config["num_hidden_layers"] == n_layers_27b:
+        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        config["query_pre_attn_scalar"] = config["head_dim"]
+
+
+def _gemma3_config(config: dict, metadata: dict) -> None:
+    _gemma_scale(config, 62)
+    pattern = config["sliding_window_pattern"]
+    if isinstance(pattern, list):  # per-layer flags: mlx-lm only has "every n-th layer is global"
+        n = pattern.index(False) + 1 if False in pattern else len(pattern) + 1
+        if pattern != [(i + 1) % n != 0 for i in range(len(pattern))]:
+            raise ValueError(f"unsupported Gemma 3 sliding-window layer pattern {pattern}")
+        config["sliding_window_pattern"] = pattern = n
+    if config["num_hidden_layers"] < pattern:
+        raise ValueError(
+            f"mlx-lm's gemma3_text needs at least {pattern} layers (sliding-window pattern)"
+        )
+    if metadata.get("gemma3.final_logit_softcapping"):
+        raise ValueError("Gemma 3 final logit softcapping is not supported by mlx-lm")
+
+
+def _olmo2_config(config: dict, metadata: dict) -> None:
+    if metadata.get("olmo2.attention.sliding_window"):
+        raise ValueError("OLMo 3 sliding-window attention (olmo2 GGUF) is not supported")
+
+
+def _qwen3moe_config(config: dict, metadata: dict) -> None:
+    # llama.cpp renormalises the chosen experts' weights for qwen3moe (not for qwen2moe).
+    config.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+
+
+_CONFIG_HOOKS = {
+    "gemma2": lambda config, _: _gemma_scale(config, 46),
+    "gemma3": _gemma3_config,
+    "olmo2": _olmo2_config,
+    "qwen3moe": _qwen3moe_config,
+}
+
+
+def longrope_scaling(path: Path, tensors: dict) -> dict:
+    """Phi-3's LongRoPE ``rope_scaling`` from the ``rope_factors_long/short`` tensors.
+
+    mlx-lm's SuScaledRoPE always applies the long factors (and the attention factor
+    derived from max/original context, as llama.cpp's converter computes it); llama.cpp
+    picks them only when its context is longer than the original one.
+    """
+    factors = {}
+    for name, key in zip(_ROPE_FACTORS, ("long_factor", "short_factor"), strict=True):
+        info = tensors.get(name)
+        if info is None or info["type"] != "F32" or len(info["shape"]) != 1:
+            raise ValueError(f"LongRoPE needs {name} as an F32 vector")
+        raw = np.fromfile(path, dtype="<f4", count=info["shape"][0], offset=info["offset"])
+        factors[key] = [_float32(x) for x in raw]
+    return {"type": "longrope", **factors}
+
+
 # ---------------------------------------------------------------------------
 # Tokenizer
 
 
-def build_tokenizer(metadata: dict):
-    """Rebuild a Hugging Face fast tokenizer from ``tokenizer.ggml.*``.
-
-    Returns ``(tokenizer, tokenizer_config, generation_config)``. Only the
-    byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``) is handled.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, processors
+def _bpe_tokenizer(metadata: dict, vocab: dict):
+    """Byte-level BPE (``gpt2`` vocabularies): ``(tokenizer, default add_bos, clean_up_spaces)``."""
+    from tokenizers import Regex, Tokenizer, decoders, models
     from tokenizers import pre_tokenizers as pre
 
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"unsupported GGUF tokenizer model {kind!r}: only 'gpt2' (byte-level BPE) is handled"
-        )
     pre_name = metadata.get("tokenizer.ggml.pre", "default")
     if pre_name not in _PRE_TOKENIZERS:
         raise ValueError(
             f"unsupported GGUF pre-tokenizer {pre_name!r} (supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
         )
     pre_kind, ignore_merges, default_bos, clean_spaces = _PRE_TOKENIZERS[pre_name]
-
-    tokens = metadata["tokenizer.ggml.tokens"]
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
 
@@ -376,6 +551,70 @@ def build_tokenizer(metadata: dict):
             ]
         )
     tok.decoder = decoders.ByteLevel()
+    return tok, default_bos, clean_spaces
+
+
+def _spm_tokenizer(metadata: dict, vocab: dict, types: list):
+    """SentencePiece BPE (``llama`` vocabularies): ``(tokenizer, default add_bos, False)``.
+
+    llama.cpp merges the adjacent pair whose concatenation is the highest-scoring token, so
+    every split of a normal token into two tokens becomes a BPE merge ranked by that score.
+    Spaces are ``▁`` (one is prepended to each text run when ``add_space_prefix``); characters
+    outside the vocabulary fall back to the ``<0xXX>`` byte tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = metadata.get("tokenizer.ggml.scores")
+    if not scores:
+        raise ValueError("GGUF tokenizer model 'llama' has no tokenizer.ggml.scores (merge order)")
+    ranked = sorted(
+        (-scores[i], i, k, t)
+        for t, i in vocab.items()
+        if types[i] == TOKEN_NORMAL
+        for k in range(1, len(t))
+        if t[:k] in vocab and t[k:] in vocab
+    )
+    merges = [(t[:k], t[k:]) for _, _, k, t in ranked]
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
+    )
+    space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    tok.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("\u2581")] if space_prefix else []) + steps
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    return tok, True, False
+
+
+def build_tokenizer(metadata: dict):
+    """Rebuild a Hugging Face fast tokenizer from ``tokenizer.ggml.*``.
+
+    Returns ``(tokenizer, tokenizer_config, generation_config)``. Handled:
+    byte-level BPE (``tokenizer.ggml.model == "gpt2"``) and SentencePiece BPE
+    (``"llama"``, e.g. Gemma's).
+    """
+    from tokenizers import AddedToken, processors
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(
+            f"unsupported GGUF tokenizer model {kind!r}: only 'gpt2' (byte-level BPE) and "
+            "'llama' (SentencePiece BPE) are handled"
+        )
+    tokens = metadata["tokenizer.ggml.tokens"]
+    types = metadata.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if kind == "gpt2":
+        tok, default_bos, clean_spaces = _bpe_tokenizer(metadata, vocab)
+    else:
+        tok, default_bos, clean_spaces = _spm_tokenizer(metadata, vocab, types)
 
     control = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_CONTROL]
     user = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_USER_DEFINED]
@@ -452,12 +691,14 @@ def build_tokenizer(metadata: dict):
 # Weights
 
 
-def _mlx_name(base: str) -> str | None:
+def _mlx_name(base: str, arch: str) -> str | None:
+    """The mlx-lm module name for a GGUF tensor base name (``blk.3.attn_q``), or None."""
     if base in _TOP_NAMES:
         return _TOP_NAMES[base]
+    names = {**_LAYER_NAMES, **ARCHITECTURES[arch].get("names", {})}
     parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and names.get(parts[2]):
+        return f"model.layers.{parts[1]}.{names[parts[2]]}"
     return None
 
 
@@ -509,19 +750,20 @@ def convert_weights(
             + ", ".join(f"{t} ({n} tensors)" for t, n in by_type.items())
             + f", e.g. {example}; supported: {', '.join(sorted(SUPPORTED_TYPES))}"
         )
-    unknown = [n for n in tensors if _mlx_name(n.rsplit(".", 1)[0]) is None]
+    unknown = [n for n in tensors if _mlx_name(n.rsplit(".", 1)[0], arch) is None]
     if unknown:
         raise ValueError(
             f"unsupported GGUF tensor name(s) for {config['model_type']}: {', '.join(unknown[:5])}"
         )
 
     dt = getattr(mx, dtype)
-    permute = ARCHITECTURES[arch]["permute_qk"]
+    spec = ARCHITECTURES[arch]
+    permute, norm_shift = spec.get("permute_qk", False), spec.get("norm_shift", False)
     raw = mx.load(str(path))
     out, bits = {}, {}
     for done, (name, info) in enumerate(tensors.items(), 1):
         base, leaf = name.rsplit(".", 1)
-        target = _mlx_name(base)
+        target = _mlx_name(base, arch)
         if info["type"] == "BF16":
             raw.pop(name)
             parts = {leaf: _read_bf16(path, info)}
@@ -541,6 +783,12 @@ def convert_weights(
                 else config["num_key_value_heads"]
             )
             parts = {k: _unpermute(v, n) for k, v in parts.items()}
+
+        if target.endswith("shared_expert_gate") and parts[leaf].ndim == 1:
+            parts = {leaf: parts[leaf][None]}  # llama.cpp's quantizer writes it as a vector
+
+        if norm_shift and base.endswith("norm") and leaf == "weight":
+            parts = {leaf: parts[leaf].astype(mx.float32) - 1}
 
         if "scales" in parts:
             w, s, b = parts["weight"], parts["scales"], parts["biases"]
@@ -564,6 +812,13 @@ def convert_weights(
 
     if config.get("tie_word_embeddings"):
         out.pop("lm_head.weight", None)
+        if spec.get("always_lm_head"):
+            prefix = "model.embed_tokens."
+            out.update(
+                {"lm_head." + k[len(prefix) :]: v for k, v in out.items() if k.startswith(prefix)}
+            )
+            if "model.embed_tokens" in bits:
+                bits["lm_head"] = bits["model.embed_tokens"]
     if not bits:
         return out, None
     default_bits = Counter(bits.values()).most_common(1)[0][0]
@@ -625,6 +880,9 @@ def convert_gguf(
 
     metadata, tensors = read_gguf(gguf_path)
     config = model_config(metadata, tensors)
+    if _ROPE_FACTORS[0] in tensors:
+        config["rope_scaling"] = longrope_scaling(gguf_path, tensors)
+        tensors = {n: i for n, i in tensors.items() if n not in _ROPE_FACTORS}
     tokenizer, tokenizer_config, generation_config = build_tokenizer(metadata)
     if len(metadata["tokenizer.ggml.tokens"]) > config["vocab_size"]:
         raise ValueError("tokenizer has more tokens than the embedding has rows")

@@ -257,12 +257,12 @@ def test_unsupported_inputs_are_value_errors(tmp_path, gguf):
     _tiny_gguf(tmp_path / "q5.gguf", gguf, extra_types={"blk.0.ffn_down.weight": "Q5_0"})
     with pytest.raises(ValueError, match="Q5_0"):
         convert_gguf(tmp_path / "q5.gguf", tmp_path / "out")
-    _tiny_gguf(tmp_path / "phi.gguf", gguf, arch="phi3")
-    with pytest.raises(ValueError, match="phi3"):
-        convert_gguf(tmp_path / "phi.gguf", tmp_path / "out")
-    _tiny_gguf(tmp_path / "spm.gguf", gguf, tokenizer_model="llama")
-    with pytest.raises(ValueError, match="'llama'"):
-        convert_gguf(tmp_path / "spm.gguf", tmp_path / "out")
+    _tiny_gguf(tmp_path / "mamba.gguf", gguf, arch="mamba")
+    with pytest.raises(ValueError, match=r"'mamba'.*supported: llama, qwen2, qwen3, gemma"):
+        convert_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
+    _tiny_gguf(tmp_path / "wpm.gguf", gguf, tokenizer_model="bert")
+    with pytest.raises(ValueError, match="'bert'"):
+        convert_gguf(tmp_path / "wpm.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
 
