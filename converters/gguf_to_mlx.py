@@ -1,14 +1,19 @@
 """Import a llama.cpp GGUF file into an MLX model folder loadable by ``mlx_lm.load``.
 
 Q4_0, Q4_1 and Q8_0 tensors map natively onto MLX affine quantization (group
-size 32, per-module bit widths); F32, F16 and BF16 tensors are kept as float
-tensors; Q2_K, Q4_K and Q6_K are expanded to float16 by ``mx.load`` and stored
-unquantized. ``dequantize=True`` turns everything into plain float tensors
+size 32, per-module bit widths); MXFP4 (gpt-oss experts) is repacked losslessly
+into MLX's ``mxfp4`` quantization mode; F32, F16 and BF16 tensors are kept as float
+tensors; Q2_K, Q4_K and Q6_K are expanded to float16 by ``mx.load`` and re-quantized
+to MLX affine groups of 32 (2, 4 and 8 bits, see ``K_QUANT_BITS``; not in files with
+MXFP4 tensors, which are read without ``mx.load``).
+``dequantize=True`` turns everything into plain float tensors
 (``dtype="float32"`` is the fast layout on Linux CPUs). All float tensors,
 quantization scales included, are cast to ``dtype`` (see ``default_dtype``).
 Architectures (GGUF name -> mlx-lm model): llama (incl. SmolLM2 and Mistral),
 qwen2, qwen3, gemma, gemma2, gemma3 (text-only, -> gemma3_text), phi3, granite,
-olmo2, starcoder2, qwen3moe (-> qwen3_moe), qwen2moe (-> qwen2_moe); see
+olmo2, starcoder2, qwen3moe (-> qwen3_moe), qwen2moe (-> qwen2_moe), deepseek2
+(DeepSeek-V2/V2-Lite/V2.5 -> deepseek_v2, sigmoid-routed V3/R1 -> deepseek_v3;
+MLA with or without q LoRA, split or unsplit kv_b, YaRN), gpt-oss (-> gpt_oss); see
 ``ARCHITECTURES``. llama.cpp's Q/K row permutation (llama, granite) and Gemma's
 ``1 + w`` RMSNorm weights are undone; MoE experts stay stacked (``switch_mlp``);
 Phi-3 LongRoPE factors become ``rope_scaling``. Where mlx-lm's model differs from
@@ -47,10 +52,20 @@ GGML_TYPES = {
 }  # fmt: skip
 
 # What mx.load does with each type (measured with mlx 0.32.4). Other types
-# either fail the whole file or, worse, are silently dropped (TQ1_0, MXFP4).
+# either fail the whole file or, worse, are silently dropped (TQ1_0, MXFP4; with MXFP4 also
+# every tensor stored after the first MXFP4 one).
 NATIVE_TYPES = {"Q4_0", "Q4_1", "Q8_0"}  # -> affine triplet, group size 32
 EXPANDED_TYPES = {"Q2_K", "Q4_K", "Q6_K", "F16"}  # -> float16
-SUPPORTED_TYPES = NATIVE_TYPES | EXPANDED_TYPES | {"F32", "BF16"}
+# K-quant matrices stay quantized unless dequantize=True: re-quantized to MLX affine groups of 32
+# with the default recipe's searched scales (mlxbackend.quantize.recipe). A Q4_K sub-block is an
+# affine 4-bit grid over 32 weights, which the search recovers (exact up to the float16
+# expansion). Q6_K's sub-blocks of 16 weights do not fit one 6-bit group of 32 (2 % of the range
+# off, measured): they become 8-bit groups (0.3 %); Q2_K stays 2-bit (re-rounded). A q4_k_m file
+# keeps its own layout: 4 bits where it has Q4_K, more where llama.cpp put Q6_K.
+K_QUANT_BITS = {"Q2_K": 2, "Q4_K": 4, "Q6_K": 8}
+# Read here instead: BF16 exactly (mx.load rounds it to float16), MXFP4 (mx.load drops it)
+# repacked into MLX's own mxfp4 quantization (see _read_mxfp4).
+SUPPORTED_TYPES = NATIVE_TYPES | EXPANDED_TYPES | {"F32", "BF16", "MXFP4"}
 GROUP_SIZE = 32
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -62,7 +77,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 # metadata: config key -> (GGUF key below "<arch>.", default; None = required);
 # partial_rotary: rope may cover part of the head; longrope: rope_factors_*
 # tensors become rope_scaling (LongRoPE); always_lm_head: the mlx-lm
-# model cannot tie lm_head to the embedding, so a tied GGUF gets a copy.
+# model cannot tie lm_head to the embedding, so a tied GGUF gets a copy; mla: DeepSeek's
+# multi-head latent attention (head sizes from the *_mla keys, see _deepseek2_config).
 _GEMMA2_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
@@ -168,6 +184,59 @@ ARCHITECTURES = {
             "shared_expert_intermediate_size": ("expert_shared_feed_forward_length", None),
         },
     },
+    # DeepSeek-V2/V3 multi-head latent attention (MLA) + MoE. The model is picked by the router
+    # (see _deepseek2_config): softmax -> deepseek_v2, sigmoid -> deepseek_v3.
+    "deepseek2": {
+        "model_type": "deepseek_v2",
+        "class": "DeepseekV2ForCausalLM",
+        "mla": True,
+        "always_lm_head": True,
+        "names": {
+            "attn_q": "self_attn.q_proj",
+            "attn_q_a": "self_attn.q_a_proj",
+            "attn_q_a_norm": "self_attn.q_a_layernorm",
+            "attn_q_b": "self_attn.q_b_proj",
+            "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+            "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+            "attn_kv_b": "self_attn.kv_b_proj",  # older GGUFs: not split yet
+            # Newer GGUFs split kv_b into per-head k_b (transposed) and v_b: these are exactly
+            # deepseek_v3's MultiLinear embed_q / unembed_out; deepseek_v2 gets kv_b_proj back.
+            "attn_k_b": "self_attn.embed_q",
+            "attn_v_b": "self_attn.unembed_out",
+            **_MOE_NAMES,
+            "exp_probs_b": "mlp.gate.e_score_correction",  # .bias -> _bias (see _LEAF_RENAMES)
+            "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+            "ffn_up_shexp": "mlp.shared_experts.up_proj",
+            "ffn_down_shexp": "mlp.shared_experts.down_proj",
+        },
+    },
+    # gpt-oss: attention sinks, biases everywhere, SwiGLU with clamp (mlx-lm's SwigluOAI, as
+    # llama.cpp's SWIGLU_OAI), softmax over the top-k router logits; MXFP4 experts.
+    "gpt-oss": {
+        "model_type": "gpt_oss",
+        "class": "GptOssForCausalLM",
+        "always_lm_head": True,
+        "names": {
+            "attn_sinks": "self_attn.sinks",  # .weight -> the parameter itself
+            "post_attention_norm": "post_attention_layernorm",
+            "ffn_gate_inp": "mlp.router",
+            "ffn_gate_exps": "mlp.experts.gate_proj",
+            "ffn_up_exps": "mlp.experts.up_proj",
+            "ffn_down_exps": "mlp.experts.down_proj",
+            **dict.fromkeys(("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")),
+        },
+        "metadata": {
+            "num_local_experts": ("expert_count", None),
+            "num_experts_per_tok": ("expert_used_count", None),
+            "intermediate_size": ("expert_feed_forward_length", None),
+            "sliding_window": ("attention.sliding_window", None),
+        },
+    },
+}
+# Weight names that are not "<module>.<GGUF leaf>".
+_LEAF_RENAMES = {
+    ".e_score_correction.bias": ".e_score_correction_bias",
+    ".self_attn.sinks.weight": ".self_attn.sinks",
 }
 
 # Phi-3 LongRoPE frequency factors: rope settings, not weights (see rope_scaling).
@@ -403,7 +472,7 @@ def model_config(metadata: dict, tensors: dict) -> dict:
     hidden = get("embedding_length")
     head_dim = metadata.get(f"{arch}.attention.key_length", hidden // n_heads)
     rope_dim = metadata.get(f"{arch}.rope.dimension_count", head_dim)
-    if rope_dim != head_dim and not spec.get("partial_rotary"):
+    if rope_dim != head_dim and not spec.get("partial_rotary") and not spec.get("mla"):
         raise ValueError(
             f"partial rotary embeddings (rope dim {rope_dim} != head dim {head_dim}) are not supported"
         )
@@ -433,7 +502,7 @@ def model_config(metadata: dict, tensors: dict) -> dict:
         "vocab_size": embed["shape"][0],
         "tie_word_embeddings": "output.weight" not in tensors,
     }
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and not spec.get("mla"):
         config["partial_rotary_factor"] = rope_dim / head_dim
     if arch in ("llama", "granite"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
@@ -442,9 +511,11 @@ def model_config(metadata: dict, tensors: dict) -> dict:
         value = get(gguf_key, default)
         config[key] = _float32(value) if isinstance(value, float) else value
     if arch in _CONFIG_HOOKS:
-        _CONFIG_HOOKS[arch](config, metadata)
+        _CONFIG_HOOKS[arch](config, metadata, tensors)
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
+    if "rope_scaling" in config:
+        pass  # set by the hook (YaRN)
+    elif scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": _float32(get("rope.scaling.factor"))}
     elif scaling != "none":
         raise ValueError(f"unsupported rope scaling type {scaling!r}")
@@ -464,7 +535,7 @@ def _gemma_scale(config: dict, n_layers_27b: int) -> None:
         config["query_pre_attn_scalar"] = config["head_dim"]
 
 
-def _gemma3_config(config: dict, metadata: dict) -> None:
+def _gemma3_config(config: dict, metadata: dict, tensors: dict) -> None:
     _gemma_scale(config, 62)
     pattern = config["sliding_window_pattern"]
     if isinstance(pattern, list):  # per-layer flags: mlx-lm only has "every n-th layer is global"
@@ -480,18 +551,155 @@ def _gemma3_config(config: dict, metadata: dict) -> None:
         raise ValueError("Gemma 3 final logit softcapping is not supported by mlx-lm")
 
 
-def _olmo2_config(config: dict, metadata: dict) -> None:
+def _olmo2_config(config: dict, metadata: dict, tensors: dict) -> None:
     if metadata.get("olmo2.attention.sliding_window"):
         raise ValueError("OLMo 3 sliding-window attention (olmo2 GGUF) is not supported")
 
 
-def _qwen3moe_config(config: dict, metadata: dict) -> None:
+def _qwen3moe_config(config: dict, metadata: dict, tensors: dict) -> None:
     # llama.cpp renormalises the chosen experts' weights for qwen3moe (not for qwen2moe).
     config.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
 
 
+GATING_SOFTMAX, GATING_SIGMOID = 1, 2  # <arch>.expert_gating_func (gguf ExpertGatingFuncType)
+
+
+def _deepseek2_config(config: dict, metadata: dict, tensors: dict) -> None:
+    """DeepSeek-V2/V3 (GGUF ``deepseek2``): MLA sizes, MoE routing and YaRN rope.
+
+    llama.cpp's converter writes MLA as MQA: head_count_kv 1, key_length kv_lora_rank + rope
+    dims; the real head sizes are key_length_mla / value_length_mla (older GGUFs: key_length /
+    value_length). The router picks the mlx-lm model: softmax (V2, V2.5, V2-Lite; also the
+    default when the GGUF does not say, as in llama.cpp) -> deepseek_v2, sigmoid with
+    top-k renormalisation and the exp_probs_b bias (V3, R1, Kimi K2) -> deepseek_v3.
+    """
+
+    def get(key, default=None):
+        v = metadata.get(f"deepseek2.{key}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata lacks deepseek2.{key}")
+        return v
+
+    n_heads, rope_dim = config["num_attention_heads"], get("rope.dimension_count")
+    key_length = get("attention.key_length_mla", get("attention.key_length"))
+    n_experts = metadata.get("deepseek2.expert_count")
+    n_layers, n_vocab = config["num_hidden_layers"], config["vocab_size"]
+    gating = metadata.get("deepseek2.expert_gating_func") or (
+        # llama.cpp's default for GGUFs without the key: GLM-4.7-Flash (sigmoid), else softmax
+        GATING_SIGMOID if n_layers in (47, 48) and n_vocab == 154880 else GATING_SOFTMAX
+    )
+    if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+        raise ValueError(f"unsupported DeepSeek expert gating function {gating}")
+    v3 = bool(n_experts) and gating == GATING_SIGMOID
+    normalise = bool(metadata.get("deepseek2.expert_weights_norm", False))
+    if n_experts and not v3:
+        if normalise:
+            raise ValueError("mlx-lm's deepseek_v2 cannot renormalise softmax expert weights")
+        if any(n.endswith("exp_probs_b.bias") for n in tensors):
+            raise ValueError("mlx-lm's deepseek_v2 has no expert selection bias (exp_probs_b)")
+    if "blk.0.attn_kv_b.weight" in tensors and v3:
+        raise ValueError("unsplit attn_kv_b (older GGUF) with a sigmoid router is not supported")
+    if v3 and n_layers > 61:  # its sanitize() drops "model.layers.61*" (V3's MTP layer)
+        raise ValueError("mlx-lm's deepseek_v3 cannot load more than 61 layers")
+    if any(k.endswith(".weight") and ".nextn." in k for k in tensors):
+        raise ValueError("DeepSeek multi-token-prediction (nextn) layers are not supported")
+    n_group = metadata.get("deepseek2.expert_group_count", 1)
+    config.update(
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        num_key_value_heads=n_heads,  # MLA: unused by mlx-lm
+        kv_lora_rank=get("attention.kv_lora_rank"),
+        q_lora_rank=metadata.get("deepseek2.attention.q_lora_rank"),  # None: plain q_proj
+        qk_rope_head_dim=rope_dim,
+        qk_nope_head_dim=key_length - rope_dim,
+        v_head_dim=get("attention.value_length_mla", get("attention.value_length")),
+        first_k_dense_replace=get("leading_dense_block_count", 0),
+        moe_layer_freq=1,
+        attention_bias=False,
+    )
+    del config["head_dim"]
+    if n_experts:
+        shared = get("expert_shared_count", 0)
+        config.update(
+            n_routed_experts=n_experts,
+            num_experts_per_tok=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length"),
+            n_shared_experts=shared or None,
+            # llama.cpp leaves the weights unscaled when the key is missing (or 0)
+            routed_scaling_factor=_float32(get("expert_weights_scale", 0.0) or 1.0),
+            # llama.cpp ranks groups by their top-2 sum (deepseek_v3's noaux_tc); for softmax
+            # routers mlx-lm (like transformers) ranks them by their best expert.
+            n_group=n_group,
+            topk_group=metadata.get("deepseek2.expert_group_used_count", n_group),
+            topk_method="noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
+        )
+        if v3:
+            config.update(scoring_func="sigmoid", norm_topk_prob=normalise)
+    scaling = metadata.get("deepseek2.rope.scaling.type", "none")
+    if scaling == "yarn":
+        # The converter stores 0.1 * mscale_all_dim as yarn_log_multiplier; llama.cpp's rope
+        # has no separate mscale, i.e. mscale == mscale_all_dim (as in all DeepSeek configs).
+        mscale_all_dim = _float32(get("rope.scaling.yarn_log_multiplier", 0.0) / 0.1)
+        config["rope_scaling"] = {
+            "type": "yarn",
+            "rope_type": "yarn",
+            "factor": _float32(get("rope.scaling.factor")),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+            "beta_fast": _float32(get("rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": _float32(get("rope.scaling.yarn_beta_slow", 1.0)),
+            "mscale": mscale_all_dim,
+            "mscale_all_dim": mscale_all_dim,
+        }
+    elif scaling == "none" and not v3:
+        # mlx-lm's deepseek_v2 needs a rope_scaling dict; factor 1 is plain rope.
+        config["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": 1.0}
+    elif scaling != "none":
+        raise ValueError(f"unsupported rope scaling type {scaling!r} for deepseek2")
+
+
+def _yarn_scaling(metadata: dict, arch: str) -> dict:
+    """YaRN ``rope_scaling`` (mlx-lm's YarnRoPE, which, like llama.cpp, rounds the ramp ends)."""
+    key = f"{arch}.rope.scaling."
+    if metadata.get(key + "yarn_ext_factor", -1.0) not in (-1.0, 1.0) or metadata.get(
+        key + "yarn_attn_factor", 1.0
+    ) not in (0.0, 1.0):
+        raise ValueError("YaRN with a custom extrapolation or attention factor is not supported")
+    for name in ("factor", "original_context_length"):
+        if key + name not in metadata:
+            raise ValueError(f"GGUF metadata lacks {key}{name}")
+    return {
+        "rope_type": "yarn",
+        "factor": _float32(metadata[key + "factor"]),
+        "original_max_position_embeddings": metadata[key + "original_context_length"],
+        "beta_fast": _float32(metadata.get(key + "yarn_beta_fast", 32.0)),
+        "beta_slow": _float32(metadata.get(key + "yarn_beta_slow", 1.0)),
+    }
+
+
+def _gpt_oss_config(config: dict, metadata: dict, tensors: dict) -> None:
+    """gpt-oss: sliding-window layers (llama.cpp's default: every other one, the first sliding)
+    become ``layer_types``; YaRN rope."""
+    n = config["num_hidden_layers"]
+    pattern = metadata.get("gpt-oss.attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):
+        swa = [bool(x) for x in pattern]
+    else:  # llama.cpp's set_swa_pattern: every pattern-th layer is global
+        swa = [pattern == 0 or i % pattern < pattern - 1 for i in range(n)]
+    if len(swa) != n or all(swa) or not any(swa):
+        raise ValueError(f"unsupported gpt-oss sliding-window layer pattern {pattern}")
+    config["layer_types"] = ["sliding_attention" if x else "full_attention" for x in swa]
+    scaling = metadata.get("gpt-oss.rope.scaling.type", "none")
+    if scaling == "yarn":
+        config["rope_scaling"] = _yarn_scaling(metadata, "gpt-oss")
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):  # mlx-lm's gpt_oss has biases
+        if f"blk.0.{name}.weight" in tensors and f"blk.0.{name}.bias" not in tensors:
+            raise ValueError(f"gpt-oss GGUF without {name} biases is not supported")
+
+
 _CONFIG_HOOKS = {
-    "gemma2": lambda config, _: _gemma_scale(config, 46),
+    "deepseek2": _deepseek2_config,
+    "gpt-oss": _gpt_oss_config,
+    "gemma2": lambda config, *_: _gemma_scale(config, 46),
     "gemma3": _gemma3_config,
     "olmo2": _olmo2_config,
     "qwen3moe": _qwen3moe_config,
@@ -715,6 +923,67 @@ def _read_bf16(path: Path, info: dict) -> mx.array:
     return mx.array(raw.reshape(info["shape"])).view(mx.bfloat16)
 
 
+def _read_mxfp4(path: Path, info: dict) -> tuple[mx.array, mx.array]:
+    """Read an MXFP4 tensor as MLX ``mode="mxfp4"`` quantization: ``(weight uint32, scales uint8)``.
+
+    llama.cpp's block (``block_mxfp4``, 17 bytes per 32 values): one E8M0 exponent, then 16
+    bytes whose low nibbles are values 0-15 and high nibbles values 16-31 (E2M1 codes; ggml
+    doubles the code table and halves the scale, the same numbers). MLX packs the same codes in
+    order, two per byte (low nibble first), and uses the same E8M0 byte as the scale, so this
+    is a lossless repacking.
+    """
+    *lead, n = info["shape"]
+    if n % 32:
+        raise ValueError(f"MXFP4 tensor with a row length {n} that is not a multiple of 32")
+    rows = int(np.prod(lead, dtype=np.int64))
+    raw = np.fromfile(path, dtype=np.uint8, count=rows * n // 32 * 17, offset=info["offset"])
+    blocks = raw.reshape(rows, n // 32, 17)
+    qs = blocks[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # values 0..31 of each block
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    weight = np.ascontiguousarray(packed).reshape(*lead, n // 2).view("<u4")
+    scales = np.ascontiguousarray(blocks[..., 0]).reshape(*lead, n // 32)
+    return mx.array(weight), mx.array(scales)
+
+
+# Types read without mx.load: in a file with MXFP4 tensors mx.load also loses every tensor
+# after the first MXFP4 one (measured, mlx 0.32.4), so such files are read here entirely.
+_NUMPY_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4"}
+
+
+def _read_numpy(path: Path, info: dict, leaf: str) -> dict:
+    """One tensor as mx.load returns it: float arrays, or for Q8_0/Q4_0/Q4_1 the MLX affine
+    triplet (uint32 weight, float16 scales and biases, group size 32): Q8_0 ``q * d`` is
+    ``(q + 128) * d - 128 * d``, Q4_0 ``(q - 8) * d``, Q4_1 ``q * d + m``."""
+    kind, shape = info["type"], info["shape"]
+    if kind == "BF16":
+        return {leaf: _read_bf16(path, info)}
+    if kind == "MXFP4":
+        weight, scales = _read_mxfp4(path, info)
+        return {leaf: weight, "scales": scales}
+    count = int(np.prod(shape, dtype=np.int64))
+    if kind in ("F32", "F16"):
+        dt = "<f4" if kind == "F32" else "<f2"
+        return {leaf: mx.array(np.fromfile(path, dt, count, offset=info["offset"]).reshape(shape))}
+    block = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    *lead, n = shape
+    raw = np.fromfile(path, np.uint8, count // 32 * block, offset=info["offset"])
+    blocks = raw.reshape(*lead, n // 32, block)
+    d = np.ascontiguousarray(blocks[..., :2]).view("<f2")[..., 0]
+    if kind == "Q8_0":
+        codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        packed, bias = codes, -128 * d
+    else:
+        qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        bias = (
+            np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0] if kind == "Q4_1" else -8 * d
+        )
+    weight = np.ascontiguousarray(packed).reshape(*lead, -1).view("<u4")
+    return {leaf: mx.array(weight), "scales": mx.array(d), "biases": mx.array(bias)}
+
+
 def default_dtype(tensors: dict) -> str:
     """Pick the float dtype when none is given.
 
@@ -729,6 +998,24 @@ def default_dtype(tensors: dict) -> str:
     if matrix_types <= {"F32"}:
         return "float32"
     return "bfloat16" if "BF16" in matrix_types else "float16"
+
+
+def _requantizable(w: mx.array) -> bool:
+    return w.ndim in (2, 3) and w.shape[-1] % GROUP_SIZE == 0
+
+
+def _requantize(w: mx.array, n_bits: int) -> dict:
+    """An expanded K-quant matrix (or stack of expert matrices) → MLX affine, group 32."""
+    from mlxbackend.quantize.recipe import quantize_searched
+
+    flat = w.astype(mx.float32).reshape(-1, w.shape[-1])
+    q, s, b = quantize_searched(flat, n_bits, GROUP_SIZE)
+    lead = w.shape[:-1]
+    return {
+        "weight": q.reshape(*lead, -1),
+        "scales": s.reshape(*lead, -1),
+        "biases": b.reshape(*lead, -1),
+    }
 
 
 def convert_weights(
@@ -759,12 +1046,22 @@ def convert_weights(
     dt = getattr(mx, dtype)
     spec = ARCHITECTURES[arch]
     permute, norm_shift = spec.get("permute_qk", False), spec.get("norm_shift", False)
-    raw = mx.load(str(path))
-    out, bits = {}, {}
+    has_mxfp4 = any(i["type"] == "MXFP4" for i in tensors.values())
+    if has_mxfp4:  # mx.load would drop tensors (see _NUMPY_TYPES): read them all here
+        other = sorted({i["type"] for i in tensors.values()} - _NUMPY_TYPES)
+        if other:
+            raise ValueError(
+                f"GGUF files with MXFP4 tensors are read without mx.load, which handles only "
+                f"{', '.join(sorted(_NUMPY_TYPES))}; this one also has {', '.join(other)}"
+            )
+    raw = {} if has_mxfp4 else mx.load(str(path))
+    out, bits, mxfp4 = {}, {}, set()
     for done, (name, info) in enumerate(tensors.items(), 1):
         base, leaf = name.rsplit(".", 1)
         target = _mlx_name(base, arch)
-        if info["type"] == "BF16":
+        if has_mxfp4:
+            parts = _read_numpy(path, info, leaf)
+        elif info["type"] == "BF16":
             raw.pop(name)
             parts = {leaf: _read_bf16(path, info)}
         elif info["type"] in NATIVE_TYPES:
@@ -790,7 +1087,21 @@ def convert_weights(
         if norm_shift and base.endswith("norm") and leaf == "weight":
             parts = {leaf: parts[leaf].astype(mx.float32) - 1}
 
-        if "scales" in parts:
+        if info["type"] in K_QUANT_BITS and not dequantize and _requantizable(parts[leaf]):
+            parts = _requantize(parts[leaf], K_QUANT_BITS[info["type"]])
+            bits[target] = K_QUANT_BITS[info["type"]]
+        if info["type"] == "MXFP4":
+            if dequantize:
+                w, s = parts["weight"], parts["scales"]
+                parts = {
+                    "weight": mx.dequantize(
+                        w, s, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32
+                    )
+                }
+            else:
+                bits[target] = 4
+                mxfp4.add(target)
+        elif "scales" in parts:
             w, s, b = parts["weight"], parts["scales"], parts["biases"]
             n_bits = w.shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
             if dequantize:
@@ -810,6 +1121,10 @@ def convert_weights(
         if progress:
             progress(done, len(tensors), name)
 
+    for old, new in _LEAF_RENAMES.items():
+        out = {k.replace(old, new): v for k, v in out.items()}
+    if arch == "deepseek2":
+        _deepseek2_weights(out, bits, config, dt)
     if config.get("tie_word_embeddings"):
         out.pop("lm_head.weight", None)
         if spec.get("always_lm_head"):
@@ -821,12 +1136,48 @@ def convert_weights(
                 bits["lm_head"] = bits["model.embed_tokens"]
     if not bits:
         return out, None
-    default_bits = Counter(bits.values()).most_common(1)[0][0]
-    quant = {"group_size": GROUP_SIZE, "bits": default_bits, "mode": "affine"}
-    for module, b in bits.items():
-        if b != default_bits:
-            quant[module] = {"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}
+    kinds = {m: (b, "mxfp4" if m in mxfp4 else "affine") for m, b in bits.items()}
+    default = Counter(kinds.values()).most_common(1)[0][0]
+    quant = {"group_size": GROUP_SIZE, "bits": default[0], "mode": default[1]}
+    for module, (b, mode) in kinds.items():
+        if (b, mode) != default:
+            quant[module] = {"group_size": GROUP_SIZE, "bits": b, "mode": mode}
     return out, quant
+
+
+def _deepseek2_weights(out: dict, bits: dict, config: dict, dt) -> None:
+    """deepseek_v2: rebuild ``kv_b_proj`` from the split k_b / v_b (dequantized: k_b is
+    quantized along the other axis); deepseek_v3: a zero expert-selection bias where the
+    GGUF has none."""
+    n_layers, first_moe = config["num_hidden_layers"], config["first_k_dense_replace"]
+    for i in range(n_layers):
+        prefix = f"model.layers.{i}."
+        if config["model_type"] == "deepseek_v3":
+            bias = prefix + "mlp.gate.e_score_correction_bias"
+            if config.get("n_routed_experts") and i >= first_moe and bias not in out:
+                out[bias] = mx.zeros((config["n_routed_experts"],), dt)
+            continue
+        halves = []
+        for name in ("embed_q", "unembed_out"):
+            module = prefix + "self_attn." + name
+            if module + ".weight" not in out:
+                break
+            w = out.pop(module + ".weight")
+            if module in bits:
+                n_bits = bits.pop(module)
+                w = mx.dequantize(
+                    w,
+                    out.pop(module + ".scales").astype(mx.float32),
+                    out.pop(module + ".biases").astype(mx.float32),
+                    group_size=GROUP_SIZE,
+                    bits=n_bits,
+                )
+            halves.append(w)
+        if len(halves) == 2:  # (heads, kv_lora, nope)^T ++ (heads, v, kv_lora) -> rows per head
+            k_b, v_b = halves
+            kv_b = mx.concatenate([k_b.swapaxes(1, 2), v_b], axis=1).astype(dt)
+            out[prefix + "self_attn.kv_b_proj.weight"] = kv_b.reshape(-1, kv_b.shape[-1])
+            mx.eval(out[prefix + "self_attn.kv_b_proj.weight"])
 
 
 def save_weights(folder: Path, weights: dict) -> None:

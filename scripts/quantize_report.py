@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_TYPES = ["mlx-q8", "mlx-q6", "mlx-q4", "q8_0", "q4_k_m"]
+DEFAULT_TYPES = ["mlx-q8", "mlx-q6", "mlx-q4", "mlx-q4-plain", "mlx-q4-plain:g32", "q8_0", "q4_k_m"]
 TARGET = 5.0  # % perplexity increase allowed for 8- and 6-bit
 QUESTION = "What is the capital of France?"
 TERMINAL = ("completed", "failed", "stopped")
@@ -98,6 +98,8 @@ def parse_type(spec: str) -> tuple[str, dict, str]:
             raise SystemExit(f"bad type spec {spec!r} (expected TYPE or TYPE:gN)")
         options["group_size"] = rest[1:]
         label = f"{qtype} (g{rest[1:]})"
+    elif qtype == "mlx-q4":
+        label = "mlx-q4 (recipe, g32)"
     elif qtype.startswith("mlx-q"):
         label = f"{qtype} (g64)"
     return qtype, options, label
@@ -191,6 +193,11 @@ def measure(stub, model: Path, spec: str, workdir: Path, text: Path, ask: bool) 
             for k in ("file_size_mb", "compression_ratio", "perplexity_base", "perplexity")
         },
     )
+    row["size_16bit_mb"] = (
+        round(size_16bit_mb(final.output_file), 1)
+        if qtype.startswith("mlx-")
+        else m.get("file_size_mb")
+    )
     if m.get("perplexity_base") and m.get("perplexity"):
         row["ppl_delta_pct"] = round(100 * (m["perplexity"] / m["perplexity_base"] - 1), 2)
     if ask:
@@ -204,13 +211,31 @@ def measure(stub, model: Path, spec: str, workdir: Path, text: Path, ask: bool) 
     return row
 
 
+def size_16bit_mb(folder: str) -> float:
+    """An MLX folder's size with its float tensors (scales, biases, norms) in 16 bits, as a Mac
+    stores them (here they stay float32, the fast CPU layout); packed weights as they are."""
+    total = 0
+    for f in Path(folder).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            total += count * (2 if info["dtype"].startswith(("F", "BF")) else 4)
+    return total / 2**20  # MiB, as the job's file_size_mb
+
+
 def bits_of(row) -> int | None:
     q = row["quantization_type"]
     return {"mlx-q8": 8, "q8_0": 8, "mlx-q6": 6, "q6_k": 6}.get(q)
 
 
 def table(rows: list, base_ppl, ask: bool) -> str:
-    head = ["type", "size MB", "ratio", "ppl base", "ppl", "+% vs base", "target", "wall s"]
+    head = ["type", "size MB", "16-bit scales MB", "ratio", "ppl base", "ppl", "+% vs base"]
+    head += ["target", "wall s"]
     if ask:
         head.append("capital answer (greedy)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -225,6 +250,7 @@ def table(rows: list, base_ppl, ask: bool) -> str:
         cells = [
             r["type"],
             f"{r['file_size_mb']:.1f}",
+            f"{r['size_16bit_mb']:.1f}",
             f"{r['compression_ratio']:.2f}",
             f"{r.get('perplexity_base') or 0:.3f}",
             f"{r.get('perplexity') or 0:.3f}",

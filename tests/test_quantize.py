@@ -101,6 +101,11 @@ def test_mlx_type_progress_and_load(qserver, mlx_job, trained_dir):
     assert final.output_file == str(folder) and final.progress_percent == 100
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    # the default recipe: 6 bits for the (tied) embeddings and the last layer's v/down
+    assert config["quantization"]["model.embed_tokens"]["bits"] == 6
+    assert config["quantization"]["model.layers.1.self_attn.v_proj"]["bits"] == 6
+    assert config["quantization"]["model.layers.1.mlp.down_proj"]["bits"] == 6
+    assert config["quantization"]["model.layers.0.self_attn.v_proj"]["bits"] == 4
     m = final.extra_metrics
     assert m["file_size_mb"] > 0 and m["compression_ratio"] > 3  # float32 -> 4-bit, every layer
     assert 1 < m["perplexity_base"] and 1 < m["perplexity"]

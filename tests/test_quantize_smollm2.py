@@ -5,10 +5,10 @@ mlx-q4, loaded back into the backend and answered by Predict. Both greedy.
 The question is asked with a short system message. With no system message (the template then adds
 SmolLM's default one) the float32 model's first answer token wins by only ~0.1 logit ("The" vs
 "L"), and llama.cpp running even the bundled Q4_1 GGUF greedily answers "L'Étoile, …"; with
-SYSTEM, float32, Q4_1 and q4_k_m in llama.cpp answer "The capital of France is Paris.". mlx-q4 uses
-group_size 32: at the default group 64 (+26 % perplexity on held-out prose) it answers "Le Canard
-Athos, …" even with SYSTEM; at group 32 (+19 %) it answers Paris with or without it (see
-scripts/quantize_report.py --ask)."""
+SYSTEM, float32, Q4_1 and q4_k_m in llama.cpp answer "The capital of France is Paris.". mlx-q4 is
+the default recipe (quantize/recipe.py: Q4_K_M's layer bits, searched scales, group 32); the plain
+min/max 4-bit at group 64 (`mlx-q4-plain`, +26 % perplexity on held-out prose) answers "Le Canard
+Athos, …" even with SYSTEM (see scripts/quantize_report.py --ask)."""
 
 import llama_cpp
 import pytest
@@ -72,9 +72,7 @@ def test_q4_k_m_gguf_answers_paris(qserver, smollm2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_mlx_q4_loads_and_answers_paris(qserver, smollm2_dir, tmp_path):
-    final = quantize(
-        qserver, smollm2_dir, "mlx-q4", tmp_path / "mlx", "smollm2-mlx-q4", group_size="32"
-    )
+    final = quantize(qserver, smollm2_dir, "mlx-q4", tmp_path / "mlx", "smollm2-mlx-q4")
     folder = tmp_path / "mlx" / f"{smollm2_dir.name}-mlx-q4"
     assert final.output_file == str(folder) and (folder / "config.json").is_file()
     assert final.extra_metrics["compression_ratio"] > 3

@@ -16,7 +16,13 @@ MLX types (prefix `mlx-`), written as a model FOLDER `<output_dir>/<model>-<type
 layout, loadable by this backend's LoadModel) plus a LocalAI model config
 `<output_dir>/<name>.yaml` with `backend: mlx`; `output_file` is the folder:
 
-    mlx-q2, mlx-q3, mlx-q4, mlx-q5, mlx-q6, mlx-q8   affine quantization, that many bits (group 64)
+    mlx-q4                                           the default 4-bit recipe (`quantize.recipe`):
+                                                     llama.cpp's Q4_K_M layer choices (6 bits for
+                                                     embeddings / output and sensitive v/down
+                                                     layers) with searched scales, group 32
+    mlx-q4-plain, mlx-q2, mlx-q3, mlx-q5, mlx-q6, mlx-q8
+                                                     plain affine quantization, that many bits
+                                                     (group 64, MLX's min/max scales)
     mlx-mxfp4, mlx-nvfp4, mlx-mxfp8                  microscaling float modes (groups 32/16/32)
     mlx-mixed_2_6, mlx-mixed_3_4, mlx-mixed_3_6, mlx-mixed_4_6
                                                      mlx-lm's mixed-bit recipes (like llama.cpp's _M)
@@ -72,7 +78,9 @@ from mlxbackend.quantize.calibrated import settings
 
 DEFAULT_TYPE = "q4_k_m"
 MLX_PREFIX = "mlx-"
-AFFINE_BITS = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
+AFFINE_BITS = {"q2": 2, "q3": 3, "q4_plain": 4, "q5": 5, "q6": 6, "q8": 8}
+DEFAULT_RECIPE = "q4"  # mlx-q4: quantize.recipe (Q4_K_M-like bits, searched scales)
+RECIPE_GROUP = 32
 FLOAT_MODES = ("mxfp4", "nvfp4", "mxfp8")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DTYPES = {
@@ -98,7 +106,8 @@ OPTIONS = (
 
 def mlx_types() -> list:
     return (
-        [MLX_PREFIX + k for k in AFFINE_BITS]
+        [MLX_PREFIX + DEFAULT_RECIPE]
+        + [MLX_PREFIX + k.replace("_", "-") for k in AFFINE_BITS]
         + [MLX_PREFIX + m for m in FLOAT_MODES]
         + [MLX_PREFIX + r for r in RECIPES]
         + [MLX_PREFIX + d for d in ("bf16", "f16", "f32")]
@@ -144,7 +153,9 @@ def parse_type(name: str, options: dict) -> dict:
     if low.startswith(MLX_PREFIX) or low.startswith("mlx_"):
         kind = low[4:].replace("-", "_")
         spec: dict = {"family": "mlx"}
-        if kind in AFFINE_BITS:
+        if kind == DEFAULT_RECIPE:
+            spec.update(bits=4, mode="affine", recipe="k_m", group_size=RECIPE_GROUP)
+        elif kind in AFFINE_BITS:
             spec.update(bits=AFFINE_BITS[kind], mode="affine")
         elif kind in FLOAT_MODES:
             spec.update(mode=kind)

@@ -334,13 +334,20 @@ class QuantRun:
         return len(getattr(model, "layers", []) or [])
 
     def _quantize(self):
-        """Worker: replace the layers by quantized ones (lazy: evaluated layer by layer after)."""
+        """Worker: replace the layers by quantized ones (lazy: evaluated layer by layer after;
+        the default recipe then searches each layer's scales from its float weights)."""
+        from mlx.utils import tree_flatten
         from mlx_lm.convert import mixed_quant_predicate_builder
         from mlx_lm.utils import quantize_model
 
+        from mlxbackend.quantize import recipe
+
         cfg, model = self.cfg, self.state["model"]
-        predicate = None
-        if cfg.recipe:
+        predicate, originals = None, None
+        if cfg.recipe == "k_m":
+            predicate = recipe.k_m_predicate(model, cfg.group_size)
+            originals = dict(tree_flatten(model.parameters()))  # lazy: read when searched
+        elif cfg.recipe:
             predicate = mixed_quant_predicate_builder(cfg.recipe, model, cfg.group_size or 64)
         model, config = quantize_model(
             model,
@@ -350,17 +357,33 @@ class QuantRun:
             mode=cfg.mode,
             quant_predicate=predicate,
         )
-        self.state.update(model=model, config=config)
+        paths = {id(m): p for p, m in model.named_modules()}
+        prefixes = [paths.get(id(layer), "") for layer in getattr(model, "layers", [])]
+        self.state.update(
+            model=model, config=config, originals=originals, prefixes=prefixes, searched=set()
+        )
 
     def _eval_layer(self, i: int):
         import mlx.core as mx
 
-        mx.eval(self.state["model"].layers[i].parameters())
+        from mlxbackend.quantize import recipe
+
+        s = self.state
+        layer = s["model"].layers[i]
+        if s.get("originals") is not None:
+            recipe.search_quantized_layers(layer, s["originals"], s["prefixes"][i], s["searched"])
+        mx.eval(layer.parameters())
 
     def _eval_all(self):
         import mlx.core as mx
 
-        mx.eval(self.state["model"].parameters())
+        from mlxbackend.quantize import recipe
+
+        s = self.state
+        if s.get("originals") is not None:  # embeddings, output layer
+            recipe.search_quantized_layers(s["model"], s["originals"], "", s["searched"])
+            s["originals"] = None
+        mx.eval(s["model"].parameters())
 
     def _save(self, src: Path, dst: Path):
         from mlx_lm.utils import save
