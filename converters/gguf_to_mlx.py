@@ -923,6 +923,13 @@ def _read_bf16(path: Path, info: dict) -> mx.array:
     return mx.array(raw.reshape(info["shape"])).view(mx.bfloat16)
 
 
+def _nibbles_in_order(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit block bytes (16 per 32 values: low nibbles hold values 0-15, high nibbles
+    16-31) → MLX's order (two values per byte in sequence, low nibble first)."""
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
 def _read_mxfp4(path: Path, info: dict) -> tuple[mx.array, mx.array]:
     """Read an MXFP4 tensor as MLX ``mode="mxfp4"`` quantization: ``(weight uint32, scales uint8)``.
 
@@ -938,9 +945,7 @@ def _read_mxfp4(path: Path, info: dict) -> tuple[mx.array, mx.array]:
     rows = int(np.prod(lead, dtype=np.int64))
     raw = np.fromfile(path, dtype=np.uint8, count=rows * n // 32 * 17, offset=info["offset"])
     blocks = raw.reshape(rows, n // 32, 17)
-    qs = blocks[..., 1:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # values 0..31 of each block
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    packed = _nibbles_in_order(blocks[..., 1:])
     weight = np.ascontiguousarray(packed).reshape(*lead, n // 2).view("<u4")
     scales = np.ascontiguousarray(blocks[..., 0]).reshape(*lead, n // 32)
     return mx.array(weight), mx.array(scales)
@@ -974,9 +979,7 @@ def _read_numpy(path: Path, info: dict, leaf: str) -> dict:
         codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
         packed, bias = codes, -128 * d
     else:
-        qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        packed = _nibbles_in_order(blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:])
         bias = (
             np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0] if kind == "Q4_1" else -8 * d
         )

@@ -432,32 +432,7 @@ def train(model, tokenizer) -> int:
     Returns the number of Adam steps taken; raises if ``TRAIN_MAX_STEPS`` is
     not enough.
     """
-    batch = make_batch(
-        encode_pairs(tokenizer, training_pairs(tokenizer).values()),
-        tokenizer.pad_token_id,
-    )
-    inputs, targets, mask = batch
-    optimizer = optim.Adam(learning_rate=TRAIN_LEARNING_RATE)
-
-    def loss_fn(m):
-        ce = nn.losses.cross_entropy(m(inputs), targets, reduction="none")
-        return (ce * mask).sum() / mask.sum()
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    for step in range(1, TRAIN_MAX_STEPS + 1):
-        _, grads = loss_and_grad(model)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        if step % TRAIN_CHECK_EVERY == 0 and trained_enough(model, tokenizer, batch):
-            return step
-    raise RuntimeError(f"tiny model not trained: {reproductions(model, tokenizer)}")
-
-
-def trained_enough(model, tokenizer, batch) -> bool:
-    """True once every target token wins by ``TRAIN_MARGIN`` and greedy matches."""
-    if margins(model, *batch).min().item() < TRAIN_MARGIN:
-        return False
-    return all(reproductions(model, tokenizer).values())
+    return train_on_pairs(model, tokenizer, training_pairs(tokenizer), TRAIN_MAX_STEPS)
 
 
 def greedy_ids(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
@@ -480,10 +455,11 @@ def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
     return tokenizer.decode(greedy_ids(model, tokenizer, prompt, max_tokens))
 
 
-def reproductions(model, tokenizer) -> dict[str, bool]:
-    """Check every fixed pair against greedy decoding of ``model``."""
+def reproductions(model, tokenizer, pairs: dict | None = None) -> dict[str, bool]:
+    """Check every (prompt, target) pair (default: the fixed ones) against greedy decoding."""
+    pairs = training_pairs(tokenizer) if pairs is None else pairs
     result = {}
-    for name, (prompt, target) in training_pairs(tokenizer).items():
+    for name, (prompt, target) in pairs.items():
         n = len(tokenizer.encode(target, add_special_tokens=False))
         result[name] = greedy_text(model, tokenizer, prompt, n) == target
     return result
@@ -513,11 +489,12 @@ def build_tiny_model(out_dir: Path, trained: bool = False, seed: int = 0) -> Pat
 # --- Any chat template: a tiny model over-fitted to scripted replies (tests/test_tool_formats) ---
 
 
-def train_on_pairs(model, tokenizer, pairs: list, max_steps: int = 600) -> int:
-    """Over-fit ``model`` until greedy decoding turns every (prompt, target) into target.
+def train_on_pairs(model, tokenizer, pairs: dict, max_steps: int = 600) -> int:
+    """Over-fit ``model`` until every target token wins by ``TRAIN_MARGIN`` and greedy decoding
+    turns every ``pairs`` prompt (name -> (prompt, target)) into its target.
 
     Returns the number of Adam steps taken; raises if ``max_steps`` is not enough."""
-    batch = make_batch(encode_pairs(tokenizer, pairs), tokenizer.pad_token_id)
+    batch = make_batch(encode_pairs(tokenizer, pairs.values()), tokenizer.pad_token_id)
     inputs, targets, mask = batch
     optimizer = optim.Adam(learning_rate=TRAIN_LEARNING_RATE)
 
@@ -525,22 +502,15 @@ def train_on_pairs(model, tokenizer, pairs: list, max_steps: int = 600) -> int:
         ce = nn.losses.cross_entropy(m(inputs), targets, reduction="none")
         return (ce * mask).sum() / mask.sum()
 
-    def reproduced() -> bool:
-        for prompt, target in pairs:
-            n = len(tokenizer.encode(target, add_special_tokens=False))
-            if greedy_text(model, tokenizer, prompt, n) != target:
-                return False
-        return True
-
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     for step in range(1, max_steps + 1):
         _, grads = loss_and_grad(model)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         if step % TRAIN_CHECK_EVERY == 0 and margins(model, *batch).min().item() >= TRAIN_MARGIN:
-            if reproduced():
+            if all(reproductions(model, tokenizer, pairs).values()):
                 return step
-    raise RuntimeError("tiny chat model not trained")
+    raise RuntimeError(f"tiny model not trained: {reproductions(model, tokenizer, pairs)}")
 
 
 def write_chat_tokenizer(
@@ -612,6 +582,6 @@ def build_chat_model(
     )
     tokenizer = load_tokenizer(out_dir, eos_token_ids=eos_ids)
     model = make_model(config, seed)
-    train_on_pairs(model, tokenizer, list(zip(prompts, replies, strict=True)))
+    train_on_pairs(model, tokenizer, dict(enumerate(zip(prompts, replies, strict=True))))
     save_weights(out_dir, model)
     return out_dir

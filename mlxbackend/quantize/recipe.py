@@ -115,26 +115,25 @@ def quantize_searched(w: mx.array, bits: int, group_size: int) -> tuple[mx.array
     return pack(codes, bits), params[..., 0].astype(w.dtype), params[..., 1].astype(w.dtype)
 
 
-def search_quantized_layers(
-    module: nn.Module, originals: dict, prefix: str = "", done: set | None = None
-) -> set:
+def search_quantized_layers(module: nn.Module, originals: dict, prefix: str = "") -> int:
     """Replace the min/max groups of the quantized layers under `module` (named `prefix` in
     the model) by searched ones, from the float weights in `originals` (model path → array).
-    Layers in `done` are skipped; returns `done` with the paths redone added."""
+    Each weight is taken out of `originals` once searched, so its float copy is freed and a
+    later call over the whole model skips it. Returns how many layers were redone."""
     from mlx.utils import tree_unflatten
 
-    done = set() if done is None else done
+    done = 0
     for name, layer in module.named_modules():
-        path = f"{prefix}.{name}".strip(".") if name else prefix
-        if path in done or not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
         if getattr(layer, "mode", "affine") != "affine" or layer.bits not in PACKABLE:
             continue
-        w = originals.get(f"{path}.weight")
+        path = f"{prefix}.{name}".strip(".") if name else prefix
+        w = originals.pop(f"{path}.weight", None)
         if w is None:
             continue
         q, s, b = quantize_searched(w, layer.bits, layer.group_size)
         layer.update(tree_unflatten([("weight", q), ("scales", s), ("biases", b)]))
         mx.eval(layer.parameters())
-        done.add(path)
+        done += 1
     return done

@@ -359,9 +359,7 @@ class QuantRun:
         )
         paths = {id(m): p for p, m in model.named_modules()}
         prefixes = [paths.get(id(layer), "") for layer in getattr(model, "layers", [])]
-        self.state.update(
-            model=model, config=config, originals=originals, prefixes=prefixes, searched=set()
-        )
+        self.state.update(model=model, config=config, originals=originals, prefixes=prefixes)
 
     def _eval_layer(self, i: int):
         import mlx.core as mx
@@ -371,7 +369,7 @@ class QuantRun:
         s = self.state
         layer = s["model"].layers[i]
         if s.get("originals") is not None:
-            recipe.search_quantized_layers(layer, s["originals"], s["prefixes"][i], s["searched"])
+            recipe.search_quantized_layers(layer, s["originals"], s["prefixes"][i])
         mx.eval(layer.parameters())
 
     def _eval_all(self):
@@ -381,7 +379,7 @@ class QuantRun:
 
         s = self.state
         if s.get("originals") is not None:  # embeddings, output layer
-            recipe.search_quantized_layers(s["model"], s["originals"], "", s["searched"])
+            recipe.search_quantized_layers(s["model"], s["originals"])
             s["originals"] = None
         mx.eval(s["model"].parameters())
 

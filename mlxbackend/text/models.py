@@ -195,25 +195,12 @@ def load_text_model(spec: LoadSpec) -> TextModel:
                 "models yet: leave cache_type_k / cache_type_v unset (f16) for this one"
             )
         return _load_vision_model(spec, path, int(context), budget)
-    trust = spec.trust_remote_code or bool(spec.options.get("trust_remote_code"))
-    tokenizer_config = {k: str(spec.options[k]) for k in TOKENIZER_OPTIONS if k in spec.options}
-    if trust:  # mlx-lm's load passes trust_remote_code to the model only, not the tokenizer
-        tokenizer_config["trust_remote_code"] = True
-    try:
-        model, tokenizer, config = load(
-            str(path),
-            tokenizer_config=tokenizer_config,
-            model_config=fix_config(raw_config),
-            return_config=True,
-            trust_remote_code=trust,
-        )
-    except ValueError as exc:
-        if "trust_remote_code" not in str(exc):
-            raise
-        raise InvalidInput(
-            f"{path.name} ships its own code (tokenizer or model); load it with TrustRemoteCode "
-            "or Options trust_remote_code:true if you trust it"
-        ) from None
+    model, tokenizer, config = load_model_dir(
+        path,
+        trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
+        tokenizer_config={k: str(spec.options[k]) for k in TOKENIZER_OPTIONS if k in spec.options},
+        raw_config=raw_config,
+    )
     for token in str(spec.options.get("eos_token", "")).split(","):
         if token.strip():
             try:
@@ -322,16 +309,35 @@ def model_dir(model: str, model_file: str = "", model_path: str = "") -> Path:
     return path
 
 
-def load_model_dir(path: Path, trust_remote_code: bool = False):
-    """mlx-lm's load with our config fixes: (model, tokenizer, config)."""
+def load_model_dir(
+    path: Path,
+    trust_remote_code: bool = False,
+    tokenizer_config: dict | None = None,
+    raw_config: dict | None = None,
+):
+    """mlx-lm's load with our config fixes: (model, tokenizer, config). `trust_remote_code`
+    reaches the tokenizer too (mlx-lm's load passes it to the model only); a folder that ships
+    its own code without it is InvalidInput."""
     from mlx_lm.utils import load
 
-    return load(
-        str(path),
-        model_config=fix_config(read_config(path)),
-        return_config=True,
-        trust_remote_code=trust_remote_code,
-    )
+    tokenizer_config = dict(tokenizer_config or {})
+    if trust_remote_code:
+        tokenizer_config["trust_remote_code"] = True
+    try:
+        return load(
+            str(path),
+            tokenizer_config=tokenizer_config,
+            model_config=fix_config(read_config(path) if raw_config is None else raw_config),
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise InvalidInput(
+            f"{path.name} ships its own code (tokenizer or model); load it with TrustRemoteCode "
+            "or Options trust_remote_code:true if you trust it"
+        ) from None
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:

@@ -25,13 +25,14 @@ class SamplingParams:
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
     mirostat: int = 0  # 0 = off, 1 or 2 = llama.cpp's Mirostat versions
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
+    mirostat_tau: float = 0.0  # 0 = llama.cpp's 5.0 (make_sampler)
+    mirostat_eta: float = 0.0  # 0 = llama.cpp's 0.1
 
 
 DEFAULT_PENALTY_WINDOW = 64
 
-# Options keys (LocalAI's mlx backend reads the first seven) → SamplingParams field and type.
+# Options keys → SamplingParams field and type (LocalAI's mlx backend reads temp/temperature,
+# top_p, top_k, min_p, xtc_* and seed).
 # A request field left at 0 takes the Options value; xtc_* have no request field.
 OPTION_KEYS = {
     "temperature": ("temperature", float),

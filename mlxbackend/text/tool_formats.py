@@ -103,29 +103,30 @@ DEEPSEEK_V3_HEADER = Header(
     re.compile(r"<｜tool▁call▁begin｜>\s*(?P<name>[^<]+?)\s*<｜tool▁sep｜>\s*")
 )
 
+
+def ours(name: str, header: Header, **fields) -> Format:
+    """One of our formats: its calls are `header` + one JSON value each."""
+    return Format(name, "ours", parse=header_calls(header), header=header, **fields)
+
+
+DEEPSEEK_TOOLS = {"tool_starts": ("<｜tool▁calls▁begin｜>",), "tool_end": "<｜tool▁calls▁end｜>"}
+
 # Families no mlx-lm 0.32 parser handles (their templates match none of
 # `_infer_tool_parser`'s patterns), written here.
 OURS = {
     # Llama 3.x: bare JSON {"name", "parameters"} (or after <|python_tag|>), ended by EOS
     # (<|eot_id|> / <|eom_id|>); several calls may be separated by ';'.
-    "llama3_json": Format(
-        "llama3_json",
-        "ours",
-        tool_starts=("<|python_tag|>",),
-        parse=header_calls(LLAMA3_HEADER),
-        header=LLAMA3_HEADER,
-        leading_json=True,
+    "llama3_json": ours(
+        "llama3_json", LLAMA3_HEADER, tool_starts=("<|python_tag|>",), leading_json=True
     ),
     # gpt-oss harmony: analysis channel = reasoning, final = content, commentary addressed to
     # functions.NAME = a tool call (its <|call|> is an EOS token, so EOS usually ends it).
-    "harmony": Format(
+    "harmony": ours(
         "harmony",
-        "ours",
+        HARMONY_HEADER,
         think=("<|channel|>analysis<|message|>", "<|end|>"),
         tool_starts=("<|channel|>commentary to=",),
         tool_end="<|call|>",
-        parse=header_calls(HARMONY_HEADER),
-        header=HARMONY_HEADER,
         drop=(
             "<|start|>assistant",
             "<|channel|>final<|message|>",
@@ -135,23 +136,9 @@ OURS = {
         ),
     ),
     # DeepSeek R1: function<｜tool▁sep｜>NAME\n```json\n{...}\n``` per call.
-    "deepseek_r1": Format(
-        "deepseek_r1",
-        "ours",
-        tool_starts=("<｜tool▁calls▁begin｜>",),
-        tool_end="<｜tool▁calls▁end｜>",
-        parse=header_calls(DEEPSEEK_R1_HEADER),
-        header=DEEPSEEK_R1_HEADER,
-    ),
+    "deepseek_r1": ours("deepseek_r1", DEEPSEEK_R1_HEADER, **DEEPSEEK_TOOLS),
     # DeepSeek V3.1: NAME<｜tool▁sep｜>{...} per call.
-    "deepseek_v3": Format(
-        "deepseek_v3",
-        "ours",
-        tool_starts=("<｜tool▁calls▁begin｜>",),
-        tool_end="<｜tool▁calls▁end｜>",
-        parse=header_calls(DEEPSEEK_V3_HEADER),
-        header=DEEPSEEK_V3_HEADER,
-    ),
+    "deepseek_v3": ours("deepseek_v3", DEEPSEEK_V3_HEADER, **DEEPSEEK_TOOLS),
 }
 
 
