@@ -1,11 +1,11 @@
 """Import a llama.cpp GGUF file into an MLX model folder loadable by ``mlx_lm.load``.
 
-Q4_0, Q4_1 and Q8_0 tensors map natively onto MLX affine quantization (group
-size 32, per-module bit widths); MXFP4 (gpt-oss experts) is repacked losslessly
-into MLX's ``mxfp4`` quantization mode; F32, F16 and BF16 tensors are kept as float
-tensors; Q2_K, Q4_K and Q6_K are expanded to float16 by ``mx.load`` and re-quantized
-to MLX affine groups of 32 (2, 4 and 8 bits, see ``K_QUANT_BITS``; not in files with
-MXFP4 tensors, which are read without ``mx.load``).
+Every GGML type llama.cpp writes is read (see ``SUPPORTED_TYPES``). Types whose blocks are
+MLX affine groups of 32 stay quantized, losslessly: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Q2_0, Q1_0 (see ``AFFINE_BITS``); MXFP4 and NVFP4 are repacked into MLX's ``mxfp4`` /
+``nvfp4`` modes; F32, F16 and BF16 stay float tensors. The others (Q2_K, Q3_K, Q6_K, the
+IQ and TQ types) are expanded to float32 by gguf-py (llama.cpp's own reference decoder) and
+re-quantized to MLX affine groups of 32 with the bit widths of ``K_QUANT_BITS`` (measured).
 ``dequantize=True`` turns everything into plain float tensors
 (``dtype="float32"`` is the fast layout on Linux CPUs). All float tensors,
 quantization scales included, are cast to ``dtype`` (see ``default_dtype``).
@@ -48,24 +48,64 @@ GGML_TYPES = {
     15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
     20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
     26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-    35: "TQ2_0", 39: "MXFP4",
+    35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
+}  # fmt: skip
+# Weights and bytes per block of the quantized types (ggml-common.h).
+BLOCKS = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+    "Q6_K": (256, 210), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ3_XXS": (256, 98),
+    "IQ1_S": (256, 50), "IQ4_NL": (32, 18), "IQ3_S": (256, 110), "IQ2_S": (256, 82),
+    "IQ4_XS": (256, 136), "IQ1_M": (256, 56), "TQ1_0": (256, 54), "TQ2_0": (256, 66),
+    "MXFP4": (32, 17), "NVFP4": (64, 36), "Q1_0": (128, 18), "Q2_0": (64, 18),
 }  # fmt: skip
 
-# What mx.load does with each type (measured with mlx 0.32.4). Other types
-# either fail the whole file or, worse, are silently dropped (TQ1_0, MXFP4; with MXFP4 also
-# every tensor stored after the first MXFP4 one).
-NATIVE_TYPES = {"Q4_0", "Q4_1", "Q8_0"}  # -> affine triplet, group size 32
-EXPANDED_TYPES = {"Q2_K", "Q4_K", "Q6_K", "F16"}  # -> float16
-# K-quant matrices stay quantized unless dequantize=True: re-quantized to MLX affine groups of 32
-# with the default recipe's searched scales (mlxbackend.quantize.recipe). A Q4_K sub-block is an
-# affine 4-bit grid over 32 weights, which the search recovers (exact up to the float16
-# expansion). Q6_K's sub-blocks of 16 weights do not fit one 6-bit group of 32 (2 % of the range
-# off, measured): they become 8-bit groups (0.3 %); Q2_K stays 2-bit (re-rounded). A q4_k_m file
-# keeps its own layout: 4 bits where it has Q4_K, more where llama.cpp put Q6_K.
-K_QUANT_BITS = {"Q2_K": 2, "Q4_K": 4, "Q6_K": 8}
-# Read here instead: BF16 exactly (mx.load rounds it to float16), MXFP4 (mx.load drops it)
-# repacked into MLX's own mxfp4 quantization (see _read_mxfp4).
-SUPPORTED_TYPES = NATIVE_TYPES | EXPANDED_TYPES | {"F32", "BF16", "MXFP4"}
+# What mx.load does with each type (measured with mlx 0.32.4): Q4_0, Q4_1 and Q8_0 -> the MLX
+# affine triplet (group size 32); F16, Q2_K, Q4_K and Q6_K -> float16, BF16 rounded to it;
+# Q5_0, Q5_1, Q3_K, Q5_K and the IQ types fail the whole file ("gguf_tensor_to_f16 failed");
+# TQ1_0, TQ2_0, MXFP4, NVFP4, Q1_0 and Q2_0 are silently dropped, and with them every tensor
+# stored after the first one. So mx.load reads only files of MX_LOAD_TYPES (where it returns
+# what is kept); any other file is read tensor by tensor with numpy (_read_numpy).
+MX_LOAD_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
+NATIVE_TYPES = {"Q4_0", "Q4_1", "Q8_0"}  # mx.load's affine triplets
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+# Blocks that are MLX affine groups of 32 (scale * code + bias), repacked exactly (see
+# _AFFINE_DECODERS) -> bits: Q5_0 w = d * (q - 16), Q5_1 d * q + m, Q4_K/Q5_K 32-weight
+# sub-blocks (d * sc) * q - dmin * m, Q2_0 d * (q - 1), Q1_0 +-d (1-bit: 2d * q - d). Exact in
+# float32; a float16/bfloat16 ``dtype`` rounds the K-quants' d * sc scales.
+AFFINE_BITS = {
+    "Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q4_K": 4, "Q5_K": 5, "Q2_0": 2,
+    "Q1_0": 1,
+}  # fmt: skip
+# E2M1 codes under 8-bit scales: MLX's own microscaling modes, repacked losslessly (_read_fp4)
+# -> (mode, group size).
+FP4_TYPES = {"MXFP4": ("mxfp4", 32), "NVFP4": ("nvfp4", 16)}
+# The rest stays quantized too unless dequantize=True: expanded to float32 by gguf-py and
+# re-quantized to MLX affine groups of 32 with the default recipe's searched scales
+# (mlxbackend.quantize.recipe). Measured on SmolLM2-135M's token embedding (Q8_0, 4608 x 512)
+# quantized by llama.cpp's quantizer (uniform importance matrix): RMS error of the MLX weights
+# against the file's (gguf-py's dequantize) at 2/3/4/5/6/8 bits, then the file's own error
+# against the original weights. The width kept is the smallest whose error is at most half the
+# file's own (the imported weights stay within ~10 % of the file's fidelity):
+#   Q2_K     25.2  11.4   5.2   2.5  1.2  0.3 %  (file 28.5 %)  -> 3
+#   Q3_K     33.1  12.5   6.2   3.0  1.5  0.4 %  (file 16.2 %)  -> 4
+#   Q6_K     34.6  16.3   7.7   3.7  1.8  0.4 %  (file  2.0 %)  -> 8
+#   IQ4_NL   34.4  15.9   5.8   3.1  1.5  0.4 %  (file  8.3 %)  -> 5
+#   IQ4_XS   34.4  15.9   5.8   3.1  1.5  0.4 %  (file  8.4 %)  -> 5
+#   IQ3_XXS  34.4  15.6   6.1   3.1  1.4  0.4 %  (file 19.2 %)  -> 4
+#   IQ3_S    34.1  15.5   6.4   3.1  1.7  0.4 %  (file 15.0 %)  -> 4
+#   IQ2_XXS  28.0  12.5   4.0   2.1  1.2  0.3 %  (file 37.1 %)  -> 3
+#   IQ2_XS   31.2  13.5   6.1   3.0  1.5  0.4 %  (file 31.8 %)  -> 3
+#   IQ2_S    31.3  13.4   6.0   3.0  1.5  0.4 %  (file 27.5 %)  -> 3
+#   IQ1_M    25.3  10.9   5.6   2.5  1.1  0.3 %  (file 48.0 %)  -> 3
+#   IQ1_S, TQ1_0, TQ2_0: 0 at 2 bits (three levels per group of 32: the search finds them)
+# Q4_K and Q5_K, re-quantized the same way, would be 0.05 % and 0.14 % off: hence AFFINE_BITS.
+# A q4_k_m file keeps its own layout: 4 bits where it has Q4_K, 8 where llama.cpp put Q6_K.
+K_QUANT_BITS = {
+    "Q2_K": 3, "Q3_K": 4, "Q6_K": 8, "IQ4_NL": 5, "IQ4_XS": 5, "IQ3_XXS": 4, "IQ3_S": 4,
+    "IQ2_XXS": 3, "IQ2_XS": 3, "IQ2_S": 3, "IQ1_S": 2, "IQ1_M": 3, "TQ1_0": 2, "TQ2_0": 2,
+}  # fmt: skip
+SUPPORTED_TYPES = FLOAT_TYPES | set(AFFINE_BITS) | set(FP4_TYPES) | set(K_QUANT_BITS)
 GROUP_SIZE = 32
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -926,65 +966,171 @@ def _read_bf16(path: Path, info: dict) -> mx.array:
 def _nibbles_in_order(qs: np.ndarray) -> np.ndarray:
     """ggml's 4-bit block bytes (16 per 32 values: low nibbles hold values 0-15, high nibbles
     16-31) → MLX's order (two values per byte in sequence, low nibble first)."""
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    codes = _nibbles(qs)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def _read_mxfp4(path: Path, info: dict) -> tuple[mx.array, mx.array]:
-    """Read an MXFP4 tensor as MLX ``mode="mxfp4"`` quantization: ``(weight uint32, scales uint8)``.
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit block bytes → the codes: low nibbles first, then high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
-    llama.cpp's block (``block_mxfp4``, 17 bytes per 32 values): one E8M0 exponent, then 16
-    bytes whose low nibbles are values 0-15 and high nibbles values 16-31 (E2M1 codes; ggml
-    doubles the code table and halves the scale, the same numbers). MLX packs the same codes in
-    order, two per byte (low nibble first), and uses the same E8M0 byte as the scale, so this
-    is a lossless repacking.
+
+def _bits(qs: np.ndarray) -> np.ndarray:
+    """Bytes (..., k) → their 8k bits, little-endian (bit j of the stream at index j)."""
+    return np.unpackbits(qs, axis=-1, bitorder="little")
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of each block, as float32 (..., blocks, 1)."""
+    return np.ascontiguousarray(blocks[..., at : at + 2]).view("<f2").astype(np.float32)
+
+
+def _raw_blocks(path: Path, info: dict) -> np.ndarray:
+    """A quantized tensor's bytes as ``(*lead, blocks per row, bytes per block)`` uint8."""
+    *lead, n = info["shape"]
+    size, nbytes = BLOCKS[info["type"]]
+    if n % size:
+        raise ValueError(f"{info['type']} tensor with a row length {n} not a multiple of {size}")
+    count = int(np.prod(lead, dtype=np.int64)) * (n // size) * nbytes
+    raw = np.fromfile(path, dtype=np.uint8, count=count, offset=info["offset"])
+    return raw.reshape(*lead, n // size, nbytes)
+
+
+def _read_fp4(path: Path, info: dict) -> tuple[mx.array, mx.array]:
+    """Read an MXFP4 or NVFP4 tensor as MLX ``mode="mxfp4"`` / ``"nvfp4"`` quantization:
+    ``(weight uint32, scales uint8)``.
+
+    llama.cpp's ``block_mxfp4`` (17 bytes per 32 values): one E8M0 exponent, then 16 bytes
+    whose low nibbles are values 0-15 and high nibbles values 16-31 (E2M1 codes; ggml doubles
+    the code table and halves the scale, the same numbers). ``block_nvfp4`` (36 bytes per 64
+    values): four UE4M3 scales, then 8 such bytes per 16 values. MLX packs the same codes in
+    order, two per byte (low nibble first), under the same scale bytes (groups of 32 / 16), so
+    this is a lossless repacking.
     """
     *lead, n = info["shape"]
-    if n % 32:
-        raise ValueError(f"MXFP4 tensor with a row length {n} that is not a multiple of 32")
-    rows = int(np.prod(lead, dtype=np.int64))
-    raw = np.fromfile(path, dtype=np.uint8, count=rows * n // 32 * 17, offset=info["offset"])
-    blocks = raw.reshape(rows, n // 32, 17)
-    packed = _nibbles_in_order(blocks[..., 1:])
+    group = FP4_TYPES[info["type"]][1]
+    blocks = _raw_blocks(path, info)
+    n_scales = BLOCKS[info["type"]][0] // group
+    packed = _nibbles_in_order(blocks[..., n_scales:].reshape(*lead, n // group, group // 2))
     weight = np.ascontiguousarray(packed).reshape(*lead, n // 2).view("<u4")
-    scales = np.ascontiguousarray(blocks[..., 0]).reshape(*lead, n // 32)
+    scales = np.ascontiguousarray(blocks[..., :n_scales]).reshape(*lead, n // group)
     return mx.array(weight), mx.array(scales)
 
 
-# Types read without mx.load: in a file with MXFP4 tensors mx.load also loses every tensor
-# after the first MXFP4 one (measured, mlx 0.32.4), so such files are read here entirely.
-_NUMPY_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "MXFP4"}
+# Block decoders of AFFINE_BITS: block bytes (..., bytes) → (codes (..., weights) uint8,
+# scales (..., groups of 32), biases), w = scale * code + bias as ggml decodes the block.
+
+
+def _q8_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    return (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
+
+
+def _q4_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    return _nibbles(b[..., 2:]), d, -8 * d
+
+
+def _q4_1(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    return _nibbles(b[..., 4:]), _f16(b, 0), _f16(b, 2)
+
+
+def _q5_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    return _nibbles(b[..., 6:]) | (_bits(b[..., 2:6]) << 4), d, -16 * d
+
+
+def _q5_1(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    return _nibbles(b[..., 8:]) | (_bits(b[..., 4:8]) << 4), _f16(b, 0), _f16(b, 2)
+
+
+def _k_low(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes of low nibbles → 256 codes: each run of 32 bytes holds two
+    sub-blocks of 32, the first in the low nibbles."""
+    lead = qs.shape[:-1]
+    qs = qs.reshape(*lead, 4, 1, 32)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(*lead, 256)
+
+
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 6-bit sub-block scales and mins → (d * sc, -(dmin * m)), 8 per block."""
+    from gguf.quants import Q4_K
+
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+    shape = (*b.shape[:-1], 8)
+    return _f16(b, 0) * sc.reshape(shape), -(_f16(b, 2) * m.reshape(shape))
+
+
+def _q4_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    return _k_low(b[..., 16:]), *_k_scales(b)
+
+
+def _q5_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    lead = b.shape[:-1]
+    high = _bits(b[..., 16:48]).reshape(*lead, 32, 8)  # bit i of byte j: sub-block i, weight j
+    high = high.swapaxes(-1, -2).reshape(*lead, 256)
+    return _k_low(b[..., 48:]) | (high << 4), *_k_scales(b)
+
+
+def _q2_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = np.repeat(_f16(b, 0), 2, axis=-1)  # one scale per 64 weights
+    codes = (b[..., 2:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    return codes.reshape(*b.shape[:-1], 64), d, -d
+
+
+def _q1_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = np.repeat(_f16(b, 0), 4, axis=-1)  # one scale per 128 weights, w = +-d
+    return _bits(b[..., 2:]), 2 * d, -d
+
+
+_AFFINE_DECODERS = {
+    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q2_0": _q2_0, "Q1_0": _q1_0,
+}  # fmt: skip
+
+
+def _read_affine(path: Path, info: dict) -> tuple[mx.array, mx.array, mx.array]:
+    """Read a tensor of AFFINE_BITS as the MLX affine triplet (packed uint32 weight, float32
+    scales and biases, group size 32) holding exactly ggml's weights."""
+    from mlxbackend.quantize.recipe import pack
+
+    *lead, n = info["shape"]
+    bits = AFFINE_BITS[info["type"]]
+    codes, scales, biases = _AFFINE_DECODERS[info["type"]](_raw_blocks(path, info))
+    weight = pack(codes.reshape(-1, n), bits).reshape(*lead, n * bits // 32)
+    shape = (*lead, n // GROUP_SIZE)
+    return weight, mx.array(scales.reshape(shape)), mx.array(biases.reshape(shape))
+
+
+def _read_dequantized(path: Path, info: dict) -> mx.array:
+    """Expand a tensor to float32 with gguf-py, llama.cpp's own reference decoder."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    blocks = _raw_blocks(path, info)
+    rows = blocks.reshape(-1, blocks.shape[-2] * blocks.shape[-1])
+    w = dequantize(rows, GGMLQuantizationType[info["type"]])
+    return mx.array(w.reshape(info["shape"]))
 
 
 def _read_numpy(path: Path, info: dict, leaf: str) -> dict:
-    """One tensor as mx.load returns it: float arrays, or for Q8_0/Q4_0/Q4_1 the MLX affine
-    triplet (uint32 weight, float16 scales and biases, group size 32): Q8_0 ``q * d`` is
-    ``(q + 128) * d - 128 * d``, Q4_0 ``(q - 8) * d``, Q4_1 ``q * d + m``."""
+    """One tensor read from the file without mx.load: float arrays (F32, F16, BF16 exactly;
+    the K_QUANT_BITS types expanded to float32), the MLX affine triplet for AFFINE_BITS, or
+    weight and uint8 scales for FP4_TYPES."""
     kind, shape = info["type"], info["shape"]
     if kind == "BF16":
         return {leaf: _read_bf16(path, info)}
-    if kind == "MXFP4":
-        weight, scales = _read_mxfp4(path, info)
-        return {leaf: weight, "scales": scales}
-    count = int(np.prod(shape, dtype=np.int64))
     if kind in ("F32", "F16"):
+        count = int(np.prod(shape, dtype=np.int64))
         dt = "<f4" if kind == "F32" else "<f2"
         return {leaf: mx.array(np.fromfile(path, dt, count, offset=info["offset"]).reshape(shape))}
-    block = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
-    *lead, n = shape
-    raw = np.fromfile(path, np.uint8, count // 32 * block, offset=info["offset"])
-    blocks = raw.reshape(*lead, n // 32, block)
-    d = np.ascontiguousarray(blocks[..., :2]).view("<f2")[..., 0]
-    if kind == "Q8_0":
-        codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        packed, bias = codes, -128 * d
-    else:
-        packed = _nibbles_in_order(blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:])
-        bias = (
-            np.ascontiguousarray(blocks[..., 2:4]).view("<f2")[..., 0] if kind == "Q4_1" else -8 * d
-        )
-    weight = np.ascontiguousarray(packed).reshape(*lead, -1).view("<u4")
-    return {leaf: mx.array(weight), "scales": mx.array(d), "biases": mx.array(bias)}
+    if kind in FP4_TYPES:
+        weight, scales = _read_fp4(path, info)
+        return {leaf: weight, "scales": scales}
+    if kind in AFFINE_BITS:
+        weight, scales, biases = _read_affine(path, info)
+        return {leaf: weight, "scales": scales, "biases": biases}
+    return {leaf: _read_dequantized(path, info)}
 
 
 def default_dtype(tensors: dict) -> str:
@@ -1008,7 +1154,7 @@ def _requantizable(w: mx.array) -> bool:
 
 
 def _requantize(w: mx.array, n_bits: int) -> dict:
-    """An expanded K-quant matrix (or stack of expert matrices) → MLX affine, group 32."""
+    """An expanded matrix (or stack of expert matrices) → MLX affine, group 32, searched."""
     from mlxbackend.quantize.recipe import quantize_searched
 
     flat = w.astype(mx.float32).reshape(-1, w.shape[-1])
@@ -1049,20 +1195,13 @@ def convert_weights(
     dt = getattr(mx, dtype)
     spec = ARCHITECTURES[arch]
     permute, norm_shift = spec.get("permute_qk", False), spec.get("norm_shift", False)
-    has_mxfp4 = any(i["type"] == "MXFP4" for i in tensors.values())
-    if has_mxfp4:  # mx.load would drop tensors (see _NUMPY_TYPES): read them all here
-        other = sorted({i["type"] for i in tensors.values()} - _NUMPY_TYPES)
-        if other:
-            raise ValueError(
-                f"GGUF files with MXFP4 tensors are read without mx.load, which handles only "
-                f"{', '.join(sorted(_NUMPY_TYPES))}; this one also has {', '.join(other)}"
-            )
-    raw = {} if has_mxfp4 else mx.load(str(path))
-    out, bits, mxfp4 = {}, {}, set()
+    use_mx_load = all(i["type"] in MX_LOAD_TYPES for i in tensors.values())
+    raw = mx.load(str(path)) if use_mx_load else {}
+    out, bits, modes = {}, {}, {}
     for done, (name, info) in enumerate(tensors.items(), 1):
         base, leaf = name.rsplit(".", 1)
         target = _mlx_name(base, arch)
-        if has_mxfp4:
+        if not use_mx_load:
             parts = _read_numpy(path, info, leaf)
         elif info["type"] == "BF16":
             raw.pop(name)
@@ -1093,17 +1232,18 @@ def convert_weights(
         if info["type"] in K_QUANT_BITS and not dequantize and _requantizable(parts[leaf]):
             parts = _requantize(parts[leaf], K_QUANT_BITS[info["type"]])
             bits[target] = K_QUANT_BITS[info["type"]]
-        if info["type"] == "MXFP4":
+        if info["type"] in FP4_TYPES:
+            mode, group = FP4_TYPES[info["type"]]
             if dequantize:
                 w, s = parts["weight"], parts["scales"]
                 parts = {
                     "weight": mx.dequantize(
-                        w, s, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32
+                        w, s, group_size=group, bits=4, mode=mode, dtype=mx.float32
                     )
                 }
             else:
                 bits[target] = 4
-                mxfp4.add(target)
+                modes[target] = mode
         elif "scales" in parts:
             w, s, b = parts["weight"], parts["scales"], parts["biases"]
             n_bits = w.shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
@@ -1137,14 +1277,17 @@ def convert_weights(
             )
             if "model.embed_tokens" in bits:
                 bits["lm_head"] = bits["model.embed_tokens"]
+                if "model.embed_tokens" in modes:
+                    modes["lm_head"] = modes["model.embed_tokens"]
     if not bits:
         return out, None
-    kinds = {m: (b, "mxfp4" if m in mxfp4 else "affine") for m, b in bits.items()}
+    groups = {"affine": GROUP_SIZE, **dict(FP4_TYPES.values())}
+    kinds = {m: (b, modes.get(m, "affine")) for m, b in bits.items()}
     default = Counter(kinds.values()).most_common(1)[0][0]
-    quant = {"group_size": GROUP_SIZE, "bits": default[0], "mode": default[1]}
+    quant = {"group_size": groups[default[1]], "bits": default[0], "mode": default[1]}
     for module, (b, mode) in kinds.items():
         if (b, mode) != default:
-            quant[module] = {"group_size": GROUP_SIZE, "bits": b, "mode": mode}
+            quant[module] = {"group_size": groups[mode], "bits": b, "mode": mode}
     return out, quant
 
 

@@ -230,7 +230,7 @@ def _tiny_gguf(path, gguf, arch="llama", extra_types=None, tokenizer_model="gpt2
     expected["model.layers.1.mlp.up_proj.weight"] = bf.view(np.float32)
     for name, kind in (extra_types or {}).items():
         shape = tensors[name].shape
-        block_bytes = {"Q5_0": 22, "IQ4_NL": 18}[kind]
+        block_bytes = {"Q5_0": 22, "IQ4_NL": 18, "Q8_1": 36}[kind]
         tensors[name] = (kind, shape, bytes(shape[0] * shape[1] // 32 * block_bytes))
     write_gguf(path, metadata, tensors)
     return expected
@@ -254,9 +254,10 @@ def test_synthetic_import_exact(tmp_path, gguf, arch):
 
 
 def test_unsupported_inputs_are_value_errors(tmp_path, gguf):
-    _tiny_gguf(tmp_path / "q5.gguf", gguf, extra_types={"blk.0.ffn_down.weight": "Q5_0"})
-    with pytest.raises(ValueError, match="Q5_0"):
-        convert_gguf(tmp_path / "q5.gguf", tmp_path / "out")
+    # Q8_1 is llama.cpp's activation type, never stored in model files
+    _tiny_gguf(tmp_path / "q8_1.gguf", gguf, extra_types={"blk.0.ffn_down.weight": "Q8_1"})
+    with pytest.raises(ValueError, match=r"unsupported GGUF tensor type\(s\) Q8_1 \(1 tensors\)"):
+        convert_gguf(tmp_path / "q8_1.gguf", tmp_path / "out")
     _tiny_gguf(tmp_path / "mamba.gguf", gguf, arch="mamba")
     with pytest.raises(ValueError, match=r"'mamba'.*supported: llama, qwen2, qwen3, gemma"):
         convert_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
