@@ -184,6 +184,12 @@ class ModelHost:
             facts.append(f"KV cache {tm.kv.label()}")
         if tm.max_kv_size:
             facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
+        if tm.draft_model is not None or tm.spec.lookup:
+            facts.append(
+                "speculative decoding with the DraftModel"
+                if tm.draft_model is not None
+                else "prompt-lookup speculative decoding"
+            )
         if tm.warmed:
             facts.append(f"{tm.warmed.prompts} warm prompts, {tm.warmed.tokens} tokens prefilled")
         if tm.ssd is not None and tm.ssd.off:

@@ -72,3 +72,16 @@ def number_option(options: dict, key: str, kind=float, low=None, high=None, defa
     if high is not None and value > high:
         raise InvalidInput(f"option {key}: {value} is out of range (at most {high})")
     return value
+
+
+def flag_option(options: dict, key: str, default=None):
+    """options[key] as a bool (true/false, 1/0, on/off), else default when absent; anything
+    else is INVALID_ARGUMENT naming the option."""
+    if key not in options:
+        return default
+    value = options[key]
+    if isinstance(value, str):
+        value = {"on": True, "off": False, "yes": True, "no": False}.get(value.lower(), value)
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise InvalidInput(f"option {key}: expected true or false, got {value!r}")

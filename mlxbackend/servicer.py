@@ -109,6 +109,9 @@ class Servicer:
             tokens_per_second=m.tokens_per_second,
             tokens_generated=m.tokens_generated,
             prompt_tokens_processed=m.prompt_tokens,
+            prompt_json_for_slot=json.dumps(
+                {"drafted_tokens": m.drafted, "accepted_tokens": m.accepted}
+            ),
         )
 
     @forwarded

@@ -170,10 +170,13 @@ def test_localai_neutral_values_change_nothing(trained_server):
 
 def test_typical_tail_free_and_mirostat_are_applied(trained_server):
     greedy = text(trained_server, completion())
-    free = {text(trained_server, sampled(Seed=s)) for s in (1, 2, 3)}
-    assert len(free) == 3  # plain sampling at this temperature differs by seed
+    # plain sampling at this temperature differs by seed (the tiny model's likeliest story comes
+    # back for about half of the seeds)
+    seeds = range(1, 9)
+    free = {text(trained_server, sampled(Seed=s)) for s in seeds}
+    assert len(free) >= 3
     # a tiny typical mass keeps one token per step: every seed gives the same reply
-    typical = {text(trained_server, sampled(Seed=s, TypicalP=0.001)) for s in (1, 2, 3)}
+    typical = {text(trained_server, sampled(Seed=s, TypicalP=0.001)) for s in seeds}
     assert len(typical) == 1
     # Mirostat 2 with a near-zero target surprise keeps only the most likely token: greedy
     assert text(trained_server, sampled(Seed=5, Mirostat=2, MirostatTAU=0.001)) == greedy

@@ -15,11 +15,19 @@ from mlxbackend.text.generate import (
     Decoder,
     GenerationRequest,
     first_token,
+    prefill,
     prefill_chunk,
     sampling_for,
     token_budget,
 )
 from mlxbackend.text.models import TextModel
+from mlxbackend.text.speculate import (
+    DEFAULT_DRAFT_MODEL_TOKENS,
+    DraftLength,
+    NgramIndex,
+    SeqSpec,
+    measure_step_tokens,
+)
 from mlxbackend.worker import DONE, Job
 
 DEFAULT_MAX_BATCH = 32
@@ -38,6 +46,7 @@ class Started:
     processors: list
     stops: object  # mlx-lm StopSequences of its EOS tokens
     key: list | None  # the prefix-cache key of a media prompt's tokens
+    spec: SeqSpec | None = None  # its speculation state (prompt lookup), None = plain decoding
 
 
 def start(
@@ -90,25 +99,69 @@ def start(
         job.put(DONE)
         return None
     stops = StopSequences([[t] for t in sorted(decoder.eos)] or None)
-    return Started(decoder, cache, tokens, first, budget, sampler, processors, stops, key)
+    spec = make_spec(tm, req, tokens + [first], between)
+    decoder.spec = spec.length if spec is not None else None
+    return Started(decoder, cache, tokens, first, budget, sampler, processors, stops, key, spec)
+
+
+def make_spec(tm: TextModel, req: GenerationRequest, tokens: list, between=None) -> SeqSpec | None:
+    """A request's speculation state after `tokens` (its prompt and first token), or None when
+    it decodes plainly (Options prompt_lookup off; Mirostat, num_draft -1; a vision or
+    distributed model). With a DraftModel every request drafts with it (Mirostat: zero drafts,
+    the draft still reads its tokens), its KV prefilled here; else prompt lookup. NDraft > 0
+    caps the drafts per step."""
+    cfg = tm.spec
+    if not rewindable(tm):
+        return None
+    if tm.draft_model is not None:
+        from mlxbackend.text.kv_quant import make_cache
+
+        cap = req.num_draft if req.num_draft > 0 else DEFAULT_DRAFT_MODEL_TOKENS
+        cache = make_cache(tm.draft_model, None, 0)
+        prefill(tm.draft_model, cache, tokens, prefill_chunk(tm), between)
+        length = DraftLength(0 if req.num_draft < 0 else cap, start=cap)
+        return SeqSpec(None, length, req.constraint, cache)
+    if not cfg.lookup or req.num_draft < 0:
+        return None
+    max_draft = min(cfg.max_draft, req.num_draft) if req.num_draft > 0 else cfg.max_draft
+    return SeqSpec(
+        NgramIndex(tokens, cfg.min_ngram, cfg.max_ngram), DraftLength(max_draft), req.constraint
+    )
+
+
+def step_tokens(tm: TextModel) -> int:
+    """Tokens one verification pass of this model's batch may take (Options spec_step_tokens,
+    else measured once, when a batch of two or more first speculates)."""
+    if not tm.spec.step_tokens:
+        tm.spec.step_tokens = measure_step_tokens(tm.model)
+    return tm.spec.step_tokens
+
+
+def rewindable(tm: TextModel) -> bool:
+    """Whether this model's batch KV can drop rejected drafts (plain float KV: not quantized,
+    not rotating); others decode plainly, their DraftModel unused."""
+    return not tm.max_kv_size and (tm.kv is None or not tm.kv.quantized)
 
 
 class BatchDriver:
     """A worker stepper owning one BatchGenerator for one loaded model."""
 
     def __init__(self, tm: TextModel, adapter=None, on_close=None):
-        from mlx_lm.generate import BatchGenerator
+        from mlxbackend.text.spec_batch import SpecBatchGenerator
 
         max_batch = int(tm.options.get("max_batch", DEFAULT_MAX_BATCH))
         self.tm = tm
         self.adapter = adapter  # every request of this batch uses this LoRA adapter (or none)
         self.on_close = on_close
-        self.gen = BatchGenerator(
+        self.gen = SpecBatchGenerator(
             tm.model,
             completion_batch_size=max_batch,
             prefill_batch_size=min(8, max_batch),
             prefill_step_size=prefill_chunk(tm),
         )
+        self.gen.generation.step_tokens = tm.spec.step_tokens
+        self.gen.generation.calibrate = lambda: step_tokens(tm)
+        self.gen.generation.draft = tm.draft_model if rewindable(tm) else None
         self.requests: dict[int, tuple[Job, Decoder]] = {}
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
@@ -123,6 +176,8 @@ class BatchDriver:
             logits_processors=[started.processors],
             stop_sequences=[started.stops],
         )
+        if started.spec is not None:
+            self.gen.speculate(uid, started.spec)
         self.requests[uid] = (job, started.decoder)
         if started.key is not None:
             self.keys[uid] = started.key

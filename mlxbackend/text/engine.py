@@ -43,6 +43,8 @@ SERVED_COUNTERS = (
     "prompt_tokens_computed",
     "prompt_cache_hits",
     "request_to_prefill_us_total",
+    "spec_drafted_tokens",
+    "spec_accepted_tokens",
 )
 
 
@@ -61,6 +63,8 @@ class Metrics:
     tokens_per_second: float = 0.0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    drafted: int = 0  # speculative drafts verified for the last request
+    accepted: int = 0  # of those, kept
 
 
 class TextEngine:
@@ -209,11 +213,9 @@ class TextEngine:
     def start(self, tm, prompt, req: GenerationRequest):
         """Start a generation; iterate the returned job for Chunk events and one Finish.
 
-        Requests join the model's continuous batch. With a draft model, a request that arrives
-        alone runs speculative decoding by itself; while others are in flight it joins the batch
-        (batching beats speculation once there is company)."""
-        solo = getattr(tm.model, "solo_only", False)  # a distributed model (distributed/rank0.py)
-        if solo or (tm.draft_model is not None and self.inflight <= 1):
+        Requests join the model's continuous batch, which speculates (prompt lookup or the
+        DraftModel, text/spec_batch.py) for one request as for many."""
+        if getattr(tm.model, "solo_only", False):  # a distributed model (distributed/rank0.py)
             return self._start_solo(tm, prompt, req)
         job = Job(asyncio.get_running_loop())
 
@@ -273,6 +275,8 @@ class TextEngine:
         self.served["prompt_cache_hits"] += 1 if finish.cached else 0
         self.served["requests_finished"] += 1
         self.served["request_to_prefill_us_total"] += int(finish.overhead_ms * 1000)
+        self.served["spec_drafted_tokens"] += finish.drafted
+        self.served["spec_accepted_tokens"] += finish.accepted
         self.last_overhead_us = int(finish.overhead_ms * 1000)
         self.last = Metrics(
             tokens_per_second=(finish.generated - 1) / secs
@@ -280,6 +284,8 @@ class TextEngine:
             else 0.0,
             tokens_generated=finish.generated,
             prompt_tokens=finish.prompt_tokens - finish.cached,  # actually prefilled
+            drafted=finish.drafted,
+            accepted=finish.accepted,
         )
 
     async def complete(self, spec: chat.PromptSpec, req: GenerationRequest) -> Completion:
@@ -422,6 +428,7 @@ class TextEngine:
             "prompt_cache_hit_permille": 1000 * self.served["prompt_cache_hits"] // max(self.served["requests_finished"], 1),
             **prefix_cache.status(tm),
             "max_kv_size": tm.max_kv_size if tm is not None else 0,
+            "spec_step_tokens": tm.spec.step_tokens if tm is not None else 0,
             "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
             "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,
             "process_rss": memory.process_rss(),

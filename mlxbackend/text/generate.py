@@ -56,6 +56,8 @@ class Finish:
     cached: int = 0  # prompt tokens served from the prefix cache (not prefilled)
     cached_ssd: int = 0  # of those, tokens read from its SSD tier
     overhead_ms: float = 0.0  # from arrival to the first prefill step (template, queue, hops)
+    drafted: int = 0  # speculative draft tokens verified (prompt lookup or DraftModel)
+    accepted: int = 0  # of those, kept
 
 
 class Cancelled(Exception):
@@ -114,7 +116,7 @@ def refuse_unhonoured(tm: TextModel, req: GenerationRequest) -> None:
             "token; load the model without grammar triggers"
         )
     if req.sampling.mirostat:
-        req.num_draft = -1  # Mirostat's mu moves token by token: no speculative batches
+        req.num_draft = -1  # Mirostat's mu moves token by token: never speculative
 
 
 def sampling_for(tm: TextModel, req: GenerationRequest):
@@ -138,30 +140,12 @@ def xtc_special_ids(tokenizer) -> list:
 
 
 def _steps(tm: TextModel, prompt: Prompt, req: GenerationRequest, budget: int, cache, is_cancelled):
-    import mlx.core as mx
-    from mlx_lm.generate import speculative_generate_step
-
     sampler, processors = sampling_for(tm, req)
 
     def check():
         if is_cancelled():
             raise Cancelled
 
-    tokens = mx.array(prompt.tokens)
-    if tm.draft_model is not None and req.num_draft >= 0:
-        from mlxbackend.text.kv_quant import make_cache
-
-        steps = speculative_generate_step(
-            tokens,
-            tm.model,
-            tm.draft_model,
-            num_draft_tokens=req.num_draft or 3,
-            max_tokens=budget,
-            sampler=sampler,
-            logits_processors=processors,
-            prompt_cache=cache + make_cache(tm.draft_model, tm.kv, tm.max_kv_size),
-        )
-        return _with_adapter(tm, req.adapter, ((tok, lp) for tok, lp, _ in steps))
     fused = _after_first(tm, prompt.tokens, budget, sampler, processors, cache, check)
     return _with_adapter(tm, req.adapter, fused)
 
@@ -236,6 +220,7 @@ class Decoder:
         self.cached_tokens = 0
         self.ssd_tokens = 0  # of cached_tokens, read from the SSD tier
         self.reason = None  # set once the request is over
+        self.spec = None  # its speculation counters (drafted, accepted), if it speculates
         self.pending = Chunk()
         if prompt.assistant_prefix:
             self._text(prompt.assistant_prefix)
@@ -288,6 +273,8 @@ class Decoder:
             calls=self.parser.calls,
             cached=self.cached_tokens,
             cached_ssd=self.ssd_tokens,
+            drafted=self.spec.drafted if self.spec is not None else 0,
+            accepted=self.spec.accepted if self.spec is not None else 0,
             overhead_ms=(self.prefill_at - self.received) * 1000
             if self.received and self.prefill_at
             else 0.0,
@@ -295,7 +282,7 @@ class Decoder:
 
 
 def run(tm: TextModel, prompt: Prompt, req: GenerationRequest, is_cancelled, on_cache=None):
-    """Solo path (draft models): yield Chunks, then one Finish."""
+    """Solo path (a distributed model, distributed/rank0.py): yield Chunks, then one Finish."""
     from mlxbackend.text.kv_quant import make_cache
 
     budget = token_budget(tm, prompt, req.max_tokens)

@@ -139,6 +139,14 @@ class Constraint:
 
     __call__ = processor
 
+    def valid_drafts(self, tokens, drafts: list) -> int:
+        """How many leading `drafts` the grammar allows after `tokens` (prompt and reply so far):
+        speculative drafts are cut there before verification."""
+        self._sync(np.asarray(tokens))
+        if self.error or self.matcher.is_error() or not drafts:
+            return 0
+        return self.matcher.validate_tokens(drafts)
+
     @property
     def done(self) -> bool:
         """The grammar is complete (only EOS may follow)."""

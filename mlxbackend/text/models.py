@@ -8,6 +8,7 @@ from pathlib import Path
 from mlxbackend.default_model import platform_layout
 from mlxbackend.errors import InvalidInput, NotFound
 from mlxbackend.text.memory import check_fits, kv_budget, largest_context
+from mlxbackend.text.speculate import SpecConfig, spec_config
 from mlxbackend.vision.load import is_vision_model
 
 DEFAULT_CONTEXT = 4096
@@ -59,6 +60,9 @@ class TextModel:
     warmed: object = None  # warm prompts prefilled at load (text/warm.py Warmed), or None
     ssd: object = None  # the prefix cache's SSD tier (text/ssd_cache.py Tier), or None
     grammar_triggers: tuple = ()  # ModelOptions GrammarTriggers: a Grammar with them is refused
+    # speculation (text/speculate.py): on for text models (load_text_model); vision and
+    # distributed models decode plainly
+    spec: SpecConfig = field(default_factory=lambda: SpecConfig(lookup=False))
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -174,6 +178,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
 
     refuse_rope(spec.rope)
     kv = kv_type(spec.cache_type_k, spec.cache_type_v, spec.options)
+    speculation = spec_config(spec.options)
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     raw_config = read_config(path)
     max_kv_size = kv_window(spec.options, kv)
@@ -229,6 +234,11 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise InvalidInput("DraftModel must share the main model's tokenizer")
         check_model(kv, draft, read_config(draft_path))
+        if plain_layers(draft) != {"KVCache"}:
+            raise InvalidInput(
+                f"DraftModel {draft_path} lays out its own caches (sliding-window or recurrent "
+                "layers), which speculative batches cannot rewind; use a plain transformer draft"
+            )
     check_model(kv, model, config)
     if max_kv_size and plain_layers(model) != {"KVCache"}:
         raise InvalidInput(
@@ -250,6 +260,7 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         kv=kv,
         max_kv_size=max_kv_size,
         grammar_triggers=tuple(w for w in spec.grammar_triggers if w),
+        spec=speculation,
     )
 
 

@@ -109,10 +109,33 @@ def parse_logit_bias(text: str, vocab_size) -> dict:
     return bias
 
 
+class PositionalSampler:
+    """A sampler whose draw for the n-th reply token uses a key derived from (seed, n) alone, so a
+    seed reproduces the reply whatever else runs and however the tokens were batched: with
+    speculative decoding (text/speculate.py) the verifier sets `position` back to the first
+    token it samples, draws one position after another, and keeps the same tokens as plain
+    decoding would. `draw(logprobs, key)` is the truncation chain and the categorical draw."""
+
+    def __init__(self, seed: int, draw):
+        self.seed = seed & 0xFFFFFFFF
+        self.draw = draw
+        self.position = 0
+
+    def key(self):
+        import mlx.core as mx
+
+        key = mx.random.key((self.seed << 32) | (self.position & 0xFFFFFFFF))
+        self.position += 1
+        return key
+
+    def __call__(self, logprobs):
+        return self.draw(logprobs, self.key())
+
+
 def make_sampler(p: SamplingParams, vocab_size: int, special_ids=()):
     """Greedy at temperature 0; else Mirostat when asked (it replaces the truncation chain, as
     in llama.cpp), or top-k → tail-free → typical → top-p → min-p → XTC, then a categorical
-    draw from a per-request key, so a seed gives the same tokens whatever else runs.
+    draw keyed by (seed, token position) (`PositionalSampler`).
     `special_ids` (EOS, newline) are never dropped by XTC, as in mlx-lm's server."""
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
@@ -121,48 +144,44 @@ def make_sampler(p: SamplingParams, vocab_size: int, special_ids=()):
 
     if p.temperature <= 0:
         return greedy_sampler
-    state = {"key": mx.random.key(p.seed & 0xFFFFFFFF)}
     inv_temp = 1.0 / p.temperature
 
-    def next_key():
-        state["key"], sub = mx.random.split(state["key"])
-        return sub
-
-    if p.mirostat:
+    if p.mirostat:  # mu moves token by token: never speculative (generate.refuse_unhonoured)
         tau, eta = p.mirostat_tau or 5.0, p.mirostat_eta or 0.1  # 0 = llama.cpp's defaults
-        state["mu"] = mx.array([2.0 * tau])  # llama.cpp's starting mu
+        mu = {"value": mx.array([2.0 * tau])}  # llama.cpp's starting mu
 
-        def mirostat(logprobs):
-            mu = mx.broadcast_to(state["mu"][:1], logprobs.shape[:1])
-            token, state["mu"] = samplers.mirostat_step(
-                logprobs * inv_temp, mu, p.mirostat, tau, eta, next_key()
+        def mirostat(logprobs, key):
+            m = mx.broadcast_to(mu["value"][:1], logprobs.shape[:1])
+            token, mu["value"] = samplers.mirostat_step(
+                logprobs * inv_temp, m, p.mirostat, tau, eta, key
             )
             return token
 
-        return mirostat
+        return PositionalSampler(p.seed, mirostat)
     special = mx.array(sorted(set(special_ids)), dtype=mx.int32)
     methods = []
     if 0 < p.top_k < vocab_size:
-        methods.append(lambda x: apply_top_k(x, p.top_k))
+        methods.append(lambda x, _: apply_top_k(x, p.top_k))
     if 0 < p.tail_free_z < 1:
-        methods.append(lambda x: samplers.apply_tail_free(x, p.tail_free_z))
+        methods.append(lambda x, _: samplers.apply_tail_free(x, p.tail_free_z))
     if 0 < p.typical_p < 1:
-        methods.append(lambda x: samplers.apply_typical(x, p.typical_p))
+        methods.append(lambda x, _: samplers.apply_typical(x, p.typical_p))
     if 0 < p.top_p < 1:
-        methods.append(lambda x: apply_top_p(x, p.top_p))
+        methods.append(lambda x, _: apply_top_p(x, p.top_p))
     if p.min_p > 0:
-        methods.append(lambda x: apply_min_p(x, p.min_p))
+        methods.append(lambda x, _: apply_min_p(x, p.min_p))
     if p.xtc_probability > 0:
         methods.append(
-            lambda x: samplers.apply_xtc(x, p.xtc_probability, p.xtc_threshold, special, next_key())
+            lambda x, key: samplers.apply_xtc(x, p.xtc_probability, p.xtc_threshold, special, key)
         )
 
-    def sampler(logprobs):
+    def draw(logprobs, key):
+        xtc_key, key = mx.random.split(key)
         for method in methods:
-            logprobs = method(logprobs)
-        return mx.random.categorical(logprobs * inv_temp, key=next_key())
+            logprobs = method(logprobs, xtc_key)
+        return mx.random.categorical(logprobs * inv_temp, key=key)
 
-    return sampler
+    return PositionalSampler(p.seed, draw)
 
 
 def make_processors(p: SamplingParams, vocab_size: int, eos_ids, constraint=None):
