@@ -136,8 +136,6 @@ class SpecGenerationBatch(GenerationBatch):
         self.draft_cache: list = []  # its batch KV, rows as in this batch
         self.ragged = Ragged()  # holes of rejected drafts in prompt_cache
         self.draft_ragged = Ragged()  # and in draft_cache
-        self.drafted = 0
-        self.accepted = 0
         super().__init__(*args, **kwargs)
 
     def extend(self, batch):
@@ -334,8 +332,6 @@ class SpecGenerationBatch(GenerationBatch):
                 spec.length.update(len(drafts[i]), n)
                 if spec.index is not None:
                     spec.index.extend(drafts[i][:n])
-            self.drafted += len(drafts[i])
-            self.accepted += n
             kept = [pending[i], *drafts[i][:n]]
             if self.logits_processors[i]:
                 self._token_context[i]._size = base + len(kept)
