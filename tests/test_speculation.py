@@ -340,3 +340,29 @@ def test_draft_model_in_batch_identical(tiny_pair, trained_dir, random_draft, dr
             assert accepted < 0.5 * drafted, (accepted, drafted)
     finally:
         srv.stop()
+
+
+def test_bad_speculation_options_refused_over_grpc(trained_dir):
+    """Malformed speculation Options are INVALID_ARGUMENT at LoadModel, naming the option; the
+    server stays healthy and loads the model with good ones after."""
+    import grpc
+
+    srv = Server()
+    try:
+        for bad in ("prompt_lookup_max:0", "prompt_lookup:maybe", "spec_step_tokens:-1"):
+            with pytest.raises(grpc.RpcError) as err:
+                srv.stub.LoadModel(
+                    pb.ModelOptions(
+                        Model=trained_dir.name, ModelPath=str(trained_dir.parent), Options=[bad]
+                    ),
+                    timeout=120,
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+            assert bad.split(":")[0] in err.value.details(), err.value.details()
+            assert srv.healthy()
+        reply = srv.stub.LoadModel(
+            pb.ModelOptions(Model=trained_dir.name, ModelPath=str(trained_dir.parent)), timeout=120
+        )
+        assert reply.success and "prompt-lookup" in reply.message, reply.message
+    finally:
+        srv.stop()
