@@ -33,6 +33,35 @@ def test_ngram_index_proposes_the_latest_continuation():
     idx.extend([1, 2, 3])
     assert idx.propose(4) == [8, 1, 2, 3]  # the reply itself is searched too
 
+    idx.extend([7])
+    assert idx.propose(2) == []  # "3 7" never seen; single tokens only when asked:
+    assert idx.propose(2, min_n=1) == [1, 2]
+
+
+def test_free_slots_of_a_verification_pass_are_filled():
+    """Rows with fewer drafts than the pass's longest take their match continued or, with none
+    or while pausing, a single-token match; never past their token budget or the grammar."""
+    from types import SimpleNamespace
+
+    from mlxbackend.text.spec_batch import SpecGenerationBatch
+    from mlxbackend.text.speculate import SeqSpec
+
+    def spec(tokens):
+        return SeqSpec(NgramIndex(tokens, 2, 3), DraftLength(8))
+
+    specs = [spec([1, 2, 3, 4, 5, 1, 2]), spec([5, 6, 7, 8, 9, 0, 7]), spec([1, 4, 4, 6, 1]), None]
+    cut = {2: 1}  # row 2's grammar keeps one draft
+    batch = SimpleNamespace(
+        specs=specs,
+        max_tokens=[100, 100, 3, 100],
+        _num_tokens=[0, 0, 0, 0],
+        _cut=lambda i, s, pending, d: d[: cut.get(i, len(d))],
+    )
+    drafts = SpecGenerationBatch._fill(batch, [2, 7, 1, 9], [[3, 4, 5], [], [], []])
+    assert drafts == [[3, 4, 5], [8, 9, 0], [4], []]
+    assert SpecGenerationBatch._fill(batch, [2, 7, 1, 9], [[3], [], [], []])[0] == [3]
+    assert SpecGenerationBatch._fill(batch, [0] * 4, [[], [], [], []]) == [[], [], [], []]
+
 
 def test_draft_length_adapts_and_pauses():
     d = DraftLength(8, start=4)

@@ -129,11 +129,21 @@ def make_spec(tm: TextModel, req: GenerationRequest, tokens: list, between=None)
     )
 
 
+_MEASURED_STEP_TOKENS: dict = {}  # (weights folder, their bytes) -> measured step tokens
+
+
 def step_tokens(tm: TextModel) -> int:
     """Tokens one verification pass of this model's batch may take (Options spec_step_tokens,
-    else measured once, when a batch of two or more first speculates)."""
+    else measured when a batch of two or more first speculates: once per process and weights,
+    a reload of the same model reuses it)."""
     if not tm.spec.step_tokens:
-        tm.spec.step_tokens = measure_step_tokens(tm.model)
+        from mlx.utils import tree_flatten
+
+        weights = sum(v.nbytes for _, v in tree_flatten(tm.model.parameters()))
+        key = (str(tm.path), weights)
+        if key not in _MEASURED_STEP_TOKENS:
+            _MEASURED_STEP_TOKENS[key] = measure_step_tokens(tm.model)
+        tm.spec.step_tokens = _MEASURED_STEP_TOKENS[key]
     return tm.spec.step_tokens
 
 

@@ -106,15 +106,16 @@ class NgramIndex:
         seq = self.tokens
         for t in tokens:
             end = len(seq)  # the new token's index: every n-gram ending before it continues here
-            for n in range(self.min_n, self.max_n + 1):
+            for n in range(1, self.max_n + 1):  # every size: free slots take shorter matches
                 if end >= n:
                     self.after[tuple(seq[end - n : end])] = end
             seq.append(t)
 
-    def propose(self, k: int) -> list:
-        """Up to `k` tokens that followed the longest recent n-gram equal to the sequence's end."""
+    def propose(self, k: int, min_n: int | None = None) -> list:
+        """Up to `k` tokens that followed the longest recent n-gram equal to the sequence's end
+        (n-grams down to `min_n`, default the index's own)."""
         seq = self.tokens
-        for n in range(self.max_n, self.min_n - 1, -1):
+        for n in range(self.max_n, (min_n or self.min_n) - 1, -1):
             if len(seq) <= n:
                 continue
             at = self.after.get(tuple(seq[-n:]))
@@ -137,12 +138,19 @@ class DraftLength:
         self.miss_backoff = 1
         self.drafted = 0
         self.accepted = 0
+        self.kept = 0.0  # recent drafts kept, and positions tried (kept + rejections), decaying
+        self.tried = 0.0
 
     def wanted(self) -> int:
         if self.skip:
             self.skip -= 1
             return 0
         return self.k
+
+    def rate(self) -> float:
+        """The recent chance that a draft position is kept (each position's keep is a coin
+        flip until the first rejection), with a prior of one kept and one rejected."""
+        return (self.kept + 1) / (self.tried + 2)
 
     def missed(self) -> None:
         """No draft was found: look again after 1, 2, 4, then every 8 steps while none is (a
@@ -161,6 +169,8 @@ class DraftLength:
             return
         self.drafted += drafted
         self.accepted += accepted
+        self.kept = 0.9 * self.kept + accepted
+        self.tried = 0.9 * self.tried + accepted + (accepted < drafted)
         if accepted == drafted:
             self.k = min(self.max, self.k * 2)
             self.backoff = 1
