@@ -240,8 +240,16 @@ def test_tokenize(trained_server):
 
 
 def test_status_metrics_metadata(trained_server):
+    import time
+
     trained_server.stub.Predict(completion(Tokens=20))
-    status = trained_server.stub.Status(pb.HealthMessage())
+    # the reply can arrive before the worker's next turn retires the finished batch (BUSY until
+    # then, a few ms): READY must follow, not precede, the reply
+    deadline = time.monotonic() + 5
+    while (status := trained_server.stub.Status(pb.HealthMessage())).state != (
+        pb.StatusResponse.READY
+    ) and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert status.state == pb.StatusResponse.READY
     assert (
         status.memory.breakdown["weights"] > 0
