@@ -9,7 +9,7 @@ the forward pass of every decode step is shared."""
 import time
 from dataclasses import dataclass
 
-from mlxbackend.text import prefix_cache
+from mlxbackend.text import memory, prefix_cache
 from mlxbackend.text.chat import Prompt
 from mlxbackend.text.generate import (
     Decoder,
@@ -137,10 +137,7 @@ def step_tokens(tm: TextModel) -> int:
     else measured when a batch of two or more first speculates: once per process and weights,
     a reload of the same model reuses it)."""
     if not tm.spec.step_tokens:
-        from mlx.utils import tree_flatten
-
-        weights = sum(v.nbytes for _, v in tree_flatten(tm.model.parameters()))
-        key = (str(tm.path), weights)
+        key = (str(tm.path), memory.loaded_bytes(tm.model))
         if key not in _MEASURED_STEP_TOKENS:
             _MEASURED_STEP_TOKENS[key] = measure_step_tokens(tm.model)
         tm.spec.step_tokens = _MEASURED_STEP_TOKENS[key]

@@ -353,15 +353,12 @@ class TextEngine:
     def memory(self) -> dict:
         """Bytes: weights, KV caches of running requests, other MLX memory."""
         import mlx.core as mx
-        from mlx.utils import tree_flatten
 
         weights = 0
         if self.current is not None:
-            weights = sum(v.nbytes for _, v in tree_flatten(self.current.model.parameters()))
+            weights = memory.loaded_bytes(self.current.model)
             if self.current.draft_model is not None:
-                weights += sum(
-                    v.nbytes for _, v in tree_flatten(self.current.draft_model.parameters())
-                )
+                weights += memory.loaded_bytes(self.current.draft_model)
         kv = 0
         for driver in list(self.drivers.values()):
             try:

@@ -61,6 +61,13 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def loaded_bytes(model) -> int:
+    """Bytes of a loaded model's parameters (as held in memory, after any load-time changes)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def largest_context(path: Path, config: dict, limit: int, kv_type=None) -> int:
     """ContextSize 0: the most tokens (up to `limit`, the model's own) whose KV fits in what is
     left of available memory (with headroom) after the weights, with this KV type."""
