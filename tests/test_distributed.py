@@ -21,6 +21,7 @@ import pytest
 from mlxbackend.proto import backend_pb2 as pb
 from tests import tiny_model as tm
 from tests.conftest import ROOT, Server
+from tests.test_localai_dropin import custom_code_copy, eos_option
 
 KILL_BOUND_S = 20  # documented upper bound for a failed request after a worker dies (seen: < 1 s)
 FREEZE_TIMEOUT_S = 3  # distributed_timeout used for the frozen-worker test
@@ -449,6 +450,22 @@ def test_worker_load_error_is_reported_with_its_rank(group, trained_dir, tmp_pat
         assert group["srv"].healthy()
     finally:
         worker.stop()
+
+
+def test_rank0_tokenizer_takes_trust_remote_code_and_eos_token(group, trained_dir, tmp_path):
+    """Rank 0's tokenizer gets the Options the single-process load gives it: a tokenizer with its
+    own code needs trust_remote_code (INVALID_ARGUMENT without), eos_token stops the reply."""
+    folder = custom_code_copy(trained_dir, tmp_path / "custom-code")
+    srv, hostfile = group["srv"], f"hostfile:{group['hostfile']}"
+    with pytest.raises(grpc.RpcError) as err:
+        load(srv, folder, [hostfile])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "trust_remote_code" in err.value.details()
+    assert srv.healthy()
+    eos, expected = eos_option(trained_dir)
+    assert load(srv, folder, [hostfile, "trust_remote_code:true", eos]).success
+    request = pb.PredictOptions(Prompt=tm.COMPLETION_PROMPT, Tokens=100)
+    assert srv.stub.Predict(request, timeout=60).message.decode() == expected
 
 
 # -- every architecture's layer split --------------------------------------------------------

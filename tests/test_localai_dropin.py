@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import threading
+from pathlib import Path
 
 import grpc
 import mlx.core as mx
@@ -275,35 +276,45 @@ def test_xtc_options(trained_dir, trained_server):
 
 
 def test_max_cache_entries_and_eos_token_options(trained_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(trained_dir))
-    ids = tok.encode(tm.COMPLETION_TEXT, add_special_tokens=False)
-    stop_at = next(i for i in range(4, len(ids)) if ids.index(ids[i]) == i)  # first occurrence
+    eos, expected = eos_option(trained_dir)
     srv = Server()
     try:
-        options = ["max_cache_entries:1", f"eos_token:{tok.convert_ids_to_tokens(ids[stop_at])}"]
-        assert load(srv, trained_dir, options).success
+        assert load(srv, trained_dir, ["max_cache_entries:1", eos]).success
         breakdown = srv.stub.Status(pb.HealthMessage(), timeout=10).memory.breakdown
         assert breakdown["prompt_cache_max_entries"] == 1
         final = list(srv.stub.PredictStream(completion(Tokens=100), timeout=60))
-        assert b"".join(r.message for r in final).decode() == tok.decode(ids[:stop_at])
+        assert b"".join(r.message for r in final).decode() == expected
     finally:
         srv.stop()
 
 
-def test_trust_remote_code(trained_dir, tmp_path):
-    """A tokenizer with custom code loads only with TrustRemoteCode or Options trust_remote_code."""
-    folder = tmp_path / "custom-code"
-    shutil.copytree(trained_dir, folder)
+def custom_code_copy(model: Path, folder: Path) -> Path:
+    """A copy of `model` whose tokenizer class exists only in the folder's own code."""
+    shutil.copytree(model, folder)
     (folder / "custom_tokenizer.py").write_text(
         "from transformers import PreTrainedTokenizerFast\n\n\n"
         "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
     )
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
-    config["tokenizer_class"] = "CustomTokenizer"  # only the folder's code provides it
+    config["tokenizer_class"] = "CustomTokenizer"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def eos_option(model: Path) -> tuple[str, str]:
+    """Options eos_token naming a token inside the tiny completion, and the text it stops at."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = tok.encode(tm.COMPLETION_TEXT, add_special_tokens=False)
+    stop_at = next(i for i in range(4, len(ids)) if ids.index(ids[i]) == i)  # first occurrence
+    return f"eos_token:{tok.convert_ids_to_tokens(ids[stop_at])}", tok.decode(ids[:stop_at])
+
+
+def test_trust_remote_code(trained_dir, tmp_path):
+    """A tokenizer with custom code loads only with TrustRemoteCode or Options trust_remote_code."""
+    folder = custom_code_copy(trained_dir, tmp_path / "custom-code")
     srv = Server()
     try:
         with pytest.raises(grpc.RpcError) as err:

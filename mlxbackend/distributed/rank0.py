@@ -39,7 +39,17 @@ from mlxbackend.distributed.channel import (
 from mlxbackend.distributed.settings import PING_INTERVAL, GroupSettings
 from mlxbackend.errors import InvalidInput
 from mlxbackend.text.memory import HEADROOM, available_bytes
-from mlxbackend.text.models import DEFAULT_CONTEXT, TextModel, fix_config, model_dir, read_config
+from mlxbackend.text.models import (
+    DEFAULT_CONTEXT,
+    TextModel,
+    add_eos_tokens,
+    fix_config,
+    model_dir,
+    read_config,
+    remote_code_refused,
+    tokenizer_options,
+    trusts_remote_code,
+)
 
 PHASE, REASON = (
     "mlxbackend-rank0-phase:",
@@ -185,7 +195,7 @@ def load(spec, settings: GroupSettings):
     path = model_dir(spec.model, spec.model_file, spec.model_path)
     config = read_config(path)
     config.update(fix_config(config))
-    trust = spec.trust_remote_code or bool(spec.options.get("trust_remote_code"))
+    trust = trusts_remote_code(spec)
     started = time.perf_counter()
     log.info("rank 0: forming a group of %d ranks (%s)", settings.size, settings.backend)
     group = init_group(settings)
@@ -209,13 +219,13 @@ def load(spec, settings: GroupSettings):
         from mlx_lm.utils import load_tokenizer  # imports transformers: after the group formed
 
         shard = shards.load(path, group, settings.mode, settings.split, trust)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-        for token in str(spec.options.get("eos_token", "")).split(","):
-            if token.strip():
-                try:
-                    tokenizer.add_eos_token(token.strip())
-                except ValueError as exc:
-                    raise InvalidInput(f"option eos_token: {exc}") from None
+        tokenizer_config = tokenizer_options(spec.options)
+        if trust:  # mlx-lm passes trust_remote_code to the model only
+            tokenizer_config["trust_remote_code"] = True
+        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+        add_eos_tokens(tokenizer, spec.options)
+    except ValueError as exc:
+        error = remote_code_refused(path, exc) or exc
     except Exception as exc:
         error = exc
     with _during_load():

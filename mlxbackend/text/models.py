@@ -202,16 +202,11 @@ def load_text_model(spec: LoadSpec) -> TextModel:
         return _load_vision_model(spec, path, int(context), budget)
     model, tokenizer, config = load_model_dir(
         path,
-        trust_remote_code=spec.trust_remote_code or bool(spec.options.get("trust_remote_code")),
-        tokenizer_config={k: str(spec.options[k]) for k in TOKENIZER_OPTIONS if k in spec.options},
+        trust_remote_code=trusts_remote_code(spec),
+        tokenizer_config=tokenizer_options(spec.options),
         raw_config=raw_config,
     )
-    for token in str(spec.options.get("eos_token", "")).split(","):
-        if token.strip():
-            try:
-                tokenizer.add_eos_token(token.strip())
-            except ValueError as exc:
-                raise InvalidInput(f"option eos_token: {exc}") from None
+    add_eos_tokens(tokenizer, spec.options)
     adapters = [(_join(p, spec.model_path), s) for p, s in spec.lora_adapters if p]
     if adapters:
         _apply_adapters(model, adapters)
@@ -320,6 +315,36 @@ def model_dir(model: str, model_file: str = "", model_path: str = "") -> Path:
     return path
 
 
+def trusts_remote_code(spec: LoadSpec) -> bool:
+    """TrustRemoteCode, or Options trust_remote_code (LocalAI's mlx backends read both)."""
+    return spec.trust_remote_code or bool(spec.options.get("trust_remote_code"))
+
+
+def tokenizer_options(options: dict) -> dict:
+    """The Options LocalAI's mlx backend hands its tokenizer (mlx-lm's tokenizer_config)."""
+    return {k: str(options[k]) for k in TOKENIZER_OPTIONS if k in options}
+
+
+def add_eos_tokens(tokenizer, options: dict) -> None:
+    """Options eos_token: extra end-of-sequence tokens, comma-separated."""
+    for token in str(options.get("eos_token", "")).split(","):
+        if token.strip():
+            try:
+                tokenizer.add_eos_token(token.strip())
+            except ValueError as exc:
+                raise InvalidInput(f"option eos_token: {exc}") from None
+
+
+def remote_code_refused(path: Path, exc: ValueError) -> InvalidInput | None:
+    """The error for a folder that ships its own code, loaded without trust_remote_code."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    return InvalidInput(
+        f"{path.name} ships its own code (tokenizer or model); load it with TrustRemoteCode "
+        "or Options trust_remote_code:true if you trust it"
+    )
+
+
 def load_model_dir(
     path: Path,
     trust_remote_code: bool = False,
@@ -343,12 +368,9 @@ def load_model_dir(
             trust_remote_code=trust_remote_code,
         )
     except ValueError as exc:
-        if "trust_remote_code" not in str(exc):
+        if (refused := remote_code_refused(path, exc)) is None:
             raise
-        raise InvalidInput(
-            f"{path.name} ships its own code (tokenizer or model); load it with TrustRemoteCode "
-            "or Options trust_remote_code:true if you trust it"
-        ) from None
+        raise refused from None
 
 
 def _gguf_to_mlx_cache(gguf_path: Path, model_path: str) -> Path:
