@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
@@ -59,7 +60,13 @@ DS = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜tool▁ca
 DS += ["<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"]
 DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 MISTRAL = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]"]
+MISTRAL_V11 = MISTRAL + ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]"]
 HARMONY = ["<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|constrain|>"]
+GEMMA = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>"]
+FUNCTION_GEMMA = GEMMA + ["<start_function_declaration>", "<end_function_declaration>", "<escape>"]
+FUNCTION_GEMMA += ["<start_function_call>", "<end_function_call>", "<end_function_response>"]
+# Gemma 3 has no tool format: a call written the way Google's docs prompt for is plain content.
+TOOL_CODE = '```tool_code\nget_weather(city="Paris")\n```'
 
 FAMILIES = {
     "qwen3": Family(
@@ -116,9 +123,24 @@ FAMILIES = {
     ),
     "mistral_v11": Family(
         "mistralai-Mistral-Small-3.2-24B-Instruct-2506.jinja",
-        MISTRAL + ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]"],
+        MISTRAL_V11,
         ["</s>"],
         [tool_case('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>')],
+        bos="<s>",
+        parser="mlx-lm:mistral",
+    ),
+    "magistral": Family(
+        "unsloth-Magistral-Small-2509.jinja",
+        MISTRAL_V11 + ["[THINK]", "[/THINK]"],
+        ["</s>"],
+        [
+            tool_case(
+                "[THINK]The user wants weather.[/THINK]"
+                '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>',
+                reasoning="The user wants weather.",
+            ),
+            chat_case(f"[THINK]Easy.[/THINK]{ANSWER}</s>", reasoning="Easy."),
+        ],
         bos="<s>",
         parser="mlx-lm:mistral",
     ),
@@ -208,6 +230,30 @@ FAMILIES = {
         ],
         parser="mlx-lm:kimi_k2",
     ),
+    "function_gemma": Family(
+        "google-functiongemma.jinja",
+        FUNCTION_GEMMA,
+        ["<end_of_turn>", "<start_function_response>"],
+        [
+            tool_case(
+                "<start_function_call>call:get_weather{city:<escape>Paris<escape>}"
+                "<end_function_call><start_function_response>"
+            ),
+            chat_case(f"{ANSWER}<end_of_turn>", tools=True),
+        ],
+        bos="<bos>",
+        parser="mlx-lm:function_gemma",
+    ),
+    "gemma3": Family(
+        "google-gemma-3-270m-it.jinja",
+        GEMMA,
+        ["<end_of_turn>", "<eos>"],
+        [
+            Case(tm.TOOL_CONVERSATION, f"{TOOL_CODE}<end_of_turn>", content=TOOL_CODE),
+            chat_case(f"{ANSWER}<end_of_turn>", tools=True),
+        ],
+        bos="<bos>",
+    ),
 }
 
 
@@ -250,8 +296,11 @@ def test_family_format_is_detected(family_server):
 
     from mlxbackend.text.tool_formats import format_for
 
-    name, folder, _ = family_server
-    assert format_for(load_tokenizer(folder)).parser == FAMILIES[name].parser
+    name, folder, srv = family_server
+    fmt = format_for(load_tokenizer(folder))
+    assert fmt.parser == FAMILIES[name].parser
+    meta = srv.stub.ModelMetadata(pb.ModelOptions(), timeout=10)  # what LocalAI reads
+    assert meta.supports_thinking == (fmt.think is not None)
 
 
 def test_stream_deltas_and_unary(family_server):
@@ -323,9 +372,19 @@ def test_forced_tool_choice_starts_a_call_in_the_family_format(family_server, ch
 
     name, folder, srv = family_server
     case = next((c for c in FAMILIES[name].cases if c.calls), None)
-    if case is None:
-        pytest.skip(f"{name}: no tool-call case")
     fmt = format_for(load_tokenizer(folder))
+    if case is None:  # no tool-call format (Gemma 3): a forced call is refused, not ignored
+        request = request_for(FAMILIES[name].cases[0])
+        request.ToolChoice = (
+            '"required"'
+            if choice == "required"
+            else json.dumps({"type": "function", "function": {"name": "get_weather"}})
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.stub.PredictStream(request))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "ToolChoice" in err.value.details() and srv.healthy()
+        return
     request = request_for(case)
     if choice == "required":
         request.ToolChoice = '"required"'

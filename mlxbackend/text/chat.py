@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import InvalidInput, Precondition
-from mlxbackend.text.tool_formats import forced_prefix, format_for
+from mlxbackend.text.tool_formats import forced_prefix, format_for, think_markers
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -243,9 +243,9 @@ def render(
 
 def _opens_reasoning(tokenizer, text: str) -> bool:
     """True when the generation prompt leaves a thinking block open (e.g. ends with <think>)."""
-    if not getattr(tokenizer, "has_thinking", False):
+    if (markers := think_markers(tokenizer)) is None:
         return False
-    start, end = tokenizer.think_start, tokenizer.think_end
+    start, end = markers
     tail = text.rstrip()
     return tail.rfind(start) > tail.rfind(end) if start in tail else False
 
@@ -255,4 +255,12 @@ def _forced_prefix(tokenizer, tools: list, choice) -> str:
     family's own format (text/tool_formats.py)."""
     if not tools or choice in ("auto", "none"):
         return ""
-    return forced_prefix(format_for(tokenizer), choice[1] if isinstance(choice, tuple) else None)
+    fmt = format_for(tokenizer)
+    prefix = forced_prefix(fmt, choice[1] if isinstance(choice, tuple) else None)
+    if not prefix:
+        raise InvalidInput(
+            f"ToolChoice {choice if isinstance(choice, str) else choice[1]!r} needs a tool-call "
+            f"format to start the reply in, and this model's chat template has none we can force "
+            f"({fmt.name}); send ToolChoice auto and parse the reply, or use a grammar"
+        )
+    return prefix

@@ -28,6 +28,7 @@ from mlxbackend.text.generate import (
 from mlxbackend.text.models import LoadSpec, TextModel, load_text_model
 from mlxbackend.text.parse import Delta
 from mlxbackend.text.sampling import validate, with_option_defaults
+from mlxbackend.text.tool_formats import format_for
 from mlxbackend.vision import prompt as vision_prompt
 from mlxbackend.worker import Job, Worker, pause
 
@@ -446,18 +447,13 @@ class TextEngine:
                 )
             except Exception:
                 rendered = ""
+        fmt = format_for(tok)  # the markers the reply parser uses (text/tool_formats.py)
         return {
-            "supports_thinking": bool(getattr(tok, "has_thinking", False)),
+            "supports_thinking": fmt.think is not None,
             "rendered_template": rendered,
-            "think": (tok.think_start, tok.think_end)
-            if getattr(tok, "has_thinking", False)
-            else None,
-            "tool": (tok.tool_call_start, tok.tool_call_end)
-            if getattr(tok, "has_tool_calling", False)
-            else None,
-            "tool_parser": getattr(tok.tool_parser, "__module__", "").rsplit(".", 1)[-1]
-            if tok.tool_parser
-            else "",
+            "think": fmt.think,
+            "tool": (fmt.tool_starts[0], fmt.tool_end) if fmt.tool_starts else None,
+            "tool_parser": fmt.name if fmt.tool_starts else "",
             # where a Go-templated prompt puts each image / video / audio (vision/prompt.py)
             "media_marker": vision_prompt.MARKER if tm.vision and tm.vision.accepts else "",
         }

@@ -4,7 +4,8 @@ Where mlx-lm's TokenizerWrapper knows the family (it infers `tool_call_start`/`t
 and a tool parser from the chat template, thinking markers from the vocabulary), its markers
 and parser are used; we only add `HEADERS`, which find a call's name (and where JSON arguments
 start) so a call streams before it is complete. Families mlx-lm 0.32 has no parser for are
-described here (`OURS`): Llama 3.x JSON, gpt-oss harmony channels, DeepSeek R1 and V3.1."""
+described here (`OURS`): Llama 3.x JSON, gpt-oss harmony channels, DeepSeek R1 and V3.1; so are
+thinking markers it does not infer (`VOCAB_THINK`: Magistral's `[THINK]`)."""
 
 import json
 import re
@@ -153,14 +154,25 @@ def ours_for_template(template: str) -> Format | None:
     return None
 
 
+# Reasoning markers mlx-lm 0.32 does not infer, used when both are tokens of the vocabulary:
+# Magistral (Mistral tokenizer v13: Magistral Small 2509, Ministral 3 Reasoning) control tokens.
+VOCAB_THINK = (("[THINK]", "[/THINK]"),)
+
+
+def think_markers(tokenizer) -> tuple[str, str] | None:
+    """(start, end) of a reasoning run: mlx-lm's when it inferred them, else `VOCAB_THINK`'s
+    when the tokenizer has those tokens (added tokens are enough: control tokens are added)."""
+    if getattr(tokenizer, "has_thinking", False):
+        return tokenizer.think_start, tokenizer.think_end
+    vocab_of = getattr(tokenizer, "get_added_vocab", None) or getattr(tokenizer, "get_vocab", None)
+    vocab = vocab_of() if callable(vocab_of) else {}
+    return next((pair for pair in VOCAB_THINK if pair[0] in vocab and pair[1] in vocab), None)
+
+
 def format_for(tokenizer) -> Format:
     """The reply format of this (mlx-lm wrapped) tokenizer: mlx-lm's markers and parser when
     it has them, else ours when the chat template is one we know, else thinking only."""
-    think = (
-        (tokenizer.think_start, tokenizer.think_end)
-        if getattr(tokenizer, "has_thinking", False)
-        else None
-    )
+    think = think_markers(tokenizer)
     parser = getattr(tokenizer, "tool_parser", None)
     if getattr(tokenizer, "has_tool_calling", False) and parser is not None:
         module = getattr(parser, "__module__", "").rsplit(".", 1)[-1]
