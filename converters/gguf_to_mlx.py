@@ -13,13 +13,15 @@ Architectures (GGUF name -> mlx-lm model): llama (incl. SmolLM2 and Mistral),
 qwen2, qwen3, gemma, gemma2, gemma3 (text-only, -> gemma3_text), phi3, granite,
 olmo2, starcoder2, qwen3moe (-> qwen3_moe), qwen2moe (-> qwen2_moe), deepseek2
 (DeepSeek-V2/V2-Lite/V2.5 -> deepseek_v2, sigmoid-routed V3/R1 -> deepseek_v3;
-MLA with or without q LoRA, split or unsplit kv_b, YaRN), gpt-oss (-> gpt_oss); see
-``ARCHITECTURES``. llama.cpp's Q/K row permutation (llama, granite) and Gemma's
+MLA with or without q LoRA, split or unsplit kv_b, YaRN, expert groups), gpt-oss
+(-> gpt_oss); see ``ARCHITECTURES``. llama.cpp's Q/K row permutation (llama, granite) and Gemma's
 ``1 + w`` RMSNorm weights are undone; MoE experts stay stacked (``switch_mlp``);
 Phi-3 LongRoPE factors become ``rope_scaling``. Where mlx-lm's model differs from
 llama.cpp's, the import cannot help: Gemma 2 has no sliding window there (full
 attention: equal up to the 4096-token window; Phi-3's llama.cpp ignores too),
-LongRoPE always uses the long factors, StarCoder2 uses exact rather than tanh GELU.
+LongRoPE always uses the long factors, StarCoder2 uses exact rather than tanh GELU, and
+DeepSeek-V2's expert groups are ranked by their best expert (the checkpoint's rule; llama.cpp
+ranks them by their best two, see _deepseek2_config).
 The tokenizer is rebuilt from ``tokenizer.ggml.*``: byte-level BPE (``gpt2``) or
 SentencePiece BPE (``llama``, e.g. Gemma, Mistral, Llama 2).
 
@@ -602,6 +604,36 @@ def _qwen3moe_config(config: dict, metadata: dict, tensors: dict) -> None:
 
 
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2  # <arch>.expert_gating_func (gguf ExpertGatingFuncType)
+# Expert groups of the grouped DeepSeek checkpoints, for GGUFs that do not record them: older
+# llama.cpp converters did not write expert_group_count / expert_group_used_count, and llama.cpp
+# runs such V2/V3/R1 files without groups. Keyed by (block_count, expert_count,
+# expert_used_count, gating): (n_group, topk_group) of the checkpoint's config.json.
+_DEEPSEEK_GROUPS = {
+    (60, 160, 6, GATING_SOFTMAX): (8, 3),  # DeepSeek-V2, V2.5, Coder-V2 (236B)
+    (61, 256, 8, GATING_SIGMOID): (8, 4),  # DeepSeek-V3, V3.1, R1
+}
+
+
+def _deepseek2_groups(metadata: dict, shape: tuple) -> tuple[int, int]:
+    """(n_group, topk_group) of a DeepSeek router, (1, 1) without group limit.
+
+    From ``deepseek2.expert_group_count`` / ``expert_group_used_count`` where the GGUF has them
+    (llama.cpp's asserts apply: groups divide the experts, at least one is used); all groups
+    used is no limit. A GGUF without them gets its checkpoint's groups if ``shape``
+    (block_count, expert_count, expert_used_count, gating) is in ``_DEEPSEEK_GROUPS``, else none.
+    """
+    n_group = metadata.get("deepseek2.expert_group_count")
+    if n_group is None:
+        return _DEEPSEEK_GROUPS.get(shape, (1, 1))
+    n_experts, topk_group = shape[1], metadata.get("deepseek2.expert_group_used_count", 0)
+    if n_group > 1 and (n_experts % n_group or topk_group < 1):
+        raise ValueError(
+            f"invalid DeepSeek expert groups: {n_experts} experts in {n_group} groups, "
+            f"{topk_group} used"
+        )
+    if n_group <= 1 or topk_group >= n_group:
+        return 1, 1
+    return n_group, topk_group
 
 
 def _deepseek2_config(config: dict, metadata: dict, tensors: dict) -> None:
@@ -612,6 +644,13 @@ def _deepseek2_config(config: dict, metadata: dict, tensors: dict) -> None:
     value_length). The router picks the mlx-lm model: softmax (V2, V2.5, V2-Lite; also the
     default when the GGUF does not say, as in llama.cpp) -> deepseek_v2, sigmoid with
     top-k renormalisation and the exp_probs_b bias (V3, R1, Kimi K2) -> deepseek_v3.
+    Expert groups (see _deepseek2_groups) limit the experts to those of the best topk_group
+    groups. How groups are ranked is not in the GGUF: the checkpoints' own rule is kept, by the
+    best expert for softmax routers (V2's topk_method group_limited_greedy, as in DeepSeek's
+    modeling code, transformers and mlx-lm's deepseek_v2), by the best two for sigmoid ones
+    (V3's noaux_tc). llama.cpp ranks by the best two for every router (build_moe_ffn in
+    llama-graph.cpp), so for V2 it picks other groups than the checkpoint where the two rules
+    part.
     """
 
     def get(key, default=None):
@@ -643,7 +682,6 @@ def _deepseek2_config(config: dict, metadata: dict, tensors: dict) -> None:
         raise ValueError("mlx-lm's deepseek_v3 cannot load more than 61 layers")
     if any(k.endswith(".weight") and ".nextn." in k for k in tensors):
         raise ValueError("DeepSeek multi-token-prediction (nextn) layers are not supported")
-    n_group = metadata.get("deepseek2.expert_group_count", 1)
     config.update(
         model_type="deepseek_v3" if v3 else "deepseek_v2",
         architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
@@ -660,17 +698,19 @@ def _deepseek2_config(config: dict, metadata: dict, tensors: dict) -> None:
     del config["head_dim"]
     if n_experts:
         shared = get("expert_shared_count", 0)
+        n_used = get("expert_used_count")
+        if isinstance(n_used, list):
+            raise ValueError("per-layer expert counts are not supported")
+        n_group, topk_group = _deepseek2_groups(metadata, (n_layers, n_experts, n_used, gating))
         config.update(
             n_routed_experts=n_experts,
-            num_experts_per_tok=get("expert_used_count"),
+            num_experts_per_tok=n_used,
             moe_intermediate_size=get("expert_feed_forward_length"),
             n_shared_experts=shared or None,
             # llama.cpp leaves the weights unscaled when the key is missing (or 0)
             routed_scaling_factor=_float32(get("expert_weights_scale", 0.0) or 1.0),
-            # llama.cpp ranks groups by their top-2 sum (deepseek_v3's noaux_tc); for softmax
-            # routers mlx-lm (like transformers) ranks them by their best expert.
             n_group=n_group,
-            topk_group=metadata.get("deepseek2.expert_group_used_count", n_group),
+            topk_group=topk_group,
             topk_method="noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
         )
         if v3:

@@ -8,7 +8,10 @@ llama.cpp (llama-cpp-python) on the same token ids, greedy decoding against llam
 same GGUF token for token, and the rebuilt tokenizer against llama.cpp's on a few texts.
 Each run prints the measured figures as one JSON line (``pytest -s``). Later cases (DeepSeek
 MLA, gpt-oss with MXFP4 experts from llama.cpp's quantizer) skip Q4_0 and check their quantized
-mixture-of-experts logits per position (see ROUTER_FLIPS).
+mixture-of-experts logits per position (see ROUTER_FLIPS). gpt-oss is also saved as an MXFP4
+checkpoint in OpenAI's layout (``write_mxfp4_checkpoint``), which llama.cpp's converter writes
+through; DeepSeek-V2's group-limited routing is compared with transformers where llama.cpp
+ranks the groups differently (see GROUP_RULE).
 
 Tokenizers: the tiny byte-level BPE of ``tests.tiny_model`` (llama.cpp's converter cannot
 identify a custom vocabulary, so it is labelled ``gpt-2``, whose pre-tokenizer it uses), or,
@@ -59,6 +62,9 @@ TOLERANCE = {
     "q8_0": (8e-2, 5e-2, 0.8),
     "q4_0": (None, 8e-2, 0.8),
     "mxfp4_moe": (None, 5e-2, 0.8),
+    # An MXFP4 checkpoint (F16 elsewhere): the experts are the checkpoint's values exactly, so
+    # MLX is as close to the checkpoint's dequantized transformers model as for F16.
+    "mxfp4": (1e-2, 5e-2, 0.8),
 }
 # Greedy text must equal llama.cpp's token for token for these types (see above for Q4_0;
 # MXFP4 likewise rounds llama.cpp's activations).
@@ -213,10 +219,29 @@ MODELS = {
             "topk_method": "noaux_tc",
         },
     ),
+    # DeepSeek-V2 / V2.5 style: q LoRA, softmax router limited to the experts of the best 3 of 8
+    # groups (group_limited_greedy: groups ranked by their best expert), 6 experts of 32 (V2: of
+    # 160, 4 per group here), no renormalisation, scale 16. The groups change the experts chosen
+    # only when more experts than groups are used (the best expert's group always wins).
+    "deepseek2-v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {
+            **_MLA,
+            "q_lora_rank": 32,
+            "n_routed_experts": 32,
+            "num_experts_per_tok": 6,
+            "n_group": 8,
+            "topk_group": 3,
+            "topk_method": "group_limited_greedy",
+            "routed_scaling_factor": 16.0,
+            "scoring_func": "softmax",  # as in V2's config.json (llama.cpp's converter reads it)
+        },
+    ),
     # gpt-oss: attention sinks, biases, a 4-token window on every other layer (the first
     # sliding, llama.cpp's default), clamped SwiGLU, YaRN as in gpt-oss's config (truncate false,
     # which llama.cpp and mlx-lm ignore: equal here). MXFP4: llama.cpp's quantizer (MXFP4_MOE:
-    # MXFP4 experts, Q8_0 elsewhere); the converter writes MXFP4 only from MXFP4 checkpoints.
+    # MXFP4 experts, Q8_0 elsewhere), and ("mxfp4") the converter from an MXFP4 checkpoint.
     "gpt-oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
@@ -243,16 +268,20 @@ GGUF_ARCH = {
     "phi3-longrope": "phi3",
     "deepseek2-lite": "deepseek2",
     "deepseek2-v3": "deepseek2",
+    "deepseek2-v2": "deepseek2",
 }
 # GGUF types per test case (default: F16, Q8_0, Q4_0); the later additions skip Q4_0 to keep
 # the file's run time in check.
 QTYPES = {
     "deepseek2-lite": ("f16", "q8_0"),
     "deepseek2-v3": ("f16", "q8_0"),
-    "gpt-oss": ("f16", "mxfp4_moe"),
+    # Q8_0 import of deepseek2 is covered above; with 32 experts in 8 groups its rounding flips
+    # near-tied group and expert choices at more positions than ROUTER_FLIPS allows.
+    "deepseek2-v2": ("f16",),
+    "gpt-oss": ("f16", "mxfp4_moe", "mxfp4"),
 }
 # Mixture-of-experts cases whose quantized logits are checked per position (see ROUTER_FLIPS).
-PER_POSITION = {"deepseek2-lite", "deepseek2-v3", "gpt-oss"}
+PER_POSITION = {"deepseek2-lite", "deepseek2-v3", "deepseek2-v2", "gpt-oss"}
 # Quantized MoE models: a near-tie between two experts' router scores picks a different expert
 # for a token after rounding (llama.cpp also rounds the activations to 8 bits), which moves that
 # one token's logits by up to ~50% of the range in these tiny random models, in llama.cpp as
@@ -260,6 +289,22 @@ PER_POSITION = {"deepseek2-lite", "deepseek2-v3", "gpt-oss"}
 # dense tolerances (the maximum is reported), and where the greedy texts part, transformers'
 # float32 model must pick MLX's token (i.e. llama.cpp's router flipped).
 ROUTER_FLIPS = 0.1
+# DeepSeek-V2 ranks its expert groups by their best expert (group_limited_greedy: transformers,
+# mlx-lm, the import); llama.cpp ranks every router's groups by their best two (build_moe_ffn in
+# llama-graph.cpp, DeepSeek-V3's rule), which picks other groups at ~25% of this prompt's
+# positions. For these cases llama.cpp's logits are compared (per position, as ROUTER_FLIPS) only
+# where both rules pick the same groups (same_group_choice) and greedy text with transformers'.
+GROUP_RULE = {"deepseek2-v2"}
+# OpenAI's MXFP4 checkpoints: expert weights as E2M1 codes (values below) with E8M0 scales.
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # codes 0-7; 8-15 negative
+MXFP4_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+    ],
+}  # fmt: skip
+MXFP4_SPEC = {"group_size": 32, "bits": 4, "mode": "mxfp4"}  # what the import makes of them
 TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer", "phi3-longrope": "GPT2Tokenizer"}
 # llama.cpp's converter reads these from tokenizer.model (SentencePiece) only.
 SPM_ARCHS = {"gemma": False, "gemma2": False, "mistral": True}  # -> SentencePiece dummy prefix
@@ -369,7 +414,8 @@ def check_mxfp4(gguf, out, quant) -> None:
     for t in experts:
         layer, kind = t.name.split(".")[1], t.name.split(".")[2].split("_")[1]
         module = f"model.layers.{layer}.mlp.experts.{kind}_proj"
-        assert quant[module] == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        spec = quant.get(module, quant)  # per module, or the file's default
+        assert {k: spec[k] for k in ("group_size", "bits", "mode")} == MXFP4_SPEC
         got = mx.dequantize(
             weights[f"{module}.weight"], weights[f"{module}.scales"], group_size=32, bits=4,
             mode="mxfp4", dtype=mx.float32,
@@ -378,55 +424,188 @@ def check_mxfp4(gguf, out, quant) -> None:
         assert np.array_equal(np.array(got), want), t.name
 
 
+def mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 of ``w`` [..., rows, cols] in groups of 32 along cols, as OpenAI's checkpoints store
+    it: blocks [..., rows, cols / 32, 16] (two E2M1 codes a byte, the even element in the low
+    nibble) and scales [..., rows, cols / 32] (E8M0: exponent + 127). Each group's exponent
+    puts its largest magnitude in [4, 8) (6 at most); the codes round to the nearest value."""
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = torch.floor(torch.log2(groups.abs().amax(-1))) - 2
+    scaled = groups / torch.exp2(exponent)[..., None]
+    magnitude = (scaled.abs()[..., None] - E2M1).abs().argmin(-1)
+    codes = (magnitude | (scaled < 0).long() << 3).to(torch.uint8)
+    return codes[..., 0::2] | codes[..., 1::2] << 4, (exponent + 127).to(torch.uint8)
+
+
+def write_mxfp4_checkpoint(src, dst):
+    """Save the transformers gpt-oss folder ``src`` as an MXFP4 checkpoint in OpenAI's layout:
+    the experts as ``*_blocks`` / ``*_scales`` of their [experts, out, in] weights (gate_up's
+    rows interleaved) with ``quantization_config: {"quant_method": "mxfp4"}``, the rest as is.
+
+    Returns the checkpoint as transformers loads it (its MXFP4 decoder), in float32.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    floats = {n: weights.pop(n) for n in list(weights) if n.endswith(MXFP4_EXPERTS)}
+    for name, w in floats.items():
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = mxfp4_encode(w.transpose(1, 2))
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    ref = transformers.GptOssForCausalLM.from_pretrained(
+        dst, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    params = dict(ref.named_parameters())
+    for name, w in floats.items():  # read back as written: E2M1 is off by <= 1/4 of a group's max
+        assert relative_error(params[name].detach().numpy(), w.numpy()) <= 0.25, name
+    return ref
+
+
+def check_checkpoint_experts(model, ref) -> None:
+    """The imported experts decode exactly to the checkpoint's MXFP4 values, as transformers'
+    decoder reads them (llama.cpp's converter splits gate_up's interleaved rows)."""
+    for layer, ref_layer in zip(model.model.layers, ref.model.layers, strict=True):
+        experts = ref_layer.mlp.experts
+        gate_up = experts.gate_up_proj.detach().transpose(1, 2).numpy()
+        want = {
+            "gate_proj": gate_up[:, 0::2],
+            "up_proj": gate_up[:, 1::2],
+            "down_proj": experts.down_proj.detach().transpose(1, 2).numpy(),
+        }
+        for name, w in want.items():
+            q = getattr(layer.mlp.experts, name)
+            got = mx.dequantize(
+                q.weight, q.scales, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32
+            )
+            assert np.array_equal(np.array(got), w), name
+
+
+def _top_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the ``k`` best of the groups scored ``scores`` [tokens, groups]."""
+    return torch.zeros_like(scores).scatter(-1, scores.topk(k, -1).indices, 1.0)
+
+
+def same_group_choice(hf, ids: list[int]) -> np.ndarray:
+    """Per prompt position: whether ranking the expert groups by their best expert (DeepSeek-V2)
+    and by their best two (llama.cpp) picks the same groups in every MoE layer of ``hf``.
+
+    The tiny model's only MoE layer is its last: a different pick there moves only that
+    position's logits.
+    """
+    logits = []
+    routers = [m for m in hf.modules() if hasattr(m, "topk_group")]
+    hooks = [r.register_forward_hook(lambda m, i, out: logits.append((m, out[0]))) for r in routers]
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    same = np.ones(len(ids), bool)
+    for router, x in logits:
+        scores = x.softmax(-1).view(len(ids), router.num_group, -1)
+        best = _top_groups(scores.amax(-1), router.topk_group)
+        best_two = _top_groups(scores.topk(2, -1).values.sum(-1), router.topk_group)
+        same &= (best == best_two).all(-1).numpy()
+    return same
+
+
+def ungrouped_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits of the imported deepseek_v2 model with its expert groups switched off."""
+    gates = [layer.mlp.gate for layer in model.model.layers if "gate" in layer.mlp]
+    for gate in gates:
+        gate.topk_method = "greedy"
+    try:
+        return np.array(model(mx.array([ids]))[0])
+    finally:
+        for gate in gates:
+            gate.topk_method = "group_limited_greedy"
+
+
+def check_group_routing(model, config: dict, hf, ids: list[int], want, to_hf: float) -> float:
+    """The imported config keeps the checkpoint's expert groups, and they matter: without them
+    the logits would fail the transformers check. Returns that (ungrouped) error."""
+    keys = ("n_group", "topk_group", "topk_method")
+    assert {k: config[k] for k in keys} == {k: getattr(hf.config, k) for k in keys}
+    err = relative_error(ungrouped_logits(model, ids), want)
+    assert err > to_hf, f"the expert groups change no expert here ({err:.2e})"
+    return err
+
+
+def hf_greedy(hf, ids: list[int], n: int, stop) -> list[int]:
+    """Greedy continuation of ``ids`` by transformers (the whole sequence each step: tiny)."""
+    out = []
+    with torch.no_grad():
+        while len(out) < n and (not out or out[-1] not in stop):
+            out.append(int(hf(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_hf_to_gguf_to_mlx(arch, tokenizer, spm, tmp_path):
     from mlx_lm import load
 
     hf_dir = tmp_path / "hf"
     hf, ids = build_hf_model(arch, tokenizer, spm, hf_dir)
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0].numpy()
 
     report = {}
     for qtype in QTYPES.get(arch, ("f16", "q8_0", "q4_0")):
         gguf = tmp_path / f"{arch}-{qtype}.gguf"
+        ref = hf  # the transformers model the import must reproduce
         if qtype in ("q4_0", "mxfp4_moe"):  # llama.cpp's quantizer, from the F16 file
             _quantize(tmp_path / f"{arch}-f16.gguf", gguf, qtype, lambda *_: None, 2)
+        elif qtype == "mxfp4":  # llama.cpp's converter, from an MXFP4 checkpoint (F16 elsewhere)
+            ref = write_mxfp4_checkpoint(hf_dir, tmp_path / "hf-mxfp4")
+            mlx_to_gguf(tmp_path / "hf-mxfp4", gguf, "f16", pre_tokenizer=PRE)
         else:
             mlx_to_gguf(hf_dir, gguf, qtype, pre_tokenizer=PRE)
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0].numpy()
         assert read_gguf(gguf)[0]["general.architecture"] == GGUF_ARCH.get(arch, arch)
         start = time.perf_counter()
         out = convert_gguf(gguf, tmp_path / f"mlx-{qtype}", dtype="float32")
         seconds = time.perf_counter() - start
-        quant = json.loads((out / "config.json").read_text()).get("quantization")
-        assert (quant or {}).get("bits") == {"f16": None, "q8_0": 8, "q4_0": 4, "mxfp4_moe": 8}[
-            qtype
-        ]
-        if qtype == "mxfp4_moe":
+        config = json.loads((out / "config.json").read_text())
+        quant = config.get("quantization")
+        bits = {"f16": None, "q8_0": 8, "q4_0": 4, "mxfp4_moe": 8, "mxfp4": 4}[qtype]
+        assert (quant or {}).get("bits") == bits
+        if qtype in ("mxfp4_moe", "mxfp4"):
             check_mxfp4(gguf, out, quant)
         model, tok = load(str(out))
+        if qtype == "mxfp4":
+            check_checkpoint_experts(model, ref)
         assert tok.encode(PROMPT, add_special_tokens=False) == ids
         got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
         err = relative_error(got, want)
+        tolerance = MOE_TOLERANCE if "moe" in arch else {}
+        to_hf, to_llama, min_agree = tolerance.get(qtype, TOLERANCE[qtype])
+        if arch in GROUP_RULE:  # the groups are kept, and they change the experts chosen
+            ungrouped = check_group_routing(model, config, hf, ids, want, to_hf)
 
         llm = llama(gguf)
         llm.eval(ids)
         llama_logits = np.array(llm.scores[: len(ids)])
-        err_llama = relative_error(got, llama_logits)
-        agree = float((got.argmax(-1) == llama_logits.argmax(-1)).mean())
-        tolerance = MOE_TOLERANCE if "moe" in arch else {}
-        to_hf, to_llama, min_agree = tolerance.get(qtype, TOLERANCE[qtype])
+        # llama.cpp's logits where it routes as the checkpoint does (see GROUP_RULE)
+        keep = same_group_choice(ref, ids) if arch in GROUP_RULE else np.ones(len(ids), bool)
+        err_llama = relative_error(got[keep], llama_logits[keep])
+        agree = float((got.argmax(-1) == llama_logits.argmax(-1))[keep].mean())
+        # router flips: a few positions may be off (see ROUTER_FLIPS); not against transformers
+        # for MXFP4 from a checkpoint, whose experts transformers has as well
         flips = arch in PER_POSITION and qtype != "f16"
-        to_hf = None if flips and qtype not in GREEDY_EXACT else to_hf
-        if flips:  # router flips: per position, a few positions may be off (see ROUTER_FLIPS)
-            if to_hf is not None:
-                off_hf = float((position_errors(got, want) >= to_hf).mean())
-                assert off_hf <= ROUTER_FLIPS, f"{qtype}: {off_hf:.0%} of positions off HF"
-            off_llama = float((position_errors(got, llama_logits) >= to_llama).mean())
+        if to_hf is not None and flips and qtype != "mxfp4":
+            off_hf = float((position_errors(got, want) >= to_hf).mean())
+            assert off_hf <= ROUTER_FLIPS, f"{qtype}: {off_hf:.0%} of positions off HF"
+        elif to_hf is not None:
+            assert err < to_hf, f"{qtype}: logits differ from transformers' by {err:.2e}"
+        if flips or arch in GROUP_RULE:
+            off_llama = float((position_errors(got, llama_logits)[keep] >= to_llama).mean())
             assert off_llama <= ROUTER_FLIPS, f"{qtype}: {off_llama:.0%} of positions off llama"
         else:
-            if to_hf is not None:
-                assert err < to_hf, f"{qtype}: logits differ from transformers' by {err:.2e}"
             assert err_llama < to_llama, (
                 f"{qtype}: logits differ from llama.cpp's by {err_llama:.2e}"
             )
@@ -434,14 +613,18 @@ def test_hf_to_gguf_to_mlx(arch, tokenizer, spm, tmp_path):
         prompt_ids, llama_ids = llama_greedy(llm, PROMPT, GREEDY_TOKENS)
         assert prompt_ids == ids
         mlx_ids = tm.greedy_ids(model, tok, PROMPT, GREEDY_TOKENS)
-        if qtype not in GREEDY_EXACT:
+        hf_ids = None
+        if arch in GROUP_RULE or qtype == "mxfp4":  # transformers' text (llama.cpp: see above)
+            hf_ids = hf_greedy(ref, ids, GREEDY_TOKENS, set(tok.eos_token_ids))
+            assert mlx_ids == hf_ids, f"{qtype}: {tok.decode(mlx_ids)!r} != {tok.decode(hf_ids)!r}"
+        elif qtype not in GREEDY_EXACT:
             pass
         elif flips and mlx_ids != llama_ids:  # transformers must side with MLX where they part
             pairs = enumerate(zip(mlx_ids, llama_ids, strict=False))
             k = next((i for i, (a, b) in pairs if a != b), None)
             assert k is not None, f"{qtype}: {mlx_ids} and {llama_ids} stop apart"
             with torch.no_grad():
-                hf_next = int(hf(torch.tensor([ids + mlx_ids[:k]])).logits[0, -1].argmax())
+                hf_next = int(ref(torch.tensor([ids + mlx_ids[:k]])).logits[0, -1].argmax())
             assert hf_next == mlx_ids[k], (
                 f"{qtype}: greedy parts from llama.cpp's at token {k} and transformers picks "
                 f"{hf_next}, not MLX's {mlx_ids[k]} (llama.cpp: {llama_ids[k]})"
@@ -458,13 +641,18 @@ def test_hf_to_gguf_to_mlx(arch, tokenizer, spm, tmp_path):
             "rel_err_hf": err,
             "rel_err_llama": err_llama,
             "p90_err_hf": float(np.quantile(position_errors(got, want), 0.9)),
-            "p90_err_llama": float(np.quantile(position_errors(got, llama_logits), 0.9)),
+            "p90_err_llama": float(np.quantile(position_errors(got, llama_logits)[keep], 0.9)),
             "top1_agree_llama": agree,
             "greedy_equal": mlx_ids == llama_ids,
             "import_s": round(seconds, 3),
             "mlx_bytes": size,
             "greedy": tok.decode(mlx_ids),
         }
+        if hf_ids is not None:
+            report[qtype]["greedy_equal_hf"] = mlx_ids == hf_ids
+        if arch in GROUP_RULE:
+            report[qtype]["llama_positions"] = float(keep.mean())  # compared with llama.cpp
+            report[qtype]["ungrouped_err_hf"] = ungrouped
     print(json.dumps({arch: report}))
 
 
@@ -475,6 +663,55 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
         model_config({"general.architecture": "mamba"}, {})
     assert "'mamba'" in str(e.value)
     assert all(a in str(e.value) for a in ARCHITECTURES)
+
+
+def _deepseek2_metadata(shape: tuple, groups: tuple) -> dict:
+    """Minimal GGUF metadata of a DeepSeek MoE model: ``shape`` is (block_count, expert_count,
+    expert_used_count, gating), ``groups`` (expert_group_count, expert_group_used_count), None
+    where the GGUF lacks the key."""
+    n_layers, n_experts, n_used, gating = shape
+    values = {
+        "block_count": n_layers, "embedding_length": 64, "feed_forward_length": 128,
+        "attention.head_count": 4, "attention.head_count_kv": 1, "attention.kv_lora_rank": 32,
+        "attention.key_length": 48, "attention.value_length": 32,
+        "attention.key_length_mla": 48, "attention.value_length_mla": 32,
+        "rope.dimension_count": 16, "expert_count": n_experts, "expert_used_count": n_used,
+        "expert_feed_forward_length": 32, "expert_gating_func": gating,
+        "expert_group_count": groups[0], "expert_group_used_count": groups[1],
+    }  # fmt: skip
+    return {
+        "general.architecture": "deepseek2",
+        **{f"deepseek2.{k}": v for k, v in values.items() if v is not None},
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "want"),
+    [
+        ((2, 32, 6, 1), (8, 3), (8, 3, "group_limited_greedy")),  # softmax: V2's rule
+        ((2, 8, 2, 2), (4, 2), (4, 2, "noaux_tc")),  # sigmoid: V3's rule
+        ((27, 64, 6, 1), (1, 1), (1, 1, "greedy")),  # V2-Lite
+        ((2, 32, 6, 1), (4, 4), (1, 1, "greedy")),  # all groups used: no limit
+        ((60, 160, 6, 1), (None, None), (8, 3, "group_limited_greedy")),  # V2 / V2.5, no keys
+        ((61, 256, 8, 2), (None, None), (8, 4, "noaux_tc")),  # V3 / R1, no keys
+        ((27, 64, 6, 1), (None, None), (1, 1, "greedy")),  # V2-Lite, no keys
+        ((2, 32, 6, 1), (8, None), ValueError),  # llama.cpp asserts used groups > 0
+        ((2, 32, 6, 1), (5, 2), ValueError),  # groups must divide the experts
+    ],
+)
+def test_deepseek2_expert_groups(shape, groups, want):
+    """The config's expert groups: the GGUF's, or for a GGUF without them its checkpoint's
+    (DeepSeek-V2 and V3 shapes); how they are ranked follows the router (see _deepseek2_config)."""
+    from converters.gguf_to_mlx import model_config
+
+    metadata = _deepseek2_metadata(shape, groups)
+    tensors = {"token_embd.weight": {"shape": (300, 64)}}
+    if want is ValueError:
+        with pytest.raises(ValueError, match="expert groups"):
+            model_config(metadata, tensors)
+        return
+    config = model_config(metadata, tensors)
+    assert (config["n_group"], config["topk_group"], config["topk_method"]) == want
 
 
 def test_q4_k_m_stays_quantized(tokenizer, tmp_path):
