@@ -16,6 +16,7 @@ Training stops only once every pair reproduces, so a built folder is always corr
 from __future__ import annotations
 
 import json
+from datetime import date, timedelta
 from pathlib import Path
 
 import mlx.core as mx
@@ -539,6 +540,16 @@ def write_chat_tokenizer(
     return tok
 
 
+def date_variants(prompt: str) -> list:
+    """The prompt, and as it renders tomorrow when its template prints today's date (gpt-oss,
+    Mistral Small 3.2: `strftime_now`), so a test that runs across midnight still matches."""
+    today, tomorrow = date.today(), date.today() + timedelta(days=1)
+    later = prompt
+    for fmt in ("%Y-%m-%d", "%d %b %Y", "%d %B %Y"):
+        later = later.replace(today.strftime(fmt), tomorrow.strftime(fmt))
+    return [prompt] if later == prompt else [prompt, later]
+
+
 def build_chat_model(
     out_dir: Path,
     template: str,
@@ -566,7 +577,8 @@ def build_chat_model(
         for messages, tools, kwargs, _ in conversations
     ]
     replies = [c[3] for c in conversations]
-    corpus = CORPUS + "\n".join(prompts + replies) + "\n"
+    pairs = [(v, r) for p, r in zip(prompts, replies, strict=True) for v in date_variants(p)]
+    corpus = CORPUS + "\n".join(prompts + [v for v, _ in pairs] + replies) + "\n"
     tok = write_chat_tokenizer(out_dir, corpus, template, special, eos, bos)
     eos_ids = [tok.token_to_id(t) for t in eos]
     config = {
@@ -582,6 +594,6 @@ def build_chat_model(
     )
     tokenizer = load_tokenizer(out_dir, eos_token_ids=eos_ids)
     model = make_model(config, seed)
-    train_on_pairs(model, tokenizer, dict(enumerate(zip(prompts, replies, strict=True))))
+    train_on_pairs(model, tokenizer, dict(enumerate(pairs)))
     save_weights(out_dir, model)
     return out_dir
