@@ -32,6 +32,7 @@ class Case:
     calls: list = field(default_factory=list)
     tools: bool = True
     metadata: dict = field(default_factory=dict)
+    ids: list = field(default_factory=list)  # the ids the model writes itself (Kimi K2)
 
     def kwargs(self) -> dict:
         return {k: v == "true" for k, v in self.metadata.items()}
@@ -225,6 +226,7 @@ FAMILIES = {
                 "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
                 '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>',
                 reasoning="The user wants weather.",
+                ids=["functions.get_weather:0"],
             ),
             chat_case(f"<think>Easy.</think>{ANSWER}<|im_end|>", reasoning="Easy."),
         ],
@@ -326,6 +328,8 @@ def test_stream_deltas_and_unary(family_server):
             (c["name"], c["arguments"]) for c in case.calls
         ], name
         assert all(c.id for c in delta.tool_calls)
+        if case.ids:  # the model's own ids, streamed and unary
+            assert [p.id for p in pieces if p.id] == case.ids == [c.id for c in delta.tool_calls]
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 7])

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from mlxbackend.text.tool_formats import call_name, format_for, json_value_end, new_id
+from mlxbackend.text.tool_formats import call_id, call_name, format_for, json_value_end, new_id
 
 # What may still grow into `{"name":` at the start of a reply (Llama 3.x bare JSON calls).
 LEADING_JSON = re.compile(r'\{\s*"name"\s*:')
@@ -181,7 +181,7 @@ class OutputParser:
                     return
                 call = OpenCall(
                     self.next_index,
-                    new_id(self.fmt.short_ids),
+                    call_id(m, self.fmt.short_ids),
                     call_name(m),
                     m.end(),
                     header.json_args,
@@ -221,15 +221,16 @@ class OutputParser:
             elif args is None:
                 args = region[call.args_start : call.args_start + call.sent].strip()
             self.calls.append(ToolCall(call.index, call.id, call.name, args))
-        for name, args in parsed[len(opened) :]:
-            call = ToolCall(self.next_index, new_id(self.fmt.short_ids), name, args)
+        for name, args, model_id in parsed[len(opened) :]:
+            call = ToolCall(self.next_index, model_id or new_id(self.fmt.short_ids), name, args)
             self.next_index += 1
             out.tool_calls.append(call)
             self.calls.append(ToolCall(call.index, call.id, name, args))
 
 
 def _parse_calls(parse, region: str, tools) -> list:
-    """[(name, arguments JSON)] from the region's text; [] if it does not parse."""
+    """[(name, arguments JSON, the model's own id or "")] from the region's text; [] if it does
+    not parse."""
     try:
         parsed = parse(region, tools)
     except Exception:
@@ -241,7 +242,11 @@ def _parse_calls(parse, region: str, tools) -> list:
             return []
         args = item.get("arguments", {})
         calls.append(
-            (item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+            (
+                item["name"],
+                args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                item["id"] if isinstance(item.get("id"), str) else "",
+            )
         )
     return calls
 

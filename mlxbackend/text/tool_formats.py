@@ -57,7 +57,7 @@ HEADERS = {
     ),
     "kimi_k2": Header(
         re.compile(
-            r"<\|tool_call_begin\|>\s*(?:functions\.)?(?P<name>[^\s:<]+)(?::\d+)?\s*"
+            r"<\|tool_call_begin\|>\s*(?P<id>(?:functions\.)?(?P<name>[^\s:<]+)(?::\d+)?)\s*"
             r"<\|tool_call_argument_begin\|>\s*"
         )
     ),
@@ -74,12 +74,18 @@ def header_calls(header: Header) -> Callable:
         decoder, calls, pos = json.JSONDecoder(), [], 0
         while (m := header.pattern.search(text, pos)) is not None:
             args, pos = decoder.raw_decode(text, m.end())
-            calls.append({"name": call_name(m), "arguments": args})
+            calls.append({"name": call_name(m), "arguments": args, "id": m.groupdict().get("id")})
         if not calls:
             raise ValueError("no tool call")
         return calls
 
     return parse
+
+
+def call_id(m: re.Match, short: bool) -> str:
+    """The id the model wrote in a call's header (Kimi K2's `functions.NAME:0`, which its template
+    renders back in the history), else a new one."""
+    return m.groupdict().get("id") or new_id(short)
 
 
 def call_name(m: re.Match) -> str:
