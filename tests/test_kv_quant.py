@@ -4,6 +4,8 @@ and over gRPC LocalAI's CacheTypeKey / CacheTypeValue: concurrent requests equal
 the prefix cache and saved prompt caches, grammar and a draft model on top, bad types refused."""
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from mlxbackend.proto import backend_pb2 as pb
-from tests.conftest import Server
+from tests.conftest import ROOT, Server
 
 GPL = Path("/usr/share/common-licenses/GPL-3")  # Debian's; else this repository's README
 PROMPTS = [
@@ -256,3 +258,21 @@ def test_bad_cache_types(q8_server, tiny_dir, smollm2_dir):
     assert "KV cache" not in reply.message
     status = srv.stub.Status(pb.HealthMessage()).memory.breakdown
     assert status["kv_key_bits"] == 0 and status["kv_value_bits"] == 0
+
+
+def test_bench_kv_short_runs(smollm2_dir):
+    """scripts/bench_kv.py (README "Quantized KV cache", "Agent sessions"), shortened: both
+    benchmarks run and print one row per KV type / history."""
+    bench = [sys.executable, str(ROOT / "scripts" / "bench_kv.py")]
+    common = ["--model", str(smollm2_dir), "--rounds", "1"]
+    decode = subprocess.run(
+        [*bench, "decode", *common, "--context", "64", "--steps", "2"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in decode.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 7 and "q4_0, rotated" in decode, decode
+    floor = subprocess.run(
+        [*bench, "turn-floor", *common, "--history", "96", "--new", "16"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    assert floor.splitlines()[-1].startswith("| 96 | 16 |"), floor

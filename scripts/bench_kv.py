@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""KV-cache benchmarks on SmolLM2-135M-Instruct, in one process with mlx-lm (issue 18).
+
+decode      ms per generated token at --context tokens for each KV type (float, q8_0 / q4_0
+            rotated, q8_0 keys with q4_0 values, and kv_rotate:false with mlx-lm's quantized
+            attention), in interleaved rounds (side by side), the cache trimmed back after each;
+            also each type's prefill time.
+turn-floor  what an agent turn costs raw mlx-lm at best: --new tokens prefilled over a cached
+            --history of N tokens, against a cold prefill of the same N + new tokens (chunks of
+            512, as the server's default prefill_chunk); the ratio bounds every server built on
+            mlx-lm on this machine.
+
+LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py decode [--context 2048]
+LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py turn-floor [--history 3900 6700]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHUNK = 512  # the server's DEFAULT_PREFILL_CHUNK
+
+
+def text_tokens(tokenizer, n: int) -> list:
+    """n tokens of English prose (the GPL-3 text the KV tests use)."""
+    from tests.test_kv_quant import long_text
+
+    ids = tokenizer.encode(long_text() * 8)
+    assert len(ids) >= n, f"only {len(ids)} tokens of text"
+    return ids[:n]
+
+
+def prefill(model, cache, tokens: list):
+    import mlx.core as mx
+
+    for start in range(0, len(tokens), CHUNK):
+        logits = model(mx.array(tokens[start : start + CHUNK])[None], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    return logits
+
+
+def decode(model, tokenizer, context: int, steps: int, rounds: int) -> None:
+    import mlx.core as mx
+
+    from mlxbackend.text.kv_quant import KvType, make_cache
+
+    types = {
+        "float": None,
+        "q8_0, rotated": KvType(8, 8),
+        "q4_0, rotated": KvType(4, 4),
+        "K q8_0, V q4_0, rotated": KvType(8, 4),
+        "q8_0, kv_rotate:false (quantized attention)": KvType(8, 8, rotate=False),
+        "q4_0, kv_rotate:false (quantized attention)": KvType(4, 4, rotate=False),
+    }
+    tokens = text_tokens(tokenizer, context)
+    caches, last, prefill_s = {}, {}, {}
+    for name, kv in types.items():
+        cache = make_cache(model, kv)
+        started = time.perf_counter()
+        logits = prefill(model, cache, tokens)
+        prefill_s[name] = time.perf_counter() - started
+        caches[name], last[name] = cache, mx.argmax(logits[0, -1]).reshape(1, 1)
+    times = {name: [] for name in types}
+    for _ in range(rounds):
+        for name in types:
+            cache, y = caches[name], last[name]
+            mx.eval(model(y, cache=cache))  # the first step after a trim grows nothing new
+            started = time.perf_counter()
+            for _ in range(steps):
+                y = mx.argmax(model(y, cache=cache)[0, -1]).reshape(1, 1)
+                mx.eval(y)
+            times[name].append((time.perf_counter() - started) / steps * 1000)
+            for c in cache:
+                c.trim(steps + 1)
+    base = statistics.median(times["float"])
+    print(f"| KV type | prefill {context} s | ms / token at {context} | float ÷ this |")
+    print("|---|---|---|---|")
+    for name, ms in times.items():
+        med = statistics.median(ms)
+        print(f"| {name} | {prefill_s[name]:.1f} | {med:.0f} | {base / med:.2f} |")
+
+
+def turn_floor(model, tokenizer, histories: list, new: int, repeats: int) -> None:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    print("| history | new | cold prefill s | new tokens over the cached history s | ratio |")
+    print("|---|---|---|---|---|")
+    for history in histories:
+        tokens = text_tokens(tokenizer, history + new)
+        cached = make_prompt_cache(model)
+        prefill(model, cached, tokens[:history])
+        colds, warms = [], []
+        for _ in range(repeats):  # alternating, so both see the same machine
+            started = time.perf_counter()
+            prefill(model, make_prompt_cache(model), tokens)
+            colds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            prefill(model, cached, tokens[history:])
+            warms.append(time.perf_counter() - started)
+            for c in cached:
+                c.trim(new)
+        cold, warm = statistics.median(colds), statistics.median(warms)
+        print(f"| {history} | {new} | {cold:.1f} | {warm:.2f} | {warm / cold:.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["decode", "turn-floor"])
+    parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--history", type=int, nargs="+", default=[3900, 6700])
+    parser.add_argument("--new", type=int, default=370)
+    args = parser.parse_args()
+    from mlx_lm import load
+
+    model, tokenizer = load(args.model)
+    if args.what == "decode":
+        decode(model, tokenizer, args.context, args.steps, args.rounds)
+    else:
+        turn_floor(model, tokenizer, args.history, args.new, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
