@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text.memory import loaded_bytes
 from mlxbackend.text.models import fix_config, read_config
 
 EMBED_NAMES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embeddings")
@@ -92,7 +92,7 @@ class Shard:
 
     @property
     def weights(self) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return loaded_bytes(self.model)
 
     def describe(self) -> str:
         if self.mode == "tensor":

@@ -15,6 +15,7 @@ import numpy as np
 
 from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
 from mlxbackend.text.chat import char_budget
+from mlxbackend.text.memory import loaded_bytes
 from mlxbackend.worker import Worker
 
 MAX_FLUSH = 256  # requests per flush; the rest wait for the next one
@@ -121,11 +122,9 @@ class EmbedEngine:
 
     def memory(self) -> dict:
         """Bytes held by the encoder's weights (a decoder's are in the text engine's figures)."""
-        from mlx.utils import tree_flatten
-
         if self.encoder is None:
             return {}
-        return {"weights": sum(v.nbytes for _, v in tree_flatten(self.encoder.model.parameters()))}
+        return {"weights": loaded_bytes(self.encoder.model)}
 
     def source(self):
         """("encoder", Encoder) or ("decoder", TextModel)."""
