@@ -17,6 +17,9 @@ tokenizer and cut into `[N, L]` blocks of token ids (non-overlapping, a seeded r
     mlx-dynamic  estimate_sensitivities + estimate_threshold (a target bits-per-weight) +
                  quantize_model(quant_predicate=…): sensitive layers get `high_bits`
 
+mlx-q4 given `calibration_text` uses the same blocks (calibration_settings, calibration_blocks)
+for its activation statistics (llama.cpp's imatrix, see `quantize.recipe` and run.py).
+
 Progress and stop: mlx-lm's functions loop internally; their only hook is `tqdm`, which this
 module replaces (inside the four mlx_lm.quant modules, for the duration of one call) by a
 progress bar that publishes progress, checks the stop flag (raising `Stopped` inside the loop)
@@ -85,8 +88,9 @@ def _float(options: dict, key: str, default=None):
     return value
 
 
-def settings(method: str, options: dict) -> dict:
-    """The method's validated settings (InvalidInput / NotFound; the file is only stat'ed)."""
+def calibration_settings(method: str, options: dict) -> dict:
+    """The calibration text's validated settings: method, text (absolute path), samples,
+    seq_len, seed (InvalidInput / NotFound; the file is only stat'ed)."""
     text = options.get(TEXT_OPTION, "")
     if not text:
         raise InvalidInput(
@@ -106,24 +110,33 @@ def settings(method: str, options: dict) -> dict:
             f"extra_options {TEXT_OPTION}: {text!r} is too short ({size} bytes): at least "
             f"{MIN_TOKENS} tokens ({MIN_SAMPLES} blocks of {MIN_SEQ_LEN}) are needed"
         )
-    bits = _int(options, "bits", DEFAULTS["bits"])
-    allowed = (2, 4, 8) if method == "gptq" else QUANT_BITS
-    if bits not in allowed:
-        raise InvalidInput(f"mlx-{method}: bits must be one of {allowed}, got {bits}")
-    s = {
+    return {
         "method": method,
         "text": str(path.absolute()),
-        "bits": bits,
         "samples": _int(options, "calibration_samples", DEFAULTS["calibration_samples"]),
         "seq_len": _int(
             options, "calibration_seq_len", DEFAULTS["calibration_seq_len"], low=MIN_SEQ_LEN
         ),
         "seed": _int(options, "seed", DEFAULTS["seed"], low=0),
-        "embed_bits": _int(options, "embed_bits", {"awq": 4, "gptq": 6}.get(method)),
-        "embed_group_size": _int(options, "embed_group_size"),
-        "learning_rate": _float(options, "learning_rate", 1e-6),
-        "target_bpw": _float(options, "target_bpw"),
     }
+
+
+def settings(method: str, options: dict) -> dict:
+    """The method's validated settings (InvalidInput / NotFound; the file is only stat'ed)."""
+    s = calibration_settings(method, options)
+    bits = _int(options, "bits", DEFAULTS["bits"])
+    allowed = (2, 4, 8) if method == "gptq" else QUANT_BITS
+    if bits not in allowed:
+        raise InvalidInput(f"mlx-{method}: bits must be one of {allowed}, got {bits}")
+    s.update(
+        {
+            "bits": bits,
+            "embed_bits": _int(options, "embed_bits", {"awq": 4, "gptq": 6}.get(method)),
+            "embed_group_size": _int(options, "embed_group_size"),
+            "learning_rate": _float(options, "learning_rate", 1e-6),
+            "target_bpw": _float(options, "target_bpw"),
+        }
+    )
     if s["embed_bits"] is not None and s["embed_bits"] not in QUANT_BITS:
         raise InvalidInput(
             f"extra_options embed_bits must be one of {QUANT_BITS}, got {s['embed_bits']}"

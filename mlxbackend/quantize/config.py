@@ -19,7 +19,9 @@ layout, loadable by this backend's LoadModel) plus a LocalAI model config
     mlx-q4                                           the default 4-bit recipe (`quantize.recipe`):
                                                      llama.cpp's Q4_K_M layer choices (6 bits for
                                                      embeddings / output and sensitive v/down
-                                                     layers) with searched scales, group 32
+                                                     layers) with searched scales, group 32; with
+                                                     calibration_text the search is weighted by
+                                                     activation statistics (llama.cpp's imatrix)
     mlx-q4-plain, mlx-q2, mlx-q3, mlx-q5, mlx-q6, mlx-q8
                                                      plain affine quantization, that many bits
                                                      (group 64, MLX's min/max scales)
@@ -46,10 +48,12 @@ layout, loadable by this backend's LoadModel) plus a LocalAI model config
     perplexity_text  a local text file: report the perplexity of the unquantized and quantized
                      model on it (extra_metrics perplexity / perplexity_base)
 
-Data-aware MLX types (mlx-awq, mlx-gptq, mlx-dwq, mlx-dynamic) only; nothing is downloaded:
+Data-aware MLX types (mlx-awq, mlx-gptq, mlx-dwq, mlx-dynamic) and mlx-q4 (whose search then
+uses the blocks' activation statistics, extra_metrics imatrix 1); nothing is downloaded:
 
-    calibration_text     REQUIRED: a local text file (missing option: INVALID_ARGUMENT; missing
-                         file: NOT_FOUND), tokenized with the model's tokenizer into blocks
+    calibration_text     REQUIRED for the data-aware types, optional for mlx-q4: a local text
+                         file (missing option: INVALID_ARGUMENT; missing file: NOT_FOUND),
+                         tokenized with the model's tokenizer into blocks
     calibration_samples  number of blocks N (default 32)
     calibration_seq_len  tokens per block L (default 256, at least 32); N and L are clamped to
                          what the text gives, at least 4 blocks of 32 tokens (else the job fails
@@ -74,7 +78,7 @@ from pathlib import Path
 from converters.mlx_to_gguf import SUPPORTED_TYPES, normalize_qtype
 from mlxbackend.errors import InvalidInput
 from mlxbackend.quantize import calibrated
-from mlxbackend.quantize.calibrated import settings
+from mlxbackend.quantize.calibrated import calibration_settings, settings
 
 DEFAULT_TYPE = "q4_k_m"
 MLX_PREFIX = "mlx-"
@@ -133,6 +137,11 @@ class QuantConfig:
 
     def opt(self, key: str, default=""):
         return self.options.get(key, default) or default
+
+    @property
+    def imatrix(self) -> bool:
+        """mlx-q4 given calibration_text: its search weighted by activation statistics."""
+        return self.recipe == "k_m" and bool(self.options.get(calibrated.TEXT_OPTION))
 
     @property
     def quantize(self) -> bool:
@@ -231,6 +240,8 @@ def quantization_config(
             ) from None
     if spec.get("method"):
         settings(spec["method"], options)  # InvalidInput / NotFound now, not in the job
+    elif spec.get("recipe") == "k_m" and options.get(calibrated.TEXT_OPTION):
+        calibration_settings(DEFAULT_RECIPE, options)  # mlx-q4's imatrix: same checks
     text = options.get("perplexity_text")
     if text and not Path(text).is_file():
         raise InvalidInput(f"extra_options perplexity_text {text!r} is not a file")

@@ -11,7 +11,10 @@ Phases and progress (contract §12.6):
                           evaluated one transformer block per worker call, then saved;
                           data-aware MLX types (mlx-awq/gptq/dwq/dynamic): the calibration text
                           tokenized (45 %), then mlx-lm's method in one worker call reporting
-                          per loop iteration (50–85 %), see `quantize.calibrated`
+                          per loop iteration (50–85 %), see `quantize.calibrated`; mlx-q4 with
+                          calibration_text: tokenized (45 %), the float model run over it a
+                          batch per worker call collecting activation statistics (50–60 %),
+                          then the searched layers (60–85 %), see `quantize.recipe`
     completed   100 %     output_file + extra_metrics {file_size_mb, compression_ratio, …}
 
 Everything MLX runs on the backend's single MLX worker thread, one short call at a time, so
@@ -35,10 +38,12 @@ from converters.mlx_to_gguf import dequantize_mlx_folder, mlx_quantization, mlx_
 from mlxbackend.errors import InvalidInput, status_of
 from mlxbackend.publish import no_space, place_file, place_folder
 from mlxbackend.quantize import calibrated, perplexity
-from mlxbackend.quantize.calibrated import calibration_blocks, settings
+from mlxbackend.quantize.calibrated import calibration_blocks, calibration_settings, settings
 from mlxbackend.quantize.config import QuantConfig, base_name, output_path
 from mlxbackend.text.models import fix_config, read_config
 from mlxbackend.train.export import write_yaml
+
+IMATRIX_BATCH = 4  # calibration blocks per worker call while collecting activation statistics
 
 
 class Stopped(BaseException):
@@ -77,6 +82,7 @@ class QuantRun:
         self.percent = 0.0
         self.status = "queued"
         self.state: dict = {}  # MLX objects, touched on the worker thread only
+        self.recipe_metrics: dict = {}  # how mlx-q4 ran (extra_metrics)
 
     # -- control --------------------------------------------------------------------------
 
@@ -243,12 +249,13 @@ class QuantRun:
         if cfg.method:
             await self._calibrated(n_layers)
         elif cfg.quantize:
-            self.report("quantizing", 50, f"quantizing ({cfg.qtype})")
+            start = await self._imatrix(n_layers) if cfg.imatrix else 50
+            self.report("quantizing", start, f"quantizing ({cfg.qtype})")
             await self.worker.run(self._quantize)
             for i in range(n_layers):
                 self.check()
                 await self.worker.run(self._eval_layer, i)
-                self.report("quantizing", 50 + 35 * (i + 1) / max(1, n_layers))
+                self.report("quantizing", start + (85 - start) * (i + 1) / max(1, n_layers))
         else:
             self.report("quantizing", 50, f"casting to {cfg.dtype}")
         self.check()
@@ -265,6 +272,16 @@ class QuantRun:
 
         cfg = self.cfg
         s = settings(cfg.method, cfg.options)
+        shape = await self._calibration_blocks(n_layers, s)
+        self.report(
+            "quantizing", 50, f"{cfg.qtype}: {shape[0]} calibration blocks of {shape[1]} tokens"
+        )
+        await self.worker.run(self._run_method, s)
+        self.check()
+
+    async def _calibration_blocks(self, n_layers: int, s: dict) -> tuple:
+        """Evaluate the float model layer by layer (40–45 %), then tokenize the calibration
+        text (45 %); returns the blocks' shape (N, L)."""
         for i in range(n_layers):
             self.check()
             await self.worker.run(self._eval_layer, i)
@@ -274,11 +291,49 @@ class QuantRun:
         self.report("quantizing", 45, "tokenizing the calibration text")
         shape = await self.worker.run(self._calibration, s)
         self.check()
+        return shape
+
+    async def _imatrix(self, n_layers: int) -> float:
+        """mlx-q4 with calibration_text: the float model over the calibration blocks, a batch
+        per worker call (50–60 %), each Linear's inputs summed as x² per channel (llama.cpp's
+        imatrix) for the recipe's search; returns the progress the search starts at."""
+        cfg = self.cfg
+        s = calibration_settings("q4", cfg.options)
+        n, length = await self._calibration_blocks(n_layers, s)
         self.report(
-            "quantizing", 50, f"{cfg.qtype}: {shape[0]} calibration blocks of {shape[1]} tokens"
+            "quantizing",
+            50,
+            f"{cfg.qtype}: {n} calibration blocks of {length} tokens: activation statistics",
         )
-        await self.worker.run(self._run_method, s)
-        self.check()
+        await self.worker.run(self._stats_attach)
+        for start in range(0, n, IMATRIX_BATCH):
+            self.check()
+            await self.worker.run(self._stats_batch, start)
+            done = min(n, start + IMATRIX_BATCH)
+            self.report("quantizing", 50 + 10 * done / n, f"activation statistics {done}/{n}")
+        layers = await self.worker.run(self._stats_detach)
+        self.recipe_metrics.update(calibration_tokens=n * length, imatrix_layers=layers)
+        return 60
+
+    def _stats_attach(self):
+        from mlxbackend.quantize import recipe
+
+        self.state["stats"] = recipe.attach_stats(self.state["model"])
+
+    def _stats_batch(self, start: int):
+        from mlxbackend.quantize import recipe
+
+        st = self.state
+        batch = st["calibration"][start : start + IMATRIX_BATCH]
+        recipe.collect_stats(st["model"], st["stats"], batch)
+
+    def _stats_detach(self) -> int:
+        from mlxbackend.quantize import recipe
+
+        st = self.state
+        st["importance"] = recipe.detach_stats(st["model"], st.pop("stats"))
+        st.pop("calibration", None)
+        return len(st["importance"])
 
     def _calibration(self, s: dict) -> tuple:
         """Worker: the [N, L] calibration token blocks."""
@@ -369,7 +424,9 @@ class QuantRun:
         s = self.state
         layer = s["model"].layers[i]
         if s.get("originals") is not None:
-            recipe.search_quantized_layers(layer, s["originals"], s["prefixes"][i])
+            recipe.search_quantized_layers(
+                layer, s["originals"], s["prefixes"][i], s.get("importance")
+            )
         mx.eval(layer.parameters())
 
     def _eval_all(self):
@@ -379,8 +436,8 @@ class QuantRun:
 
         s = self.state
         if s.get("originals") is not None:  # embeddings, output layer
-            recipe.search_quantized_layers(s["model"], s["originals"])
-            s["originals"] = None
+            recipe.search_quantized_layers(s["model"], s["originals"], "", s.get("importance"))
+            s["originals"] = s["importance"] = None
         mx.eval(s["model"].parameters())
 
     def _save(self, src: Path, dst: Path):
@@ -411,6 +468,9 @@ class QuantRun:
             "file_size_mb": round(out_bytes / 2**20, 3),
             "compression_ratio": round(base_bytes / out_bytes, 4) if out_bytes else 0.0,
         }
+        if self.cfg.recipe == "k_m":  # which way mlx-q4 ran: 1 = data-aware (imatrix)
+            metrics["imatrix"] = 1.0 if self.cfg.imatrix else 0.0
+            metrics.update(self.recipe_metrics)
         text_file = self.cfg.opt("perplexity_text")
         if text_file:
             self.report("quantizing", 90, "measuring perplexity")
