@@ -184,7 +184,9 @@ def test_stop_mid_job(qserver, trained_dir, tmp_path):
     reply = qserver.stub.StopQuantization(pb.QuantizationStopRequest(job_id=job_id))
     assert reply.success
     rest = follow(qserver, job_id)
-    assert rest[-1].status == "stopped" and time.time() - t0 < 5, rest[-1]
+    # well under a second on a quiet machine, 6.2 s once in a CI run while other jobs loaded
+    # the machine: the status says the job was stopped; the bound only catches a hang
+    assert rest[-1].status == "stopped" and time.time() - t0 < 15, rest[-1]
     assert not rest[-1].output_file
     assert sorted(p.name for p in out.iterdir()) == ["job.json"]  # no output, temp files removed
     leftover = [
