@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHUNK = 512  # the server's DEFAULT_PREFILL_CHUNK
+from mlxbackend.text.generate import DEFAULT_PREFILL_CHUNK as CHUNK  # noqa: E402
 
 
 def text_tokens(tokenizer, n: int) -> list:

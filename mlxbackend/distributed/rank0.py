@@ -48,6 +48,7 @@ from mlxbackend.text.models import (
     read_config,
     remote_code_refused,
     tokenizer_options,
+    trusted,
     trusts_remote_code,
 )
 
@@ -219,9 +220,7 @@ def load(spec, settings: GroupSettings):
         from mlx_lm.utils import load_tokenizer  # imports transformers: after the group formed
 
         shard = shards.load(path, group, settings.mode, settings.split, trust)
-        tokenizer_config = tokenizer_options(spec.options)
-        if trust:  # mlx-lm passes trust_remote_code to the model only
-            tokenizer_config["trust_remote_code"] = True
+        tokenizer_config = trusted(tokenizer_options(spec.options), trust)
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
         add_eos_tokens(tokenizer, spec.options)
     except ValueError as exc:

@@ -238,20 +238,21 @@ def quantization_config(
             raise InvalidInput(
                 f"extra_options threads must be an integer, got {options['threads']!r}"
             ) from None
-    if spec.get("method"):
-        settings(spec["method"], options)  # InvalidInput / NotFound now, not in the job
-    elif spec.get("recipe") == "k_m" and options.get(calibrated.TEXT_OPTION):
-        calibration_settings(DEFAULT_RECIPE, options)  # mlx-q4's imatrix: same checks
-    text = options.get("perplexity_text")
-    if text and not Path(text).is_file():
-        raise InvalidInput(f"extra_options perplexity_text {text!r} is not a file")
-    return QuantConfig(
+    cfg = QuantConfig(
         job_id=job_id or str(uuid.uuid4()),
         model=model,
         output_dir=str(Path(output_dir).expanduser().absolute()),
         options=options,
         **spec,
     )
+    if cfg.method:
+        settings(cfg.method, options)  # InvalidInput / NotFound now, not in the job
+    elif cfg.imatrix:
+        calibration_settings(DEFAULT_RECIPE, options)  # mlx-q4's imatrix: same checks
+    text = options.get("perplexity_text")
+    if text and not Path(text).is_file():
+        raise InvalidInput(f"extra_options perplexity_text {text!r} is not a file")
+    return cfg
 
 
 def base_name(model: str) -> str:

@@ -39,7 +39,7 @@ from mlxbackend.errors import InvalidInput, status_of
 from mlxbackend.publish import no_space, place_file, place_folder
 from mlxbackend.quantize import calibrated, perplexity
 from mlxbackend.quantize.calibrated import calibration_blocks, calibration_settings, settings
-from mlxbackend.quantize.config import QuantConfig, base_name, output_path
+from mlxbackend.quantize.config import DEFAULT_RECIPE, QuantConfig, base_name, output_path
 from mlxbackend.text.models import fix_config, read_config
 from mlxbackend.train.export import write_yaml
 
@@ -298,7 +298,7 @@ class QuantRun:
         per worker call (50–60 %), each Linear's inputs summed as x² per channel (llama.cpp's
         imatrix) for the recipe's search; returns the progress the search starts at."""
         cfg = self.cfg
-        s = calibration_settings("q4", cfg.options)
+        s = calibration_settings(DEFAULT_RECIPE, cfg.options)
         n, length = await self._calibration_blocks(n_layers, s)
         self.report(
             "quantizing",

@@ -325,6 +325,15 @@ def tokenizer_options(options: dict) -> dict:
     return {k: str(options[k]) for k in TOKENIZER_OPTIONS if k in options}
 
 
+def trusted(tokenizer_config: dict | None, trust_remote_code: bool) -> dict:
+    """mlx-lm's tokenizer_config, with trust_remote_code when given (mlx-lm's load passes it to
+    the model only)."""
+    tokenizer_config = dict(tokenizer_config or {})
+    if trust_remote_code:
+        tokenizer_config["trust_remote_code"] = True
+    return tokenizer_config
+
+
 def add_eos_tokens(tokenizer, options: dict) -> None:
     """Options eos_token: extra end-of-sequence tokens, comma-separated."""
     for token in str(options.get("eos_token", "")).split(","):
@@ -356,13 +365,10 @@ def load_model_dir(
     its own code without it is InvalidInput."""
     from mlx_lm.utils import load
 
-    tokenizer_config = dict(tokenizer_config or {})
-    if trust_remote_code:
-        tokenizer_config["trust_remote_code"] = True
     try:
         return load(
             str(path),
-            tokenizer_config=tokenizer_config,
+            tokenizer_config=trusted(tokenizer_config, trust_remote_code),
             model_config=fix_config(read_config(path) if raw_config is None else raw_config),
             return_config=True,
             trust_remote_code=trust_remote_code,
