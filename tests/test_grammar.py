@@ -324,6 +324,17 @@ def test_invalid_grammar(tiny, grammar):
 
 
 @pytest.mark.parametrize(
+    "grammar", ["root ::= root", "root ::= [^\\x00-\\U0010FFFF]", 'root ::= a\na ::= a "x"']
+)
+def test_grammar_matching_no_text(tiny, grammar):
+    """Grammars no reply can satisfy are refused before generation, not answered empty."""
+    with pytest.raises(InvalidInput, match="matches no text"):
+        make_constraint(tiny[1], grammar=grammar)
+    c = make_constraint(tiny[1], grammar='root ::= "a" root')  # endless, yet it starts: allowed
+    assert c is not None and not c.error
+
+
+@pytest.mark.parametrize(
     "schema",
     [
         "{not json",

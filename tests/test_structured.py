@@ -87,7 +87,12 @@ def test_schema_from_options_is_default(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    "fields", [dict(Grammar="root ::= (("), dict(Metadata={"json_schema": "{not json"})]
+    "fields",
+    [
+        dict(Grammar="root ::= (("),
+        dict(Metadata={"json_schema": "{not json"}),
+        dict(Grammar="root ::= root"),  # matches no text: refused, not an empty reply (INTERNAL)
+    ],
 )
 def test_bad_grammar_invalid_argument(random_server, fields):
     with pytest.raises(grpc.RpcError) as err:

@@ -92,8 +92,9 @@ class Constraint:
 
     `error` is set if a sampled token broke the grammar (then only EOS is allowed)."""
 
-    def __init__(self, matcher, llt, prompt_len=None):
+    def __init__(self, matcher, llt, prompt_len=None, first_mask=None):
         self.matcher = matcher
+        self.first_mask = first_mask  # the bitmask before any token (computed at the check)
         self.vocab = llt.vocab_size
         self.eos = sorted(llt.eos_tokens)
         self.base = prompt_len  # entries of `tokens` before the first generated one
@@ -132,7 +133,10 @@ class Constraint:
             self.error = self.error or self.matcher.get_error()
             allowed[[e for e in self.eos if e < width]] = True  # end the reply
         else:
-            mask = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
+            fresh = self.first_mask is not None and not self.seen
+            mask = np.frombuffer(
+                self.first_mask if fresh else self.matcher.compute_bitmask(), np.uint8
+            )
             n = min(width, self.vocab)
             allowed[:n] = np.unpackbits(mask, bitorder="little")[:n]
         return mx.where(mx.array(allowed), logits, -mx.inf)
@@ -166,7 +170,10 @@ def make_constraint(
     text = compile_grammar(grammar.strip(), json_schema.strip())
     llt = llg_tokenizer(tokenizer)
     matcher = LLMatcher(llt, text, log_level=0)
+    kind = "JSON schema" if json_schema.strip() else "grammar"
     if matcher.is_error():
-        kind = "JSON schema" if json_schema.strip() else "grammar"
         raise InvalidInput(f"invalid {kind}: {matcher.get_error()}")
-    return Constraint(matcher, llt, prompt_len)
+    first_mask = matcher.compute_bitmask()
+    if matcher.is_error():  # e.g. `root ::= root`: no token, not even EOS, may start a reply
+        raise InvalidInput(f"the {kind} matches no text: nothing can start a reply")
+    return Constraint(matcher, llt, prompt_len, first_mask)
