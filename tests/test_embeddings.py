@@ -128,6 +128,45 @@ def test_decoder_rerank(embed_server, reference):
     assert len(clamped.results) == 2
 
 
+LONG_DOCS = [f"{i} the quick brown fox jumps over the lazy dog " * 40 for i in range(1500)]
+
+
+def wait_status(srv, state, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if srv.stub.Status(pb.HealthMessage(), timeout=5).state == state:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_rerank_deadline_and_free_stop_the_work(tiny_dir):
+    """A rerank of 1,500 long documents (about a minute of work here): its client's deadline
+    stops it on the worker at the next batch (Status back to READY long before the work could
+    end), Health answers meanwhile, and Free ends a running rerank with ABORTED at once."""
+    srv = Server()
+    try:
+        load = pb.ModelOptions(Model=str(tiny_dir), Reranking=True)
+        assert srv.stub.LoadModel(load).success
+        ask = pb.RerankRequest(query="what is the weather", documents=LONG_DOCS)
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub.Rerank(ask, timeout=3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert srv.healthy()
+        assert wait_status(srv, pb.StatusResponse.READY, 20), "the rerank went on without a client"
+
+        with cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(srv.stub.Rerank, ask, timeout=600)
+            assert wait_status(srv, pb.StatusResponse.BUSY, 60)
+            assert srv.stub.Free(pb.HealthMessage(), timeout=20).success
+            with pytest.raises(grpc.RpcError) as err:
+                running.result(timeout=20)
+        assert err.value.code() == grpc.StatusCode.ABORTED, err.value.details()
+        assert srv.healthy()
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize(
     "call, request_, code",
     [

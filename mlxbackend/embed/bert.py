@@ -616,10 +616,11 @@ def _tokenize(enc: Encoder, first: list, second: list | None = None):
     return ids, types
 
 
-def embed(enc: Encoder, texts: list) -> tuple:
+def embed(enc: Encoder, texts: list, between_batches=None) -> tuple:
     """Pooled embeddings [B, dims] float32 (L2-normalised when enc.normalize) and each text's
     token count after truncation to enc.max_length. An item may also be a list of token ids
-    (LocalAI's EmbeddingTokens), used as given: its special tokens are the caller's."""
+    (LocalAI's EmbeddingTokens), used as given: its special tokens are the caller's.
+    `between_batches()` is called before each forward pass."""
     if not texts:
         return np.zeros((0, enc.dims), dtype=np.float32), []
     given = {i: t for i, t in enumerate(texts) if isinstance(t, (list, tuple))}
@@ -638,6 +639,8 @@ def embed(enc: Encoder, texts: list) -> tuple:
             types.insert(i, [0] * len(tokens))
     out = np.zeros((len(ids), enc.dims), dtype=np.float32)
     for group in _groups([len(t) for t in ids]):
+        if between_batches is not None:
+            between_batches()
         hidden, mask = _forward(
             enc, [ids[i] for i in group], None if types is None else [types[i] for i in group]
         )
@@ -646,9 +649,10 @@ def embed(enc: Encoder, texts: list) -> tuple:
     return out, [len(t) for t in ids]
 
 
-def score_pairs(enc: Encoder, query: str, docs: list) -> tuple:
+def score_pairs(enc: Encoder, query: str, docs: list, between_batches=None) -> tuple:
     """Cross-encoder relevance of each doc to query: float32 [B] (sigmoid of the logit for one
-    label, softmax probability of label 1 for two) and each pair's token count."""
+    label, softmax probability of label 1 for two) and each pair's token count.
+    `between_batches()` is called before each forward pass."""
     if enc.num_labels == 0:
         raise InvalidInput(
             f"{enc.path.name} has no sequence-classification head; reranking needs a cross-encoder"
@@ -664,6 +668,8 @@ def score_pairs(enc: Encoder, query: str, docs: list) -> tuple:
     ids, types = _tokenize(enc, [query] * len(docs), list(docs))
     out = np.zeros(len(ids), dtype=np.float32)
     for group in _groups([len(t) for t in ids]):
+        if between_batches is not None:
+            between_batches()
         hidden, _ = _forward(
             enc, [ids[i] for i in group], None if types is None else [types[i] for i in group]
         )

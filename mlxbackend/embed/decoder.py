@@ -171,12 +171,15 @@ def _rerank_prompt(tokenizer, query: str, document: str, instruction: str) -> li
     return tokenizer.encode(f"{RERANK_SYSTEM}\n{user}\nAnswer (yes or no): ")
 
 
-def rerank_tokens(model, tokenizer, prompts: list) -> np.ndarray:
-    """P(yes) over {yes, no} at the end of each prompt, float32 [N]."""
+def rerank_tokens(model, tokenizer, prompts: list, between_batches=None) -> np.ndarray:
+    """P(yes) over {yes, no} at the end of each prompt, float32 [N]; `between_batches()` is
+    called before each forward pass."""
     yes, no = answer_ids(tokenizer)
     out = np.zeros(len(prompts), np.float32)
     groups = batches(prompts) if can_batch(model) else ([i] for i in range(len(prompts)))
     for group in groups:
+        if between_batches is not None:
+            between_batches()
         logits, _ = run_left_padded(model, [prompts[i] for i in group], body=False)
         last = logits[:, -1, :].astype(mx.float32)
         pair = mx.stack([last[:, no], last[:, yes]], axis=-1)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
+from mlxbackend.errors import Aborted, Cancelled, InvalidInput, NotLoaded
 from mlxbackend.text.chat import char_budget
 from mlxbackend.text.memory import loaded_bytes
-from mlxbackend.worker import Worker
+from mlxbackend.worker import Worker, pause
 
 MAX_FLUSH = 256  # requests per flush; the rest wait for the next one
 
@@ -114,6 +114,7 @@ class EmbedEngine:
 
             import mlx.core as mx
 
+            self.worker.abort_owned(self.encoder, Aborted(f"reranking aborted: {reason}"))
             self.encoder = None
             gc.collect()
             mx.clear_cache()
@@ -188,14 +189,29 @@ class EmbedEngine:
             raise InvalidInput("Rerank needs at least one document")
         if top_n < 0:
             raise InvalidInput(f"top_n must be ≥ 0 (0 = all documents), got {top_n}")
-        scores, tokens = await self.worker.run(self._scores, query, list(documents))
+        cancelled = threading.Event()
+
+        def between_batches():
+            if cancelled.is_set():
+                raise Cancelled("reranking cancelled")
+            pause()  # one forward pass is one step of the worker task
+
+        _, model = self.source()
+        future = self.worker.call_owned(
+            model, self._scores, query, list(documents), between_batches
+        )  # Free / LoadModel end it at a pause
+        try:
+            scores, tokens = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancelled.set()  # the client left or its deadline passed: stop before the next batch
+            raise
         order = sorted(range(len(documents)), key=lambda i: -float(scores[i]))
         keep = order[: top_n or len(order)]
         return Reranking([Ranked(i, documents[i], float(scores[i])) for i in keep], int(tokens))
 
-    def _scores(self, query: str, documents: list):
+    def _scores(self, query: str, documents: list, between_batches=None):
         kind, model = self.source()
-        return rerank_scores(kind, model, self.settings, query, documents)
+        return rerank_scores(kind, model, self.settings, query, documents, between_batches)
 
 
 def limit_of(settings: EmbedSettings, context: int) -> int:
@@ -233,17 +249,20 @@ def embed_inputs(kind: str, model, settings: EmbedSettings, inputs: list) -> tup
     ]
 
 
-def rerank_scores(kind: str, model, settings: EmbedSettings, query: str, documents: list) -> tuple:
+def rerank_scores(
+    kind: str, model, settings: EmbedSettings, query: str, documents: list, between_batches=None
+) -> tuple:
     """MLX thread: relevance scores float32 [N] and the tokens processed. A cross-encoder scores
     (query, document) pairs; an encoder without a classifier head ranks by cosine similarity;
-    a decoder LLM answers yes/no (Qwen3-Reranker style)."""
+    a decoder LLM answers yes/no (Qwen3-Reranker style). `between_batches()` is called before
+    each forward pass (the server's pause and cancellation point)."""
     if kind == "encoder":
         from mlxbackend.embed import bert
 
         if model.num_labels:
-            scores, counts = bert.score_pairs(model, query, documents)
+            scores, counts = bert.score_pairs(model, query, documents, between_batches)
             return scores, sum(counts)
-        vectors, counts = bert.embed(model, [query, *documents])
+        vectors, counts = bert.embed(model, [query, *documents], between_batches)
         return cosine(vectors[0], vectors[1:]), sum(counts)
     from mlxbackend.embed import decoder
 
@@ -251,7 +270,8 @@ def rerank_scores(kind: str, model, settings: EmbedSettings, query: str, documen
     instruction = settings.rerank_instruction or decoder.RERANK_INSTRUCTION
     limit = limit_of(settings, model.context_size)
     prompts = [decoder.rerank_prompt(tok, query, d, instruction, limit) for d in documents]
-    return decoder.rerank_tokens(model.model, tok, prompts), sum(len(p) for p in prompts)
+    scores = decoder.rerank_tokens(model.model, tok, prompts, between_batches)
+    return scores, sum(len(p) for p in prompts)
 
 
 def cosine(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
