@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import InvalidInput, Precondition
-from mlxbackend.text.tool_formats import forced_prefix, format_for, think_markers
+from mlxbackend.text.tool_formats import forced_prefix, format_for
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -243,7 +243,7 @@ def render(
 
 def _opens_reasoning(tokenizer, text: str) -> bool:
     """True when the generation prompt leaves a thinking block open (e.g. ends with <think>)."""
-    if (markers := think_markers(tokenizer)) is None:
+    if (markers := format_for(tokenizer).think) is None:
         return False
     start, end = markers
     tail = text.rstrip()

@@ -12,6 +12,7 @@ import re
 import secrets
 import string
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -177,7 +178,24 @@ def think_markers(tokenizer) -> tuple[str, str] | None:
 
 def format_for(tokenizer) -> Format:
     """The reply format of this (mlx-lm wrapped) tokenizer: mlx-lm's markers and parser when
-    it has them, else ours when the chat template is one we know, else thinking only."""
+    it has them, else ours when the chat template is one we know, else thinking only. Worked
+    out once per tokenizer (it reads the added vocabulary)."""
+    try:
+        return _FORMATS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object weak references cannot hold
+        pass
+    fmt = _format_of(tokenizer)
+    try:
+        _FORMATS[tokenizer] = fmt
+    except TypeError:
+        pass
+    return fmt
+
+
+_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _format_of(tokenizer) -> Format:
     think = think_markers(tokenizer)
     parser = getattr(tokenizer, "tool_parser", None)
     if getattr(tokenizer, "has_tool_calling", False) and parser is not None:
