@@ -184,6 +184,8 @@ class ModelHost:
             facts.append(f"KV cache {tm.kv.label()}")
         if tm.max_kv_size:
             facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
+        if tm.cpu_softmax:
+            facts.append("attention softmax in NumPy (cpu_softmax)")
         if tm.draft_model is not None or tm.spec.lookup:
             facts.append(
                 "speculative decoding with the DraftModel"

@@ -8,10 +8,11 @@ decode      ms per generated token at --context tokens for each KV type (float, 
 turn-floor  what an agent turn costs raw mlx-lm at best: --new tokens prefilled over a cached
             --history of N tokens, against a cold prefill of the same N + new tokens (chunks of
             512, as the server's default prefill_chunk); the ratio bounds every server built on
-            mlx-lm on this machine.
+            mlx-lm on this machine. With --cpu-softmax, the rows alternate MLX's attention
+            and Options cpu_softmax:numpy's (text/cpu_softmax.py), side by side.
 
 LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py decode [--context 2048]
-LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py turn-floor [--history 3900 6700]
+LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py turn-floor [--history 3900 6700] [--cpu-softmax]
 """
 
 import argparse
@@ -38,8 +39,11 @@ def text_tokens(tokenizer, n: int) -> list:
 def prefill(model, cache, tokens: list):
     import mlx.core as mx
 
+    from mlxbackend.text import cpu_softmax
+
     for start in range(0, len(tokens), CHUNK):
-        logits = model(mx.array(tokens[start : start + CHUNK])[None], cache=cache)
+        with cpu_softmax.scope(model):  # Options cpu_softmax, as the server's prefill
+            logits = model(mx.array(tokens[start : start + CHUNK])[None], cache=cache)
         mx.eval(logits, [c.state for c in cache])
     return logits
 
@@ -85,27 +89,43 @@ def decode(model, tokenizer, context: int, steps: int, rounds: int) -> None:
         print(f"| {name} | {prefill_s[name]:.1f} | {med:.0f} | {base / med:.2f} |")
 
 
-def turn_floor(model, tokenizer, histories: list, new: int, repeats: int) -> None:
+def turn_floor(
+    model, tokenizer, histories: list, new: int, repeats: int, softmaxes=("mlx",)
+) -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
-    print("| history | new | cold prefill s | new tokens over the cached history s | ratio |")
-    print("|---|---|---|---|---|")
+    from mlxbackend.text import cpu_softmax
+
+    print(
+        "| softmax | history | new | cold prefill s | new tokens over the cached history s | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
     for history in histories:
         tokens = text_tokens(tokenizer, history + new)
-        cached = make_prompt_cache(model)
-        prefill(model, cached, tokens[:history])
-        colds, warms = [], []
-        for _ in range(repeats):  # alternating, so both see the same machine
-            started = time.perf_counter()
-            prefill(model, make_prompt_cache(model), tokens)
-            colds.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            prefill(model, cached, tokens[history:])
-            warms.append(time.perf_counter() - started)
-            for c in cached:
-                c.trim(new)
-        cold, warm = statistics.median(colds), statistics.median(warms)
-        print(f"| {history} | {new} | {cold:.1f} | {warm:.2f} | {warm / cold:.3f} |", flush=True)
+        colds, warms, cached = {}, {}, {}
+        for softmax in softmaxes:
+            cpu_softmax.enable(model, {"cpu_softmax": softmax})
+            cached[softmax] = make_prompt_cache(model)
+            prefill(model, cached[softmax], tokens[:history])
+            colds[softmax], warms[softmax] = [], []
+        for _ in range(repeats):  # alternating, so all see the same machine
+            for softmax in softmaxes:
+                cpu_softmax.enable(model, {"cpu_softmax": softmax})
+                started = time.perf_counter()
+                prefill(model, make_prompt_cache(model), tokens)
+                colds[softmax].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                prefill(model, cached[softmax], tokens[history:])
+                warms[softmax].append(time.perf_counter() - started)
+                for c in cached[softmax]:
+                    c.trim(new)
+        for softmax in softmaxes:
+            cold, warm = statistics.median(colds[softmax]), statistics.median(warms[softmax])
+            print(
+                f"| {softmax} | {history} | {new} | {cold:.1f} | {warm:.2f} | {warm / cold:.3f} |",
+                flush=True,
+            )
+    cpu_softmax.enable(model, {})
 
 
 def main() -> None:
@@ -117,6 +137,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--history", type=int, nargs="+", default=[3900, 6700])
     parser.add_argument("--new", type=int, default=370)
+    parser.add_argument(
+        "--cpu-softmax", action="store_true", help="turn-floor: also with cpu_softmax:numpy"
+    )
     args = parser.parse_args()
     from mlx_lm import load
 
@@ -124,7 +147,8 @@ def main() -> None:
     if args.what == "decode":
         decode(model, tokenizer, args.context, args.steps, args.rounds)
     else:
-        turn_floor(model, tokenizer, args.history, args.new, args.rounds)
+        softmaxes = ("mlx", "numpy") if args.cpu_softmax else ("mlx",)
+        turn_floor(model, tokenizer, args.history, args.new, args.rounds, softmaxes)
 
 
 if __name__ == "__main__":

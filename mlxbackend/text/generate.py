@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from mlxbackend.errors import InvalidInput
+from mlxbackend.text import cpu_softmax
 from mlxbackend.text.chat import Prompt
 from mlxbackend.text.logprobs import TokenText, entry
 from mlxbackend.text.models import TextModel
@@ -318,7 +319,8 @@ def first_token(model, cache, tokens, n_new, sampler, processors, chunk, between
     new = tokens[len(tokens) - n_new :]
     last = (len(new) - 1) // chunk * chunk  # the last chunk starts here, as in `prefill`
     prefill(model, cache, new[:last], chunk, between)
-    logits = model(mx.array(new[last:])[None], cache=cache)[:, -1, :]
+    with cpu_softmax.scope(model):
+        logits = model(mx.array(new[last:])[None], cache=cache)[:, -1, :]
     if processors:
         context = mx.array(tokens, dtype=mx.int32)
         for processor in processors:
@@ -335,7 +337,8 @@ def prefill(model, cache, tokens: list, chunk: int, between=None) -> None:
     import mlx.core as mx
 
     for start in range(0, len(tokens), chunk):
-        model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+        with cpu_softmax.scope(model):
+            model(mx.array(tokens[start : start + chunk])[None], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
         if between is not None:
