@@ -198,6 +198,14 @@ def main():
     ap.add_argument("--overhead-tokens", type=int, default=190)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-agent", action="store_true", help="only the TTFT-overhead phase")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the agent phase")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY:VALUE",
+        help="more LoadModel Options for both servers (e.g. cpu_softmax:numpy); repeatable",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     from mlxbackend.bench import same_malloc
@@ -217,11 +225,14 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     log = open(work / "server.log", "wb")  # noqa: SIM115 — the servers write to it throughout
     results = {"machine": machine(), "model": model_dir.name, "args": vars(args)}
-    cold_proc, cold, _ = serve(model_dir, ["prompt_cache:false"], log)
+    cold_proc, cold, _ = serve(model_dir, ["prompt_cache:false", *args.option], log)
     try:
-        console.print("TTFT overhead")
-        results["overhead"] = overhead(cold, model, tokenizer, args.overhead_tokens, args.repeats)
-        console.print(results["overhead"])
+        if not args.skip_overhead:
+            console.print("TTFT overhead")
+            results["overhead"] = overhead(
+                cold, model, tokenizer, args.overhead_tokens, args.repeats
+            )
+            console.print(results["overhead"])
         if not args.skip_agent:
             agent(args, console, model_dir, tokenizer, cold, work, log, results)
     finally:
@@ -244,6 +255,7 @@ def agent(args, console, model_dir, tokenizer, cold, work, log, results):
         f"prompt_cache_dir:{work / 'kv'}",
         f"prompt_cache_bytes:{args.ram_mib << 20}",
         f"warm_prompt:{warm}",
+        *args.option,
     ]
     proc, stub, message = serve(model_dir, options, log)
     console.print(message)
@@ -337,7 +349,9 @@ def report(console, Table, results):
             f"{what}, worst turn ÷ cold: {max(live):.3f} (target ≤ 0.15); after kill -9: "
             f"{max(resumed):.3f} (target ≤ 0.2)"
         )
-    o = results["overhead"]
+    o = results.get("overhead")
+    if o is None:  # --skip-overhead
+        return
     console.print(
         f"TTFT overhead ({o['prompt_tokens']}-token prompt, cold): server − raw mlx-lm = "
         f"{o['server_minus_raw_ms']:+.1f} ms; arrival → first prefill step "

@@ -1,6 +1,7 @@
 """scripts/bench_agent.py's short version (`make bench-agent` runs the full one): two sessions
 on the tiny model, the RAM cache too small for their KV, kill -9 and a resumed turn that the SSD
-tier serves; the JSON has every figure the README table takes."""
+tier serves, Options cpu_softmax:numpy on both servers; the JSON has every figure the README
+table takes."""
 
 import json
 import subprocess
@@ -15,6 +16,7 @@ def test_short_agent_run(trained_dir, tmp_path):
     args = ["--model", str(trained_dir), "--sessions", "2", "--turns", "2", "--stagger", "0"]
     args += ["--system-tokens", "200", "--tool-tokens", "60", "--reply-tokens", "4"]
     args += ["--ram-mib", "0", "--repeats", "1", "--overhead-tokens", "40", "--json", str(out)]
+    args += ["--option", "cpu_softmax:numpy"]  # more Options reach both servers
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_agent.py"), *args],
         capture_output=True,
@@ -33,3 +35,4 @@ def test_short_agent_run(trained_dir, tmp_path):
     assert turns[1]["prompt_tokens_from_ssd"] > 0 and turns[2]["prompt_tokens_from_ssd"] > 0
     assert result["overhead"]["arrival_to_prefill_ms"] > 0
     assert "worst turn ÷ cold" in r.stdout
+    assert "attention softmax in NumPy" in result["load_message"]
