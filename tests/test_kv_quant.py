@@ -153,10 +153,41 @@ def predict(srv, prompt, **kw):
     return srv.stub.Predict(pb.PredictOptions(**options), timeout=300).message.decode()
 
 
+NEAR_TIE = 0.25  # nats between the solo run's top two tokens: within the batch's rounding
+
+
+def scored(srv, prompt) -> list:
+    """A greedy reply's 16 tokens as (id, top-1 minus top-2 logprob)."""
+    reply = srv.stub.Predict(
+        pb.PredictOptions(
+            Prompt=prompt, Tokens=16, Temperature=0, Logprobs=1, TopLogprobs=2, IgnoreEOS=True
+        ),
+        timeout=300,
+    )
+    content = json.loads(reply.logprobs)["content"]
+    return [
+        (c["id"], c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"])
+        for c in content
+    ]
+
+
+def first_difference(a: list, b: list) -> int | None:
+    ids_a, ids_b = [t for t, _ in a], [t for t, _ in b]
+    if ids_a == ids_b:
+        return None
+    return next(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y)
+
+
 @pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")])
 def test_concurrent_requests_equal_their_solo_runs(smollm2_dir, types):
-    """8 requests at once with a quantized KV (one type per run): each reply equals the same
-    request run alone with the same KV type. Status counts the quantized bytes and widths."""
+    """8 requests at once with a quantized KV (one type per run), each against the same request
+    run alone with the same KV type: equal tokens, except that a reply may part from its solo run
+    at a near tie (the solo run's top two tokens within NEAR_TIE), and most replies are equal
+    throughout. A batched forward pass rounds differently from a one-row one (~1e-6, as with the
+    float KV), and the quantizer can turn that into one quantization step of a stored key or
+    value, which moves logprobs by up to ~0.2 at 4 bits (README, "Quantized KV cache"); a row
+    reading another row's KV would part at once, far from any tie. Status counts the quantized
+    bytes and widths."""
     srv = Server()
     try:
         reply = srv.stub.LoadModel(
@@ -164,18 +195,22 @@ def test_concurrent_requests_equal_their_solo_runs(smollm2_dir, types):
             timeout=300,
         )
         assert "KV cache" in reply.message
-        solo = [predict(srv, p) for p in PROMPTS]
+        solo = [scored(srv, p) for p in PROMPTS]
         got = [None] * len(PROMPTS)
 
         def run(i):
-            got[i] = predict(srv, PROMPTS[i])
+            got[i] = scored(srv, PROMPTS[i])
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
-        assert got == solo
+        parted = {i: first_difference(solo[i], got[i]) for i in range(len(PROMPTS))}
+        parted = {i: at for i, at in parted.items() if at is not None}
+        assert len(parted) <= len(PROMPTS) // 4, parted
+        for i, at in parted.items():
+            assert solo[i][at][1] < NEAR_TIE, (i, at, solo[i], got[i])
         status = srv.stub.Status(pb.HealthMessage()).memory.breakdown
         bits = {"q8_0": 8, "q4_0": 4}
         assert (status["kv_key_bits"], status["kv_value_bits"]) == (bits[types[0]], bits[types[1]])
