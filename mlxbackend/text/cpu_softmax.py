@@ -120,7 +120,7 @@ def _applies(q, k, v, mask, sinks, stream, kw) -> bool:
         and stream is None
         and mx.default_device() == mx.cpu
         and q.ndim == 4
-        and q.shape[2] > 1
+        and k.shape[2] >= q.shape[2] > 1
         and q.dtype == k.dtype == v.dtype == mx.float32
         and q.shape[1] % k.shape[1] == 0
         and (
