@@ -196,9 +196,16 @@ class EmbedEngine:
                 raise Cancelled("reranking cancelled")
             pause()  # one forward pass is one step of the worker task
 
-        _, model = self.source()
+        kind, model = self.source()
         future = self.worker.call_owned(
-            model, self._scores, query, list(documents), between_batches
+            model,
+            rerank_scores,
+            kind,
+            model,
+            self.settings,
+            query,
+            list(documents),
+            between_batches,
         )  # Free / LoadModel end it at a pause
         try:
             scores, tokens = await asyncio.wrap_future(future)
@@ -208,10 +215,6 @@ class EmbedEngine:
         order = sorted(range(len(documents)), key=lambda i: -float(scores[i]))
         keep = order[: top_n or len(order)]
         return Reranking([Ranked(i, documents[i], float(scores[i])) for i in keep], int(tokens))
-
-    def _scores(self, query: str, documents: list, between_batches=None):
-        kind, model = self.source()
-        return rerank_scores(kind, model, self.settings, query, documents, between_batches)
 
 
 def limit_of(settings: EmbedSettings, context: int) -> int:
