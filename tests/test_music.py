@@ -209,6 +209,29 @@ def test_bad_inputs(server, music, tmp_path):
     load(server, music, Options=OPTIONS)
 
 
+def test_song_that_ends_at_once(server, music, tmp_path):
+    """The model may sample its end token before the first frame (mlx-audio raises ValueError:
+    "zero audio frames"). That is its choice for this description and seed, not a fault:
+    INVALID_ARGUMENT naming the seed, no file, the server healthy. With the tiny model's real end
+    token, seed 29 does it (found by trying seeds against mlx-audio's generate)."""
+    from mlx_audio.music import load_model
+
+    from tests.tiny_music import build_tiny_music
+
+    ends = build_tiny_music(tmp_path / "MiniMax-Music3-ends")
+    with pytest.raises(ValueError, match="zero audio frames"):
+        next(load_model(ends).generate(DESCRIPTION, lyrics=LYRICS, duration=1.0, steps=3, seed=29))
+    load(server, ends, Options=["seed:29", "steps:3"])
+    dst = tmp_path / "none.wav"
+    try:
+        got, details = status(lambda: song(server, dst, timeout=60, duration=1.0))
+        assert got.name == "INVALID_ARGUMENT", (got, details)
+        assert "before its first frame (seed 29)" in details, details
+        assert not dst.exists() and server.healthy()
+    finally:
+        load(server, music, Options=OPTIONS)
+
+
 def malloc_mmap(srv) -> int:
     return srv.stub.Status(pb.HealthMessage(), timeout=5).memory.breakdown.get(
         "malloc_mmap_threshold", 0

@@ -238,7 +238,12 @@ def frame_hiddens(mm: MusicModel, song: Song, is_cancelled, progress):
             if len(frames) >= max_frames:
                 break
     if not frames:
-        raise EmptyOutput("MiniMax Music 3 ended the song before its first frame")
+        # the model's own choice for this description and seed, not a fault: another seed or
+        # description is the remedy (mlx-audio raises ValueError here)
+        raise InvalidInput(
+            f"MiniMax Music 3 ended the song before its first frame (seed {song.seed}): "
+            "try another seed or description"
+        )
     return mx.stack(frames, axis=1)
 
 
