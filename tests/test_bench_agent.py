@@ -33,6 +33,11 @@ def test_short_agent_run(trained_dir, tmp_path):
     # nothing in RAM: every reused token came from the SSD tier, after the restart too
     assert all(t["prompt_tokens_from_ram"] == 0 for t in turns)
     assert turns[1]["prompt_tokens_from_ssd"] > 0 and turns[2]["prompt_tokens_from_ssd"] > 0
+    # each turn computes only what it adds: the history's last partial block comes back too
+    # (the SSD tier's tails), after the restart as well
+    for before, t in zip(turns, turns[1:], strict=False):
+        added = t["prompt_tokens"] - before["prompt_tokens"]
+        assert t["prompt_tokens_computed"] <= 2 * (added + 2), (added, t)
     assert result["overhead"]["arrival_to_prefill_ms"] > 0
     assert "worst turn ÷ cold" in r.stdout
     assert "attention softmax in NumPy" in result["load_message"]

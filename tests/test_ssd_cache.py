@@ -3,6 +3,7 @@ requests finish, reused after `kill -9` with the same output as a cold prefill, 
 stored once, bounded in bytes with LRU eviction, and an unwritable directory reported while
 serving goes on."""
 
+import copy
 import time
 from pathlib import Path
 
@@ -63,9 +64,9 @@ def test_blocks_survive_kill9_and_give_the_cold_output(trained_dir, tmp_path):
         assert "SSD prompt cache 0 blocks" in load(first, trained_dir, *options)
         turn1 = first.stub.Predict(request("What is the capital of France?"))
         written = settled(first.stub)
-        # prompt and reply tokens, in whole blocks, written as the request finished
+        # prompt and reply tokens, in whole blocks and a tail, written as the request finished
         blocks = written["prompt_cache_ssd_blocks"]
-        assert turn1.prompt_tokens // BLOCK <= blocks <= (turn1.prompt_tokens + 23) // BLOCK
+        assert turn1.prompt_tokens // BLOCK <= blocks <= (turn1.prompt_tokens + 23) // BLOCK + 1
         assert written["prompt_cache_ssd_bytes"] == sum(
             p.stat().st_size for p in (kv / "blocks").glob("*.safetensors")
         )
@@ -175,15 +176,62 @@ def test_a_shared_prefix_is_stored_once(tmp_path, cache_type):
     assert ssd_cache.save(tier, "root", b, filled(cache_type, len(b))) == 2  # only its own
     ssd_cache.flush(tier)
     assert tier.writes == 7 and len(list((tmp_path / "blocks").iterdir())) == 7
-    assert ssd_cache.lookup(tier, "other model", a, len(a)) == []
-    names = ssd_cache.lookup(tier, "root", a + [9], len(a))
-    assert len(names) == 5
+    assert ssd_cache.lookup(tier, "other model", a, len(a)).tokens == 0
+    stored = ssd_cache.lookup(tier, "root", a + [9], len(a))
+    assert len(stored.names) == 5 and not stored.tail
     back = [cache_type() for _ in range(2)]
-    assert ssd_cache.load(tier, names, back) == len(a)
+    assert ssd_cache.load(tier, stored, back) == len(a)
     for got, want in zip(back, cache_a, strict=True):
         assert got.offset == len(a)
         for u, v in zip(positions(got, len(a)), positions(want, len(a)), strict=True):
             assert mx.array_equal(u, v)
+
+
+@pytest.mark.parametrize(
+    "cache_type", [KVCache, lambda: QuantKVCache(KvType(8, 4, 64))], ids=["float", "q8-q4"]
+)
+def test_a_tail_and_blocks_after_ram(tmp_path, cache_type):
+    """A sequence's last partial block is stored as a tail: a prompt extending the sequence gets
+    every token of it back, one that parts inside the tail the tail's tokens up to there. With
+    the first block in RAM only the files after it are read. After a restart the tail's tokens
+    come from its metadata."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    tier = ssd_cache.open_tier(tmp_path, {"prompt_cache_block": BLOCK})
+    seq = list(range(3 * BLOCK + 5))
+    cache = filled(cache_type, len(seq))
+    assert ssd_cache.save(tier, "root", seq, cache) == 4  # three blocks and the tail
+    ssd_cache.flush(tier)
+    stored = ssd_cache.lookup(tier, "root", seq + [7, 8], len(seq) + 1)
+    assert (len(stored.names), stored.tail_tokens, stored.tokens) == (3, 5, len(seq))
+    back = [cache_type() for _ in range(2)]
+    assert ssd_cache.load(tier, stored, back) == len(seq)
+    for got, want in zip(back, cache, strict=True):
+        assert got.offset == len(seq)
+        for u, v in zip(positions(got, len(seq)), positions(want, len(seq)), strict=True):
+            assert mx.array_equal(u, v)
+    parted = seq[:-2] + [999, 7]
+    assert ssd_cache.lookup(tier, "root", parted, len(parted)).tokens == len(seq) - 2
+    assert ssd_cache.lookup(tier, "root", seq, len(seq) - 1).tokens == len(seq) - 1  # limit
+    assert ssd_cache.lookup(tier, "other", seq + [7], len(seq)).tokens == 0
+    again = ssd_cache.open_tier(tmp_path, {"prompt_cache_block": BLOCK})  # a new process
+    partly = ssd_cache.lookup(again, "root", parted, len(parted))
+    assert (len(partly.names), partly.tail_tokens) == (3, 3)
+    back = [cache_type() for _ in range(2)]
+    assert ssd_cache.load(again, partly, back) == len(seq) - 2
+    for got, want in zip(back, cache, strict=True):
+        assert got.offset == len(seq) - 2
+        for u, v in zip(positions(got, len(seq) - 2), positions(want, len(seq) - 2), strict=True):
+            assert mx.array_equal(u, v)
+    # the first block from RAM (a trimmed copy of the cache), the rest from disk
+    ram = copy.deepcopy(cache)  # as mlx-lm's LRUPromptCache hands out an entry
+    trim_prompt_cache(ram, len(seq) - BLOCK)
+    (tier.folder / (stored.names[0] + ssd_cache.SUFFIX)).unlink()  # not read
+    assert ssd_cache.load(tier, stored, ram, start=BLOCK) == len(seq)
+    for got, want in zip(ram, cache, strict=True):
+        for u, v in zip(positions(got, len(seq)), positions(want, len(seq)), strict=True):
+            assert mx.array_equal(u, v)
+    assert ssd_cache.load(tier, stored, [cache_type() for _ in range(2)]) == 0
 
 
 def positions(layer, n: int) -> list:

@@ -15,6 +15,10 @@ from mlxbackend.text.sampling import SamplingParams, make_processors, make_sampl
 from mlxbackend.text.stops import StopMatcher
 
 DEFAULT_PREFILL_CHUNK = 512
+# a last prefill chunk longer than this gets its final token a forward pass of its own, so the
+# vocabulary projection runs for one position instead of the whole chunk: on SmolLM2 at 3k
+# tokens of history this saves ~390 ms for a 400-token chunk and costs ~28 ms for a 30-token one
+HEAD_SPLIT = 48
 
 
 @dataclass
@@ -313,11 +317,14 @@ def first_token(model, cache, tokens, n_new, sampler, processors, chunk, between
     token from the last position's logits, as a batch decode step would (processors see every
     prompt token, the sampler the normalized log-probabilities). mlx-lm's batch prefills all
     but the last token and feeds that one in a decode step of its own: one forward pass more
-    and two batch steps before the first token."""
+    and two batch steps before the first token. A last chunk longer than HEAD_SPLIT is split
+    as mlx-lm splits it: its final token is fed alone."""
     import mlx.core as mx
 
     new = tokens[len(tokens) - n_new :]
     last = (len(new) - 1) // chunk * chunk  # the last chunk starts here, as in `prefill`
+    if len(new) - last > HEAD_SPLIT:
+        last = len(new) - 1
     prefill(model, cache, new[:last], chunk, between)
     with cpu_softmax.scope(model):
         logits = model(mx.array(new[last:])[None], cache=cache)[:, -1, :]

@@ -84,15 +84,21 @@ def fetch(tm: TextModel, tokens: list, adapter=None) -> Hit:
         else:
             cache = None
     in_ram = len(tokens) - len(rest) if cache is not None else 0
-    if tm.ssd is not None and in_ram + tm.ssd.block < len(tokens):
-        names = ssd_cache.lookup(tm.ssd, _fingerprint(tm, adapter or ""), tokens, len(tokens) - 1)
-        if len(names) * tm.ssd.block > in_ram:
-            from mlxbackend.text.kv_quant import make_cache
+    if tm.ssd is not None and in_ram + 1 < len(tokens):
+        stored = ssd_cache.lookup(tm.ssd, _fingerprint(tm, adapter or ""), tokens, len(tokens) - 1)
+        if stored.tokens > in_ram:
+            # the blocks RAM holds are kept; the tier supplies only what follows them
+            start = min(in_ram // tm.ssd.block, len(stored.names)) * tm.ssd.block
+            if start:
+                trim_prompt_cache(cache, in_ram - start)
+                target = cache
+            else:
+                from mlxbackend.text.kv_quant import make_cache
 
-            fresh = make_cache(tm.model, tm.kv, 0)
-            n = ssd_cache.load(tm.ssd, names, fresh)
-            if n > in_ram:
-                return Hit(fresh, tokens[:n], tokens[n:], n)
+                target = make_cache(tm.model, tm.kv, 0)
+            n = ssd_cache.load(tm.ssd, stored, target, start)
+            if start or n > in_ram:
+                return Hit(target, tokens[:n], tokens[n:], n - start)
     if cache is None:
         return Hit(None, [], tokens)
     return Hit(cache, tokens[:in_ram], rest)

@@ -9,6 +9,10 @@ tools) is one set of files, and a lookup walks the chain until a block is missin
   disk yet are serialized on the worker and written by one writer thread (no MLX there), each
   published atomically: after `kill -9` only complete blocks exist, and the next process finds
   them by name.
+- The sequence's last, partial block is written too, as a tail named `<block before>-<hash>`
+  with its tokens in the file's metadata: an agent's next turn extends that sequence, so it
+  loads the tail (as far as the prompt agrees with it) and recomputes none of it; without one,
+  up to `block` - 1 tokens per turn.
 - Bounded in bytes (`prompt_cache_disk_bytes`, 8 GiB) with LRU eviction; a block's use time is
   its mtime, so the order survives a restart.
 - An unwritable directory or a full disk (nothing left of ours to evict) turns the tier off:
@@ -51,6 +55,7 @@ class Tier:
     files: OrderedDict = field(default_factory=OrderedDict)  # name → bytes, least recent first
     nbytes: int = 0
     pending: set = field(default_factory=set)  # names queued or being written
+    tails: dict = field(default_factory=dict)  # block before → {tail name: its tokens or None}
     writes: int = 0
     evictions: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,8 +101,7 @@ def open_tier(folder: Path, options: dict) -> Tier:
         return tier.disable("unwritable", f"cannot write {folder}: {exc.strerror or exc}")
     for _, path in sorted(found):
         if not path.name.startswith("."):
-            tier.files[path.name[: -len(SUFFIX)]] = path.stat().st_size
-    tier.nbytes = sum(tier.files.values())
+            _add(tier, path.name[: -len(SUFFIX)], path.stat().st_size)
     with tier.lock:
         _evict(tier, tier.budget)
     tier.writer = ThreadPoolExecutor(1, thread_name_prefix="kv-ssd")
@@ -113,79 +117,116 @@ def supported(cache) -> bool:
     return bool(cache) and all(type(c) in (KVCache, QuantKVCache) for c in cache)
 
 
+@dataclass
+class Stored:
+    """What the tier holds of a prompt: whole blocks, then maybe the tail of a sequence."""
+
+    names: list  # the blocks, in order
+    block: int
+    tail: str = ""  # the tail file's name, or ""
+    tail_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.names) * self.block + self.tail_tokens
+
+
 def chain(root: str, tokens: list, block: int, limit: int) -> list:
     """The names of the blocks that hold `tokens[:limit]` (complete blocks only)."""
-    names, digest = [], hashlib.sha1(root.encode()).digest()
+    names, digest = [], _root(root)
     for end in range(block, limit + 1, block):
         digest = hashlib.sha1(digest + array("q", tokens[end - block : end]).tobytes()).digest()
         names.append(digest.hex())
     return names
 
 
-def lookup(tier: Tier, root: str, tokens: list, limit: int) -> list:
-    """Names of the blocks on disk that hold the longest stored prefix of `tokens[:limit]`."""
+def tail_name(root: str, names: list, tokens: list) -> str:
+    """The name of a tail: `tokens` (fewer than a block) after the blocks `names`."""
+    return f"{_before(root, names)}-{hashlib.sha1(array('q', tokens).tobytes()).hexdigest()}"
+
+
+def lookup(tier: Tier, root: str, tokens: list, limit: int) -> Stored:
+    """The blocks on disk that hold the longest stored prefix of `tokens[:limit]`, and the
+    longest stored tail after them that is a prefix of the rest."""
     if tier.off:
-        return []
+        return Stored([], tier.block)
     names = chain(root, tokens, tier.block, limit)
     with tier.lock:
         n = 0
         while n < len(names) and names[n] in tier.files:
             n += 1
-    return names[:n]
+        tails = dict(tier.tails.get(_before(root, names[:n]), {}))
+    rest, best = tokens[n * tier.block : limit], Stored(names[:n], tier.block)
+    for name, stored in tails.items():
+        stored = stored if stored is not None else _tail_tokens(tier, name)
+        agree = len(os.path.commonprefix([stored, tuple(rest[: len(stored)])]))
+        if agree > best.tail_tokens:
+            best = Stored(names[:n], tier.block, name, agree)
+    return best
 
 
-def load(tier: Tier, names: list, cache: list) -> int:
-    """Fill the empty `cache` from the blocks `names` (worker thread); returns the tokens now in
-    it. A block gone meanwhile (evicted, unreadable) ends the prefix there."""
+def load(tier: Tier, stored: Stored, cache: list, start: int = 0) -> int:
+    """Fill `cache` from the tier (worker thread); returns the tokens now in it. `cache` is empty,
+    or holds the first `start` tokens of the prompt (a multiple of the block, from RAM): only the
+    blocks after them are read. A block gone meanwhile (evicted, unreadable) ends the prefix
+    there."""
     import mlx.core as mx
 
-    parts = []
-    for name in names:
+    parts, files = [], stored.names[start // tier.block :] + ([stored.tail] if stored.tail else [])
+    for name in files:
         try:
             parts.append(mx.load(str(tier.folder / (name + SUFFIX))))
         except Exception:  # noqa: BLE001 — evicted or damaged: use the blocks before it
             break
     if not parts:
-        return 0
-    n = len(parts) * tier.block
+        return start
+    if stored.tail and len(parts) == len(files):  # the tail, as far as the prompt agrees
+        parts[-1] = {k: x[..., : stored.tail_tokens, :] for k, x in parts[-1].items()}
+    n = start + sum(p["0.0"].shape[-2] for p in parts)
     for i, layer in enumerate(cache):
         count = sum(1 for k in parts[0] if k.startswith(f"{i}."))
-        arrays = [mx.concatenate([p[f"{i}.{j}"] for p in parts], axis=-2) for j in range(count)]
+        before = _arrays(layer, 0, start) if start else []
+        arrays = [
+            mx.concatenate(([before[j]] if start else []) + [p[f"{i}.{j}"] for p in parts], -2)
+            for j in range(count)
+        ]
         _fill(layer, arrays, n)
     mx.eval([c.state for c in cache])
-    _touch(tier, names[: len(parts)])
+    _touch(tier, files[: len(parts)])
     return n
 
 
 def save(tier: Tier, root: str, tokens: list, cache: list) -> int:
-    """Queue the complete blocks of `cache` (holding `tokens`) that are not on disk yet; marks
-    the others as just used. Worker thread: the blocks are copied and serialized here, written
-    by the writer thread. Returns the blocks queued."""
+    """Queue the complete blocks of `cache` (holding `tokens`) that are not on disk yet, and its
+    tail; marks the others as just used. Worker thread: the blocks are copied and serialized
+    here, written by the writer thread. Returns the files queued."""
     import mlx.core as mx
 
     if tier.off or not supported(cache):
         return 0
-    names = chain(root, tokens, tier.block, min(len(tokens), cache[0].offset))
+    limit = min(len(tokens), cache[0].offset)
+    names = chain(root, tokens, tier.block, limit)
+    spans = [(i * tier.block, (i + 1) * tier.block, name) for i, name in enumerate(names)]
+    if limit % tier.block:
+        a = len(names) * tier.block
+        spans.append((a, limit, tail_name(root, names, tokens[a:limit])))
+    tail = spans[-1][2] if limit % tier.block else ""
     with tier.lock:
-        todo = [
-            (i, name)
-            for i, name in enumerate(names)
-            if name not in tier.files and name not in tier.pending
-        ]
+        todo = [s for s in spans if s[2] not in tier.files and s[2] not in tier.pending]
         room = MAX_PENDING - len(tier.pending)
         todo = todo[: max(room, 0)]
-        tier.pending.update(name for _, name in todo)
-    _touch(tier, [n for n in names if n in tier.files])
-    for i, name in todo:
-        a, b = i * tier.block, (i + 1) * tier.block
+        tier.pending.update(name for _, _, name in todo)
+    _touch(tier, [s[2] for s in spans if s[2] in tier.files])
+    for a, b, name in todo:
         tensors = {
             f"{li}.{j}": mx.contiguous(x)
             for li, layer in enumerate(cache)
             for j, x in enumerate(_arrays(layer, a, b))
         }
         buffer = io.BytesIO()
-        mx.save_safetensors(buffer, tensors)  # a file object: mx writes to it as is
-        tier.writer.submit(_write, tier, name, buffer.getvalue())
+        meta = {"tokens": ",".join(map(str, tokens[a:b]))} if name == tail else None
+        mx.save_safetensors(buffer, tensors, meta)  # a file object: mx writes to it as is
+        tier.writer.submit(_write, tier, name, buffer.getvalue(), tuple(tokens[a:b]))
     return len(todo)
 
 
@@ -195,7 +236,7 @@ def flush(tier: Tier | None) -> None:
         tier.writer.submit(lambda: None).result()
 
 
-def _write(tier: Tier, name: str, data: bytes) -> None:
+def _write(tier: Tier, name: str, data: bytes, tokens: tuple) -> None:
     """Writer thread: publish one block; on a full disk evict ours and retry once."""
     path = tier.folder / (name + SUFFIX)
     try:
@@ -210,8 +251,7 @@ def _write(tier: Tier, name: str, data: bytes) -> None:
                     tier.disable("no_space", str(exc))
                     return
         with tier.lock:
-            tier.files[name] = len(data)
-            tier.nbytes += len(data)
+            _add(tier, name, len(data), tokens)
             tier.writes += 1
             _evict(tier, tier.budget)
     except OSError as exc:
@@ -228,6 +268,8 @@ def _evict(tier: Tier, upto: int) -> int:
     while tier.files and tier.nbytes > upto:
         name, size = tier.files.popitem(last=False)
         tier.nbytes -= size
+        if "-" in name:
+            tier.tails.get(name.split("-")[0], {}).pop(name, None)
         tier.evictions += 1
         freed += size
         try:
@@ -235,6 +277,42 @@ def _evict(tier: Tier, upto: int) -> int:
         except OSError:
             pass
     return freed
+
+
+def _root(root: str) -> bytes:
+    return hashlib.sha1(root.encode()).digest()
+
+
+def _before(root: str, names: list) -> str:
+    """What a tail after the blocks `names` is filed under: the last block, or the root."""
+    return names[-1] if names else _root(root).hex()
+
+
+def _add(tier: Tier, name: str, size: int, tokens: tuple | None = None) -> None:
+    """Index a file on disk (lock held, or before the tier is shared)."""
+    if name in tier.files:
+        tier.nbytes -= tier.files[name]
+    tier.files[name] = size
+    tier.nbytes += size
+    if "-" in name:
+        tier.tails.setdefault(name.split("-")[0], {})[name] = tokens
+
+
+def _tail_tokens(tier: Tier, name: str) -> tuple:
+    """A tail's tokens, from its metadata (tails found on disk at start are read on first use);
+    () when it cannot be read."""
+    import mlx.core as mx
+
+    try:
+        _, meta = mx.load(str(tier.folder / (name + SUFFIX)), return_metadata=True)
+        tokens = tuple(int(t) for t in meta["tokens"].split(","))
+    except Exception:  # noqa: BLE001 — evicted, damaged or foreign: never matches
+        tokens = ()
+    with tier.lock:
+        known = tier.tails.get(name.split("-")[0], {})
+        if name in known:
+            known[name] = tokens
+    return tokens
 
 
 def _touch(tier: Tier, names: list) -> None:
