@@ -37,6 +37,7 @@ from mlxbackend.music import music_source
 from mlxbackend.music.engine import MusicEngine
 from mlxbackend.options import parse_options
 from mlxbackend.quantize.service import Quantizations
+from mlxbackend.text import cpu_softmax
 from mlxbackend.text.engine import TextEngine, usage_total
 from mlxbackend.text.models import LoadSpec
 from mlxbackend.train.service import FineTunes
@@ -184,7 +185,7 @@ class ModelHost:
             facts.append(f"KV cache {tm.kv.label()}")
         if tm.max_kv_size:
             facts.append(f"rotating KV cache of {tm.max_kv_size} tokens")
-        if tm.cpu_softmax:
+        if cpu_softmax.enabled(tm.model):
             facts.append("attention softmax in NumPy (cpu_softmax)")
         if tm.draft_model is not None or tm.spec.lookup:
             facts.append(

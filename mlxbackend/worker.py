@@ -132,6 +132,18 @@ class Worker:
     async def run(self, fn, *args, **kwargs):
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
 
+    async def run_cancellable(self, owner, fn, *args, **kwargs):
+        """fn(*args, is_cancelled=..., **kwargs) as a task owned by `owner` (Free / LoadModel end
+        it at a pause). When the awaiting caller is cancelled (its client left, its deadline
+        passed) is_cancelled() turns True, and fn stops at its next check."""
+        cancelled = threading.Event()
+        future = self.call_owned(owner, fn, *args, is_cancelled=cancelled.is_set, **kwargs)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
     async def release(self, owner, exc: BaseException, forget) -> None:
         """Free / LoadModel of a model: end owner's paused tasks with exc, call forget() (drop
         the references), then collect and return MLX's buffer cache, all on the worker."""

@@ -189,29 +189,10 @@ class EmbedEngine:
             raise InvalidInput("Rerank needs at least one document")
         if top_n < 0:
             raise InvalidInput(f"top_n must be ≥ 0 (0 = all documents), got {top_n}")
-        cancelled = threading.Event()
-
-        def between_batches():
-            if cancelled.is_set():
-                raise Cancelled("reranking cancelled")
-            pause()  # one forward pass is one step of the worker task
-
         kind, model = self.source()
-        future = self.worker.call_owned(
-            model,
-            rerank_scores,
-            kind,
-            model,
-            self.settings,
-            query,
-            list(documents),
-            between_batches,
-        )  # Free / LoadModel end it at a pause
-        try:
-            scores, tokens = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancelled.set()  # the client left or its deadline passed: stop before the next batch
-            raise
+        scores, tokens = await self.worker.run_cancellable(
+            model, rerank_scores, kind, model, self.settings, query, list(documents)
+        )
         order = sorted(range(len(documents)), key=lambda i: -float(scores[i]))
         keep = order[: top_n or len(order)]
         return Reranking([Ranked(i, documents[i], float(scores[i])) for i in keep], int(tokens))
@@ -253,12 +234,18 @@ def embed_inputs(kind: str, model, settings: EmbedSettings, inputs: list) -> tup
 
 
 def rerank_scores(
-    kind: str, model, settings: EmbedSettings, query: str, documents: list, between_batches=None
+    kind: str, model, settings: EmbedSettings, query: str, documents: list, is_cancelled=None
 ) -> tuple:
     """MLX thread: relevance scores float32 [N] and the tokens processed. A cross-encoder scores
     (query, document) pairs; an encoder without a classifier head ranks by cosine similarity;
-    a decoder LLM answers yes/no (Qwen3-Reranker style). `between_batches()` is called before
-    each forward pass (the server's pause and cancellation point)."""
+    a decoder LLM answers yes/no (Qwen3-Reranker style). Before each forward pass the worker
+    task pauses, and stops once `is_cancelled()` is True."""
+
+    def between_batches():
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled("reranking cancelled")
+        pause()  # one forward pass is one step of the worker task
+
     if kind == "encoder":
         from mlxbackend.embed import bert
 

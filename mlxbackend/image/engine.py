@@ -8,7 +8,6 @@ Free or LoadModel (host.py) ends it with ABORTED at its next step."""
 import asyncio
 import logging
 import sys
-import threading
 from dataclasses import dataclass
 
 from mlxbackend.errors import Aborted, InvalidInput, NotLoaded
@@ -69,7 +68,6 @@ class ImageEngine:
             raise InvalidInput("GenerateImage needs dst, the path of the PNG to write")
         pipe = self.model()
         plan = await asyncio.to_thread(plan_request, pipe, req)
-        cancelled = threading.Event()
         times = []
 
         def on_step(done: int, total: int, seconds: float):
@@ -77,12 +75,7 @@ class ImageEngine:
             print(f"image: step {done}/{total} ({seconds:.2f} s)", file=sys.stderr, flush=True)
             pause()  # one denoising step is one step of the worker task
 
-        future = self.worker.call_owned(pipe, generate, pipe, plan, on_step, cancelled.is_set)
-        try:
-            image = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancelled.set()  # the worker stops before the next step
-            raise
+        image = await self.worker.run_cancellable(pipe, generate, pipe, plan, on_step)
         await asyncio.to_thread(write_png, image, dst)
         per_step = sum(times) / len(times) if times else 0.0
         return Generated(dst, image.width, image.height, len(times), plan.seed, per_step)

@@ -8,7 +8,6 @@ ends it with ABORTED there."""
 
 import asyncio
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +66,7 @@ class MusicEngine:
         mm = self.model()
         await asyncio.to_thread(check_dst, req.dst, "SoundGeneration")
         song = await asyncio.to_thread(plan_song, mm, req)
-        cancelled = threading.Event()
-        future = self.worker.call_owned(mm, compose, mm, song, cancelled.is_set, log_progress)
-        try:
-            samples = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancelled.set()  # the worker stops at its next pause point
-            raise
+        samples = await self.worker.run_cancellable(mm, compose, mm, song, progress=log_progress)
         await asyncio.to_thread(write_wav, req.dst, [pcm16(samples)], mm.sample_rate)
         frames, channels = samples.shape
         return Composed(req.dst, mm.sample_rate, frames, channels, song.seed, song.steps)

@@ -53,11 +53,16 @@ def enable(model, options: dict) -> bool:
     return on
 
 
+def enabled(model) -> bool:
+    """Whether `model`'s prefills use the NumPy softmax."""
+    return _ENABLED.get(id(model)) is model
+
+
 @contextmanager
 def scope(model):
     """Within: attention with the NumPy softmax, if `model` enabled it (one forward pass; no
     pause inside, so no other task runs under it)."""
-    if _ENABLED.get(id(model)) is not model:
+    if not enabled(model):
         yield
         return
     import mlx.core as mx

@@ -90,7 +90,7 @@ class TextEngine:
         tm = await self.worker.run(load_text_model, spec)
         await self.worker.run(memory.apply_cache_limit, tm.options)  # Options mlx_cache_bytes
         await self.worker.run(memory.apply_wired_limit, tm.options)  # Options wired_limit_bytes
-        tm.cpu_softmax = cpu_softmax.enable(tm.model, tm.options)  # Options cpu_softmax
+        cpu_softmax.enable(tm.model, tm.options)  # Options cpu_softmax
         await self.worker.run(prefix_cache.cache_for, tm)  # RAM and SSD tiers, saved entries
         if sources:  # Options warm_prompt[.name]: into the prefix cache before the first request
             tm.warmed = await self.worker.run(warm.prefill_all, tm, sources)

@@ -57,9 +57,6 @@ class TextModel:
     vision: object = None  # a vision-language model's media parts (vision/load.py), or None
     kv: object = None  # the KV cache type (text/kv_quant.KvType); None = the model's float KV
     max_kv_size: int = 0  # > 0: a rotating KV cache of this many tokens (Options max_kv_size)
-    cpu_softmax: bool = (
-        False  # attention's softmax in NumPy (Options cpu_softmax, text/cpu_softmax.py)
-    )
     warmed: object = None  # warm prompts prefilled at load (text/warm.py Warmed), or None
     ssd: object = None  # the prefix cache's SSD tier (text/ssd_cache.py Tier), or None
     grammar_triggers: tuple = ()  # ModelOptions GrammarTriggers: a Grammar with them is refused
