@@ -78,8 +78,9 @@ bench: install-test
 
 # The agent benchmark (scripts/bench_agent.py, README "Agent sessions"): 8 sessions × 10 turns
 # on SmolLM2 with the RAM prompt cache capped, kill -9 and resume; about 40 minutes here.
+AGENT_ARGS ?=
 bench-agent: install-test
-	mkdir -p build && $(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) scripts/bench_agent.py --json build/agent.json
+	mkdir -p build && $(PRELOAD) HF_HUB_OFFLINE=1 MLXB_MODELS_DIR=$(MODELS) $(PY) scripts/bench_agent.py --json build/agent.json $(AGENT_ARGS)
 
 # The long soak (scripts/soak.py): 1,000 mixed requests at concurrency 8, then 16, on SmolLM2 and a
 # tiny encoder; fails on an unexpected error, a leftover slot/reservation or RSS growth >= 5 %.

@@ -190,7 +190,7 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--system-tokens", type=int, default=2500)
+    ap.add_argument("--system-tokens", type=int, default=4500)
     ap.add_argument("--tool-tokens", type=int, default=300)
     ap.add_argument("--reply-tokens", type=int, default=8)
     ap.add_argument("--stagger", type=float, default=12.0)
