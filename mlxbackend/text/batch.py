@@ -7,6 +7,7 @@ sampler (own RNG key), logits processors, stop hold-back, parser and detokenizer
 the forward pass of every decode step is shared."""
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from mlxbackend.text import memory, prefix_cache
@@ -154,6 +155,7 @@ class BatchDriver:
     """A worker stepper owning one BatchGenerator for one loaded model."""
 
     def __init__(self, tm: TextModel, adapter=None, on_close=None):
+        from mlxbackend.text.kv_quant import rows_apart
         from mlxbackend.text.spec_batch import SpecBatchGenerator
 
         max_batch = int(tm.options.get("max_batch", DEFAULT_MAX_BATCH))
@@ -170,6 +172,8 @@ class BatchDriver:
         self.gen.generation.calibrate = lambda: step_tokens(tm)
         self.gen.generation.draft = tm.draft_model if rewindable(tm) else None
         self.requests: dict[int, tuple[Job, Decoder]] = {}
+        # a quantized KV: rows attend apart, so each reply equals its solo run (kv_quant.py)
+        self.attention = rows_apart if tm.kv is not None and tm.kv.quantized else nullcontext
         self.keys: dict[int, list] = {}  # prefix-cache keys of media prompts (vision/prompt.py)
 
     def add(self, job: Job, started: Started):
@@ -205,7 +209,8 @@ class BatchDriver:
         if self.tm.switch is not None:
             self.tm.switch.active = self.adapter
         try:
-            _, responses = self.gen.next()
+            with self.attention():
+                _, responses = self.gen.next()
         except Exception as exc:  # e.g. an allocation failure: fail these requests, keep serving
             for job, _ in self.requests.values():
                 job.put(exc)

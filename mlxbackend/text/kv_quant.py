@@ -25,6 +25,7 @@ q4_0 / q4_1 / iq4_nl → 4, in MLX groups of `kv_group_size` (default 64: llama.
 but MLX's scales and biases are in the KV's dtype, and on float32 KV groups of 32 would cost 25 %
 more); f32 / f16 / bf16 (or empty) keep the model's own float KV."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -435,3 +436,61 @@ class BatchQuantKVCache(_QuantStores, _BaseCache):
 
 # load_prompt_cache finds cache classes by name in mlx-lm's cache module (prompt_cache_dir)
 mlx_cache.QuantKVCache = QuantKVCache
+
+
+# -- a batch's attention, row by row ------------------------------------------------------------
+@contextmanager
+def rows_apart():
+    """Within (one batch step on the worker): attention for one-token queries of several rows is
+    computed row by row over each row's own keys, its left padding cut off, exactly as the row's
+    run alone computes it. Over the padded keys MLX rounds ~1e-6 differently, and a quantized KV
+    can turn that into one quantization step of a stored key or value, so a batched reply could
+    part from its solo run at a near tie. Costs one attention call per row and layer. Covers
+    MLX's attention (rotated stores: float keys and values) and mlx-lm's quantized attention
+    (`kv_rotate:false`: the quantized triples)."""
+    from mlx_lm.models import base
+
+    from mlxbackend.text import cpu_softmax
+
+    fast, quantized = cpu_softmax.mlx_attention(), base.quantized_scaled_dot_product_attention
+    mx.fast.scaled_dot_product_attention = _by_rows(fast)
+    base.quantized_scaled_dot_product_attention = _by_rows(quantized)
+    try:
+        yield
+    finally:
+        mx.fast.scaled_dot_product_attention = fast
+        base.quantized_scaled_dot_product_attention = quantized
+
+
+def _by_rows(attention):
+    """`attention`, called once per row for a batch of one-token queries under a boolean mask."""
+    seen: dict = {}  # id(mask) -> (mask, each row's left padding): one sync per forward pass
+
+    def rows(q, k, v, *, mask=None, **kw):
+        if q.shape[0] == 1 or q.shape[2] != 1 or not isinstance(mask, mx.array):
+            return attention(q, k, v, mask=mask, **kw)
+        if id(mask) not in seen:
+            valid = mask.reshape(mask.shape[0], -1).sum(axis=-1)
+            seen.clear()
+            seen[id(mask)] = (mask, (mask.shape[-1] - valid).tolist())
+        pads = seen[id(mask)][1]
+        out = [
+            attention(
+                q[b : b + 1],
+                _row(k, b, p),
+                _row(v, b, p),
+                mask=mask[b : b + 1, ..., p:],
+                **kw,
+            )
+            for b, p in enumerate(pads)
+        ]
+        return mx.concatenate(out, axis=0)
+
+    return rows
+
+
+def _row(x, b: int, p: int):
+    """Row b of keys or values (an array or a quantized triple) from position p on."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(a[b : b + 1, :, p:] for a in x)
+    return x[b : b + 1, :, p:]
