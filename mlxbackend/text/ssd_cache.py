@@ -207,10 +207,11 @@ def save(tier: Tier, root: str, tokens: list, cache: list) -> int:
     limit = min(len(tokens), cache[0].offset)
     names = chain(root, tokens, tier.block, limit)
     spans = [(i * tier.block, (i + 1) * tier.block, name) for i, name in enumerate(names)]
+    tail = ""
     if limit % tier.block:
         a = len(names) * tier.block
-        spans.append((a, limit, tail_name(root, names, tokens[a:limit])))
-    tail = spans[-1][2] if limit % tier.block else ""
+        tail = tail_name(root, names, tokens[a:limit])
+        spans.append((a, limit, tail))
     with tier.lock:
         todo = [s for s in spans if s[2] not in tier.files and s[2] not in tier.pending]
         room = MAX_PENDING - len(tier.pending)
@@ -224,9 +225,10 @@ def save(tier: Tier, root: str, tokens: list, cache: list) -> int:
             for j, x in enumerate(_arrays(layer, a, b))
         }
         buffer = io.BytesIO()
-        meta = {"tokens": ",".join(map(str, tokens[a:b]))} if name == tail else None
+        own = tuple(tokens[a:b]) if name == tail else None  # a tail's tokens, kept in its file
+        meta = {"tokens": ",".join(map(str, own))} if own else None
         mx.save_safetensors(buffer, tensors, meta)  # a file object: mx writes to it as is
-        tier.writer.submit(_write, tier, name, buffer.getvalue(), tuple(tokens[a:b]))
+        tier.writer.submit(_write, tier, name, buffer.getvalue(), own)
     return len(todo)
 
 
@@ -236,7 +238,7 @@ def flush(tier: Tier | None) -> None:
         tier.writer.submit(lambda: None).result()
 
 
-def _write(tier: Tier, name: str, data: bytes, tokens: tuple) -> None:
+def _write(tier: Tier, name: str, data: bytes, tokens: tuple | None) -> None:
     """Writer thread: publish one block; on a full disk evict ours and retry once."""
     path = tier.folder / (name + SUFFIX)
     try:
@@ -268,8 +270,11 @@ def _evict(tier: Tier, upto: int) -> int:
     while tier.files and tier.nbytes > upto:
         name, size = tier.files.popitem(last=False)
         tier.nbytes -= size
-        if "-" in name:
-            tier.tails.get(name.split("-")[0], {}).pop(name, None)
+        parent = _parent(name)
+        if parent in tier.tails:
+            tier.tails[parent].pop(name, None)
+            if not tier.tails[parent]:
+                del tier.tails[parent]
         tier.evictions += 1
         freed += size
         try:
@@ -288,14 +293,19 @@ def _before(root: str, names: list) -> str:
     return names[-1] if names else _root(root).hex()
 
 
+def _parent(name: str) -> str:
+    """What a tail file is filed under (tail_name's first part); "" for a whole block."""
+    return name.split("-")[0] if "-" in name else ""
+
+
 def _add(tier: Tier, name: str, size: int, tokens: tuple | None = None) -> None:
     """Index a file on disk (lock held, or before the tier is shared)."""
     if name in tier.files:
         tier.nbytes -= tier.files[name]
     tier.files[name] = size
     tier.nbytes += size
-    if "-" in name:
-        tier.tails.setdefault(name.split("-")[0], {})[name] = tokens
+    if _parent(name):
+        tier.tails.setdefault(_parent(name), {})[name] = tokens
 
 
 def _tail_tokens(tier: Tier, name: str) -> tuple:
@@ -309,7 +319,7 @@ def _tail_tokens(tier: Tier, name: str) -> tuple:
     except Exception:  # noqa: BLE001 — evicted, damaged or foreign: never matches
         tokens = ()
     with tier.lock:
-        known = tier.tails.get(name.split("-")[0], {})
+        known = tier.tails.get(_parent(name), {})
         if name in known:
             known[name] = tokens
     return tokens
