@@ -181,10 +181,7 @@ def test_a_shared_prefix_is_stored_once(tmp_path, cache_type):
     assert len(stored.names) == 5 and not stored.tail
     back = [cache_type() for _ in range(2)]
     assert ssd_cache.load(tier, stored, back) == len(a)
-    for got, want in zip(back, cache_a, strict=True):
-        assert got.offset == len(a)
-        for u, v in zip(positions(got, len(a)), positions(want, len(a)), strict=True):
-            assert mx.array_equal(u, v)
+    assert_holds(back, cache_a, len(a))
 
 
 @pytest.mark.parametrize(
@@ -206,10 +203,7 @@ def test_a_tail_and_blocks_after_ram(tmp_path, cache_type):
     assert (len(stored.names), stored.tail_tokens, stored.tokens) == (3, 5, len(seq))
     back = [cache_type() for _ in range(2)]
     assert ssd_cache.load(tier, stored, back) == len(seq)
-    for got, want in zip(back, cache, strict=True):
-        assert got.offset == len(seq)
-        for u, v in zip(positions(got, len(seq)), positions(want, len(seq)), strict=True):
-            assert mx.array_equal(u, v)
+    assert_holds(back, cache, len(seq))
     parted = seq[:-2] + [999, 7]
     assert ssd_cache.lookup(tier, "root", parted, len(parted)).tokens == len(seq) - 2
     assert ssd_cache.lookup(tier, "root", seq, len(seq) - 1).tokens == len(seq) - 1  # limit
@@ -219,19 +213,22 @@ def test_a_tail_and_blocks_after_ram(tmp_path, cache_type):
     assert (len(partly.names), partly.tail_tokens) == (3, 3)
     back = [cache_type() for _ in range(2)]
     assert ssd_cache.load(again, partly, back) == len(seq) - 2
-    for got, want in zip(back, cache, strict=True):
-        assert got.offset == len(seq) - 2
-        for u, v in zip(positions(got, len(seq) - 2), positions(want, len(seq) - 2), strict=True):
-            assert mx.array_equal(u, v)
+    assert_holds(back, cache, len(seq) - 2)
     # the first block from RAM (a trimmed copy of the cache), the rest from disk
     ram = copy.deepcopy(cache)  # as mlx-lm's LRUPromptCache hands out an entry
     trim_prompt_cache(ram, len(seq) - BLOCK)
     (tier.folder / (stored.names[0] + ssd_cache.SUFFIX)).unlink()  # not read
     assert ssd_cache.load(tier, stored, ram, start=BLOCK) == len(seq)
-    for got, want in zip(ram, cache, strict=True):
-        for u, v in zip(positions(got, len(seq)), positions(want, len(seq)), strict=True):
-            assert mx.array_equal(u, v)
+    assert_holds(ram, cache, len(seq))
     assert ssd_cache.load(tier, stored, [cache_type() for _ in range(2)]) == 0
+
+
+def assert_holds(got: list, want: list, n: int) -> None:
+    """Each layer of `got` holds exactly `want`'s first n positions."""
+    for g, w in zip(got, want, strict=True):
+        assert g.offset == n
+        for u, v in zip(positions(g, n), positions(w, n), strict=True):
+            assert mx.array_equal(u, v)
 
 
 def positions(layer, n: int) -> list:
