@@ -67,12 +67,21 @@ def scope(model):
         return
     import mlx.core as mx
 
-    original = mlx_attention()
-    mx.fast.scaled_dot_product_attention = numpy_softmax_attention
+    mlx_attention()  # MLX's own, read before the first swap
+    with swapped(mx.fast, "scaled_dot_product_attention", numpy_softmax_attention):
+        yield
+
+
+@contextmanager
+def swapped(owner, name: str, value):
+    """Within: `owner.name` is `value`; put back after. For attention swapped around forward
+    passes on the worker (no pause inside, so no other task runs under it)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        mx.fast.scaled_dot_product_attention = original
+        setattr(owner, name, original)
 
 
 def numpy_softmax_attention(q, k, v, *, scale, mask=None, sinks=None, stream=None, **kw):

@@ -443,23 +443,21 @@ mlx_cache.QuantKVCache = QuantKVCache
 def rows_apart():
     """Within (one batch step on the worker): attention for one-token queries of several rows is
     computed row by row over each row's own keys, its left padding cut off, exactly as the row's
-    run alone computes it. Over the padded keys MLX rounds ~1e-6 differently, and a quantized KV
-    can turn that into one quantization step of a stored key or value, so a batched reply could
-    part from its solo run at a near tie. Costs one attention call per row and layer. Covers
-    MLX's attention (rotated stores: float keys and values) and mlx-lm's quantized attention
-    (`kv_rotate:false`: the quantized triples)."""
+    run alone computes it. Over padded keys OpenBLAS rounds a row's attention ~1e-7 differently
+    (from ~500 keys on), and a quantized KV turns that into whole quantization steps of stored
+    keys and values, so a batched reply drifts from its solo run. Costs one attention call per
+    row and layer. Covers MLX's attention (rotated stores: float keys and values) and mlx-lm's
+    quantized attention (`kv_rotate:false`: the quantized triples)."""
     from mlx_lm.models import base
 
     from mlxbackend.text import cpu_softmax
 
     fast, quantized = cpu_softmax.mlx_attention(), base.quantized_scaled_dot_product_attention
-    mx.fast.scaled_dot_product_attention = _by_rows(fast)
-    base.quantized_scaled_dot_product_attention = _by_rows(quantized)
-    try:
+    with (
+        cpu_softmax.swapped(mx.fast, "scaled_dot_product_attention", _by_rows(fast)),
+        cpu_softmax.swapped(base, "quantized_scaled_dot_product_attention", _by_rows(quantized)),
+    ):
         yield
-    finally:
-        mx.fast.scaled_dot_product_attention = fast
-        base.quantized_scaled_dot_product_attention = quantized
 
 
 def _by_rows(attention):
