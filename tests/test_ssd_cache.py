@@ -208,6 +208,8 @@ def test_a_tail_and_blocks_after_ram(tmp_path, cache_type):
     assert ssd_cache.lookup(tier, "root", parted, len(parted)).tokens == len(seq) - 2
     assert ssd_cache.lookup(tier, "root", seq, len(seq) - 1).tokens == len(seq) - 1  # limit
     assert ssd_cache.lookup(tier, "other", seq + [7], len(seq)).tokens == 0
+    torn = tier.folder / f"{stored.names[-1]}-{'0' * 40}{ssd_cache.SUFFIX}"
+    torn.write_bytes(b"not safetensors")  # a damaged tail under the same block: never matches
     again = ssd_cache.open_tier(tmp_path, {"prompt_cache_block": BLOCK})  # a new process
     partly = ssd_cache.lookup(again, "root", parted, len(parted))
     assert (len(partly.names), partly.tail_tokens) == (3, 3)
