@@ -5,6 +5,9 @@ decode      ms per generated token at --context tokens for each KV type (float, 
             rotated, q8_0 keys with q4_0 values, and kv_rotate:false with mlx-lm's quantized
             attention), in interleaved rounds (side by side), the cache trimmed back after each;
             also each type's prefill time.
+agreement   teacher-forced top-1 agreement of each quantized KV type with the float KV over
+            --context tokens of prose, per Options kv_window and per --chunk (tokens per forward
+            pass: 1 is what decoding sees, 256 a prefill), and the bytes kept at 8k ÷ float32.
 turn-floor  what an agent turn costs raw mlx-lm at best: --new tokens prefilled over a cached
             --history of N tokens, against a cold prefill of the same N + new tokens (chunks of
             512, as the server's default prefill_chunk); the ratio bounds every server built on
@@ -12,6 +15,7 @@ turn-floor  what an agent turn costs raw mlx-lm at best: --new tokens prefilled 
             and Options cpu_softmax:numpy's (text/cpu_softmax.py), side by side.
 
 LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py decode [--context 2048]
+LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py agreement [--context 2048] [--chunk 1 256] [--window 0 128]
 LD_PRELOAD=…/libopenblas.so.0 python scripts/bench_kv.py turn-floor [--history 3900 6700] [--cpu-softmax]
 """
 
@@ -128,15 +132,74 @@ def turn_floor(
     cpu_softmax.enable(model, {})
 
 
+def top1(model, tokens: list, kv, chunk: int):
+    """Teacher-forced top-1 token at every position, fed `chunk` tokens per forward pass."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxbackend.text.kv_quant import make_cache
+
+    cache, out = make_cache(model, kv), []
+    for start in range(0, len(tokens), chunk):
+        logits = model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+        best = mx.argmax(logits[0], axis=-1)
+        mx.eval(best)
+        out.append(best)
+    return np.array(mx.concatenate(out))
+
+
+def kv_bytes_ratio(model, kv, context: int = 8192) -> float:
+    """Bytes one cache keeps at `context` tokens ÷ the float32 KV's."""
+    import mlx.core as mx
+
+    from mlxbackend.text.kv_quant import make_cache
+
+    heads, head_dim = (
+        model.args.num_key_value_heads,
+        model.args.hidden_size // model.args.num_attention_heads,
+    )
+    sizes = []
+    for kind in (None, kv):
+        cache = make_cache(model, kind)[0]
+        for _ in range(context // 512):
+            k = mx.random.normal((1, heads, 512, head_dim)).astype(mx.float32)
+            cache.update_and_fetch(k, k)
+        sizes.append(cache.nbytes)
+    return sizes[1] / sizes[0]
+
+
+def agreement(model, tokenizer, context: int, chunks: list, windows: list) -> None:
+    """Top-1 agreement with the float KV, teacher-forced over `context` tokens of prose, for each
+    KV type and float window, each fed in passes of each chunk size (1 = as decoding sees it)."""
+    import numpy as np
+
+    from mlxbackend.text.kv_quant import KvType
+
+    tokens = text_tokens(tokenizer, context)
+    types = {"q8_0": (8, 8), "q4_0": (4, 4), "K q8_0, V q4_0": (8, 4)}
+    print("| KV type | kv_window | passes of | top-1 agreement | bytes ÷ float32 at 8k |")
+    print("|---|---|---|---|---|")
+    for chunk in chunks:
+        reference = top1(model, tokens, None, chunk)
+        for name, (k, v) in types.items():
+            for window in windows:
+                kv = KvType(k, v, window=window)
+                same = float(np.mean(top1(model, tokens, kv, chunk) == reference))
+                ratio = kv_bytes_ratio(model, kv)
+                print(f"| {name} | {window} | {chunk} | {same:.1%} | {ratio:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["decode", "turn-floor"])
+    parser.add_argument("what", choices=["decode", "turn-floor", "agreement"])
     parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--history", type=int, nargs="+", default=[3900, 6700])
     parser.add_argument("--new", type=int, default=370)
+    parser.add_argument("--chunk", type=int, nargs="+", default=[1, 256], help="agreement")
+    parser.add_argument("--window", type=int, nargs="+", default=[0, 128], help="agreement")
     parser.add_argument(
         "--cpu-softmax", action="store_true", help="turn-floor: also with cpu_softmax:numpy"
     )
@@ -146,6 +209,8 @@ def main() -> None:
     model, tokenizer = load(args.model)
     if args.what == "decode":
         decode(model, tokenizer, args.context, args.steps, args.rounds)
+    elif args.what == "agreement":
+        agreement(model, tokenizer, args.context, args.chunk, args.window)
     else:
         softmaxes = ("mlx", "numpy") if args.cpu_softmax else ("mlx",)
         turn_floor(model, tokenizer, args.history, args.new, args.rounds, softmaxes)

@@ -103,7 +103,10 @@ def test_context_size_zero_is_what_fits(tiny_dir, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda: int(free))
     assert memory.largest_context(tiny_dir, config, 100_000) == 1000
     assert memory.largest_context(tiny_dir, config, 512) == 512  # the model's own limit
-    assert memory.largest_context(tiny_dir, config, 100_000, KvType(8, 8, 32)) > 3000
+    # 8-bit keys and values in groups of 32 take 1.25 of float32's 4 bytes, and the last 128
+    # positions are kept in float besides (Options kv_window): (1000 - 128) * 4 / 1.25
+    assert memory.largest_context(tiny_dir, config, 100_000, KvType(8, 8, 32)) == 2790
+    assert memory.largest_context(tiny_dir, config, 100_000, KvType(8, 8, 32, window=0)) == 3200
     monkeypatch.setattr(memory, "available_bytes", lambda: weights)
     with pytest.raises(OutOfMemory, match="quantized KV cache"):
         memory.largest_context(tiny_dir, config, 100_000)

@@ -397,7 +397,8 @@ class TextEngine:
         cache; `mlx_cache_limit` (mlx_cache_bytes) for MLX's buffer cache; `wired_limit`
         (wired_limit_bytes) for the memory Metal keeps wired (0 without Metal, `metal` 0).
         The model's shape of KV: `context_size`, `max_kv_size` (0 = not rotating),
-        `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `warm_prompt_tokens`; the
+        `kv_key_bits` / `kv_value_bits` (0 = the model's float KV), `kv_window` (positions a quantized
+        KV also keeps in float), `warm_prompt_tokens`; the
         SERVED_COUNTERS since start, `prompt_cache_hit_permille` and `request_to_prefill_us_last`
         (arrival at the engine → first prefill step: templating, admission, the worker hop); with Options
         prompt_cache_dir, the SSD tier's `prompt_cache_ssd_bytes` / `_budget` / `_blocks` /
@@ -430,6 +431,7 @@ class TextEngine:
             "spec_step_tokens": tm.spec.step_tokens if tm is not None else 0,
             "kv_key_bits": (tm.kv.key_bits or 0) if tm is not None and tm.kv else 0,
             "kv_value_bits": (tm.kv.value_bits or 0) if tm is not None and tm.kv else 0,
+            "kv_window": tm.kv.recent_tokens() if tm is not None and tm.kv else 0,
             "process_rss": memory.process_rss(),
             **(tm.vision.status() if tm is not None and tm.vision is not None else {}),
         }  # fmt: skip

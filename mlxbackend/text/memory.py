@@ -42,7 +42,8 @@ def kv_bytes(config: dict, context: int, dtype_bytes: int, kv=None) -> int:
     (text/kv_quant.KvType), whose data, scales and biases are counted."""
     layers, kv_heads, head_dim = attention_shape(config)
     key, value = kv.bytes_per_element(dtype_bytes) if kv else (dtype_bytes, dtype_bytes)
-    return int(layers * kv_heads * head_dim * context * (key + value))
+    recent = min(context, kv.recent_tokens()) if kv else 0  # its float window, besides
+    return int(layers * kv_heads * head_dim * (context * (key + value) + recent * 2 * dtype_bytes))
 
 
 def dtype_bytes(config: dict) -> int:
@@ -71,9 +72,12 @@ def loaded_bytes(model) -> int:
 def largest_context(path: Path, config: dict, limit: int, kv_type=None) -> int:
     """ContextSize 0: the most tokens (up to `limit`, the model's own) whose KV fits in what is
     left of available memory (with headroom) after the weights, with this KV type."""
-    per_token = kv_bytes(config, 1, dtype_bytes(config), kv_type) or 1
+    window = kv_type.recent_tokens() if kv_type else 0  # a quantized KV's float window
+    fixed = kv_bytes(config, window, dtype_bytes(config), kv_type)
+    per_token = kv_bytes(config, window + 1, dtype_bytes(config), kv_type) - fixed or 1
     weights = weights_bytes(path)
-    fits = max(int(HEADROOM * available_bytes()) - weights, 0) // per_token
+    left = int(HEADROOM * available_bytes()) - weights
+    fits = window + max(left - fixed, 0) // per_token if left >= fixed else left // per_token
     if fits < MIN_CONTEXT:
         raise OutOfMemory(
             f"model does not fit: after its weights ({weights / 2**30:.2f} GiB) "
