@@ -61,6 +61,7 @@ def decode(model, tokenizer, context: int, steps: int, rounds: int) -> None:
         "float": None,
         "q8_0, rotated": KvType(8, 8),
         "q4_0, rotated": KvType(4, 4),
+        "q4_0, rotated, kv_window:0": KvType(4, 4, window=0),
         "K q8_0, V q4_0, rotated": KvType(8, 4),
         "q8_0, kv_rotate:false (quantized attention)": KvType(8, 8, rotate=False),
         "q4_0, kv_rotate:false (quantized attention)": KvType(4, 4, rotate=False),
