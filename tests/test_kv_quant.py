@@ -417,8 +417,8 @@ def test_bad_cache_types(q8_server, tiny_dir, smollm2_dir):
 
 
 def test_bench_kv_short_runs(smollm2_dir):
-    """scripts/bench_kv.py (README "Quantized KV cache", "Agent sessions"), shortened: both
-    benchmarks run and print one row per KV type / history."""
+    """scripts/bench_kv.py (README "Quantized KV cache", "Agent sessions"), shortened: the three
+    benchmarks run and print one row per KV type / history / window."""
     bench = [sys.executable, str(ROOT / "scripts" / "bench_kv.py")]
     common = ["--model", str(smollm2_dir), "--rounds", "1"]
     decode = subprocess.run(
@@ -426,7 +426,14 @@ def test_bench_kv_short_runs(smollm2_dir):
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout  # fmt: skip
     rows = [line for line in decode.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 7 and "q4_0, rotated" in decode, decode
+    assert len(rows) == 8 and "q4_0, rotated, kv_window:0" in decode, decode
+    agreement = subprocess.run(
+        [*bench, "agreement", "--model", str(smollm2_dir), "--context", "64", "--chunk", "16",
+         "--window", "0", "16"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in agreement.splitlines() if line.startswith("| q")]
+    assert len(rows) == 4 and "| q4_0 | 16 | 16 |" in agreement, agreement
     floor = subprocess.run(
         [*bench, "turn-floor", *common, "--history", "96", "--new", "16", "--cpu-softmax"],
         capture_output=True, text=True, timeout=600, check=True,
