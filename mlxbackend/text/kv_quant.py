@@ -278,25 +278,17 @@ class _QuantStores:
             self.__dict__.pop("bits", None)
             self.__dict__.pop("group_size", None)
 
-    def _fetch(self, n: int, new: int):
-        """Keys and values of the first n positions, the last `new` just written: quantized
-        triples for mlx-lm's quantized attention; else float, where the new positions and the
-        window before them come from the float window (as far back as it holds) and the rest
-        is dequantized."""
+    def _fetch(self, n: int):
+        """Keys and values of the first n positions, just written: quantized triples for mlx-lm's
+        quantized attention; else float, from the float window as far back as it holds (this
+        pass's positions and at most `window` before them) and dequantized before that."""
         keys, values = self._upto(n)
         if hasattr(self, "bits"):
             return keys, values
-        kv, cut = self.kv, n  # [0, cut) dequantized, [cut, n) from the float window
-        if kv.windowed and self.recent is not None and self.recent_end == n:
-            cut = max(n - new - kv.window, n - self.recent[0].shape[2], 0)
-        if cut == n:
-            return self._decoded(keys, values, 0, n)
-        rk, rv = (a[..., cut - n :, :] for a in self.recent)
-        self.recent = tuple(a[..., -kv.window :, :] for a in self.recent)  # kept till next pass
-        if cut == 0:
-            return rk, rv
-        k, v = self._decoded(keys, values, 0, cut)
-        return mx.concatenate([k, rk], axis=2), mx.concatenate([v, rv], axis=2)
+        fetched = self._span(n, n)
+        if self.recent is not None:
+            self.recent = tuple(a[..., -self.kv.window :, :] for a in self.recent)  # till next pass
+        return fetched
 
     def _decoded(self, keys: tuple, values: tuple, a: int, b: int) -> tuple:
         """Float keys and values of stored positions a..b."""
@@ -334,6 +326,8 @@ class _QuantStores:
             parts.append(self._decoded(self.keys, self.values, max(start, 0), held))
         if held < end:
             parts.append(tuple(a[..., held - first : end - first, :] for a in self.recent))
+        if len(parts) == 1:
+            return parts[0]
         like = next(p for p in parts if p is not None)
         if parts[0] is None:
             parts[0] = tuple(mx.zeros((*a.shape[:2], -start, a.shape[3]), a.dtype) for a in like)
@@ -357,7 +351,7 @@ class QuantKVCache(_QuantStores, _BaseCache):
 
     def update_and_fetch(self, keys, values):
         self.offset = self._append(keys, values, self.offset)
-        return self._fetch(self.offset, keys.shape[2])
+        return self._fetch(self.offset)
 
     def size(self) -> int:
         return self.offset
@@ -406,7 +400,7 @@ class BatchQuantKVCache(_QuantStores, _BaseCache):
     def update_and_fetch(self, keys, values):
         self._idx = self._append(keys, values, self._idx)
         self.offset = self.offset + keys.shape[2]
-        return self._fetch(self._idx, keys.shape[2])
+        return self._fetch(self._idx)
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
         if left_padding is not None:

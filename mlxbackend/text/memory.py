@@ -77,7 +77,7 @@ def largest_context(path: Path, config: dict, limit: int, kv_type=None) -> int:
     per_token = kv_bytes(config, window + 1, dtype_bytes(config), kv_type) - fixed or 1
     weights = weights_bytes(path)
     left = int(HEADROOM * available_bytes()) - weights
-    fits = window + max(left - fixed, 0) // per_token if left >= fixed else left // per_token
+    fits = window + (left - fixed) // per_token if left >= fixed else left // per_token
     if fits < MIN_CONTEXT:
         raise OutOfMemory(
             f"model does not fit: after its weights ({weights / 2**30:.2f} GiB) "
